@@ -1,0 +1,25 @@
+"""acs_hf: quantization-aware training on adaptively selected coresets, on the Hugging Face stack."""
+
+from .quantization import (
+    LSQQuantizer,
+    QuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    calibrate_quantizers,
+    load_quantized,
+    quantize_model,
+    save_quantized,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LSQQuantizer",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "calibrate_quantizers",
+    "load_quantized",
+    "quantize_model",
+    "save_quantized",
+]

@@ -1,0 +1,158 @@
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import acs_hf.quantization.checkpoint as ckpt
+from acs_hf import QuantConfig, calibrate_quantizers, load_quantized, quantize_model, save_quantized
+from acs_hf.quantization import pack_codes, unpack_codes
+
+
+def quantized(name, config=None, **kwargs):
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    quantize_model(model, config or QuantConfig())
+    calibrate_quantizers(model, [torch.randn(4, 3, 32, 32)])
+    return model.eval()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_pack_unpack_round_trip(bits):
+    codes = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    slot = 2 if bits == 2 else 4 if bits <= 4 else 8
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(1001 * slot / 8)
+    assert torch.equal(unpack_codes(packed, bits, 1001), codes)
+
+
+def test_pack_layout_by_hand():
+    # Two 4-bit codes per byte, low nibble first: [1, 2] -> 0x21; four 2-bit codes [3,0,1,2] -> 0b10_01_00_11.
+    assert pack_codes(torch.tensor([1, 2]), 4).tolist() == [0x21]
+    assert pack_codes(torch.tensor([3, 0, 1, 2]), 2).tolist() == [0b10010011]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "config"),
+    [
+        ("resnet18", {}, QuantConfig()),
+        ("mobilenetv2_100", {}, QuantConfig(weight_bits=2, act_bits=None)),
+        ("vit_tiny_patch16_224", {"img_size": 32}, QuantConfig(per_channel_weights=True)),
+    ],
+)
+def test_save_load_round_trip(tmp_path, name, kwargs, config):
+    model = quantized(name, config, **kwargs)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    save_quantized(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_quantized(tmp_path)
+    with torch.no_grad():
+        assert (loaded(x) - ref).abs().max().item() <= 1e-4
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architecture"] == name and cfg["num_classes"] == 10
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "lsq"
+    assert qc["config"]["weight_bits"] == config.weight_bits
+    layer = next(iter(qc["layers"].values()))
+    assert {"weight_bits", "act_bits", "weight_signed", "act_signed", "per_channel"} <= set(layer)
+
+
+def test_checkpoint_is_small(tmp_path):
+    model = quantized("resnet18", QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8))
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    save_quantized(model, tmp_path)
+    size = (tmp_path / "model.safetensors").stat().st_size
+    # 4-bit codes: at least 6x below fp32 even with the FP BN/bias tensors of this 10-class model.
+    assert fp32_bytes / size > 6
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = quantized("resnet18")
+    save_quantized(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt("interrupted mid-save")
+
+    monkeypatch.setattr(ckpt, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left either
+
+
+def test_corrupt_and_foreign_checkpoints_rejected(tmp_path):
+    model = quantized("resnet18")
+    save_quantized(model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_quantized(tmp_path)
+    weights.write_bytes(data)
+
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["quant_method"] = "gptq"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown quant_method 'gptq'"):
+        load_quantized(tmp_path)
+
+    cfg["quantization_config"]["quant_method"] = "lsq"
+    cfg["quantization_config"]["checkpoint_id"] = "another-save"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="different saves"):
+        load_quantized(tmp_path)
+
+    cfg_path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_quantized(tmp_path)
+    cfg_path.unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_quantized(tmp_path)
+
+
+def test_save_requires_calibrated_timm_model(tmp_path):
+    model = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match="quantize_model"):
+        save_quantized(model, tmp_path)
+    quantize_model(model, QuantConfig())
+    with pytest.raises(RuntimeError, match="calibrate_quantizers"):
+        save_quantized(model, tmp_path)
+
+
+def test_load_from_hub_cache_offline(tmp_path):
+    """A Hub id resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1 (no network)."""
+    model = quantized("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--resnet18-w4a4"
+    save_quantized(model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(ref, tmp_path / "ref.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from acs_hf import load_quantized
+        m = load_quantized("someone/resnet18-w4a4")
+        x, ref = torch.load({str(tmp_path / "x.pt")!r}), torch.load({str(tmp_path / "ref.pt")!r})
+        with torch.no_grad():
+            assert (m(x) - ref).abs().max().item() <= 1e-4
+        print("OK")
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OK" in out.stdout

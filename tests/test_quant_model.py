@@ -1,0 +1,151 @@
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame
+from torch import nn
+
+from acs_hf import QuantConfig, QuantConv2d, QuantLinear, calibrate_quantizers, quantize_model
+from acs_hf.quantization import quant_modules, quantizers_initialized
+
+
+def fake_quant_ref(w, s, bits, signed=True):
+    qn, qp = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    return s * torch.clamp(torch.round(w / s), -qn, qp)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False),  # depthwise
+        Conv2dSame(4, 6, 3, stride=2),  # timm dynamic "same" padding
+    ],
+    ids=["plain", "depthwise", "same"],
+)
+def test_quant_conv_equals_original_with_quantized_weight(conv):
+    x = torch.randn(2, conv.in_channels, 9, 9)
+    q = QuantConv2d.from_float(copy.deepcopy(conv), weight_bits=4, act_bits=None)
+    q.weight_quantizer.init_from(q.weight)
+    ref = copy.deepcopy(conv)
+    with torch.no_grad():
+        ref.weight.copy_(fake_quant_ref(conv.weight, q.weight_quantizer.step, 4))
+    torch.testing.assert_close(q(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_from_float_keeps_parameters():
+    lin = nn.Linear(5, 3)
+    q = QuantLinear.from_float(lin, 4, 4)
+    assert q.weight is lin.weight and q.bias is lin.bias
+    assert q.input_quantizer is not None and q.input_quantizer.bits == 4
+
+
+def test_quant_linear_matches_formula():
+    lin = nn.Linear(5, 3)
+    q = QuantLinear.from_float(copy.deepcopy(lin), 3, 4)
+    x = torch.rand(7, 5)
+    calibrate_quantizers(nn.Sequential(q), [x])
+    assert q.input_quantizer.signed is False  # non-negative data -> unsigned
+    xq = fake_quant_ref(x, q.input_quantizer.step, 4, signed=False)
+    wq = fake_quant_ref(lin.weight, q.weight_quantizer.step, 3)
+    torch.testing.assert_close(q(x), F.linear(xq, wq, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "first", "last"),
+    [
+        ("resnet18", {}, "conv1", "fc"),
+        ("mobilenetv2_100", {}, "conv_stem", "classifier"),
+        ("vit_tiny_patch16_224", {"img_size": 32}, "patch_embed.proj", "head"),
+    ],
+)
+def test_timm_models_quantize_and_train(name, kwargs, first, last):
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8))
+    qmods = dict(quant_modules(model))
+    assert len(qmods) == n_layers
+    assert qmods[first].weight_quantizer.bits == 8 and qmods[last].weight_quantizer.bits == 8
+    others = [m for n, m in qmods.items() if n not in (first, last)]
+    assert all(m.weight_quantizer.bits == 4 and m.input_quantizer.bits == 4 for m in others)
+    if name.startswith("vit"):
+        assert isinstance(model.blocks[0].attn.qkv, QuantLinear)
+        assert isinstance(model.blocks[0].mlp.fc1, QuantLinear)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    with pytest.raises(RuntimeError, match="calibrate_quantizers"):
+        model(x)
+    calibrate_quantizers(model, [x])
+    assert model.training  # mode restored
+    assert quantizers_initialized(model)
+    out = model(x)
+    out.logsumexp(-1).sum().backward()
+    steps = [m.weight_quantizer.step.grad for m in qmods.values()]
+    assert all(g is not None and torch.isfinite(g).all() for g in steps)
+    assert qmods[first].input_quantizer.step.requires_grad is False  # image input: fixed step
+
+
+def test_first_last_fp_and_exclude():
+    model = timm.create_model("resnet18", num_classes=10)
+    quantize_model(model, QuantConfig(first_last_bits=None, exclude=["layer4.*"]))
+    names = {n for n, _ in quant_modules(model)}
+    assert "conv1" not in names and "fc" not in names
+    assert not any(n.startswith("layer4.") for n in names)
+    assert "layer1.0.conv1" in names
+
+
+def test_weights_only_config():
+    model = timm.create_model("mobilenetv2_100", num_classes=10)
+    quantize_model(model, QuantConfig(weight_bits=2, act_bits=None))
+    assert all(m.input_quantizer is None for _, m in quant_modules(model))
+    calibrate_quantizers(model, [])  # weights only: no data needed
+    assert quantizers_initialized(model)
+
+
+def test_fallback_first_last_without_pretrained_cfg():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.Linear(8, 2)
+    )
+    quantize_model(model, QuantConfig(weight_bits=2, first_last_bits=8))
+    assert model[0].weight_quantizer.bits == 8
+    assert model[3].weight_quantizer.bits == 2
+    assert model[4].weight_quantizer.bits == 8
+
+
+def test_calibration_uses_mean_abs_of_all_batches():
+    lin = nn.Sequential(QuantLinear.from_float(nn.Linear(4, 2), 4, 4))
+    b1, b2 = torch.rand(3, 4), -torch.rand(5, 4)
+    calibrate_quantizers(lin, [b1, b2, torch.full((2, 4), 100.0)], num_batches=2)
+    iq = lin[0].input_quantizer
+    mean_abs = torch.cat([b1, b2]).abs().mean().item()
+    assert iq.signed is True
+    assert iq.step.item() == pytest.approx(2 * mean_abs / 7**0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"weight_bits": 9}, "weight_bits"),
+        ({"weight_bits": 1}, "weight_bits"),
+        ({"act_bits": 0}, "act_bits"),
+        ({"first_last_bits": 16}, "first_last_bits"),
+        ({"weight_bits": None}, "weight_bits"),
+        ({"per_channel_weights": "yes"}, "per_channel_weights"),
+        ({"exclude": "fc"}, "exclude"),
+    ],
+)
+def test_quant_config_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        QuantConfig(**kwargs)
+
+
+def test_calibrate_errors():
+    with pytest.raises(ValueError, match="quantize_model"):
+        calibrate_quantizers(nn.Linear(2, 2), [torch.randn(1, 2)])
+    model = quantize_model(nn.Sequential(nn.Linear(2, 2)), QuantConfig())
+    with pytest.raises(ValueError, match="no data"):
+        calibrate_quantizers(model, [])
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, QuantConfig())
