@@ -10,6 +10,14 @@ from .quantization import (
     quantize_model,
     save_quantized,
 )
+from .selection import (
+    create_selector,
+    disagreement_score,
+    error_vector_score,
+    evs_weight,
+    list_selectors,
+    select_coreset,
+)
 
 __version__ = "0.1.0"
 
@@ -19,6 +27,12 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "calibrate_quantizers",
+    "create_selector",
+    "disagreement_score",
+    "error_vector_score",
+    "evs_weight",
+    "list_selectors",
+    "select_coreset",
     "load_quantized",
     "quantize_model",
     "save_quantized",

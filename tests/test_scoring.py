@@ -1,0 +1,117 @@
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from acs_hf.scoring import INDEX_KEY, TeacherCache, score_dataset
+from acs_hf.selection import disagreement_score, entropy_score, error_vector_score
+
+N, C = 37, 5
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(N, 3, 4, 4, generator=g)
+        self.y = torch.randint(0, C, (N,), generator=g)
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i], INDEX_KEY: i}
+
+
+def make_model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, C))
+
+
+class Counter:
+    def __init__(self, model):
+        self.calls = 0
+        model.register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+
+
+@pytest.fixture
+def setup():
+    ds = ListDataset()
+    accelerator = Accelerator(cpu=True)
+    # Unshuffled, with a last partial batch: the shard order must not matter.
+    loader = accelerator.prepare(DataLoader(ds, batch_size=8))
+    student, teacher = make_model(0).train(), make_model(1).train()
+    return ds, accelerator, loader, student, teacher
+
+
+def reference(ds, student, teacher):
+    """A plain loop over the dataset, one sample at a time, eval mode."""
+    student.eval(), teacher.eval()
+    with torch.no_grad():
+        s = torch.cat([student(ds[i]["pixel_values"][None]) for i in range(N)])
+        t = torch.cat([teacher(ds[i]["pixel_values"][None]) for i in range(N)])
+    return {
+        "evs": error_vector_score(s, ds.y),
+        "ds": disagreement_score(s, t),
+        "entropy": entropy_score(s),
+    }
+
+
+def test_scores_match_plain_loop(setup):
+    ds, accelerator, loader, student, teacher = setup
+    out = score_dataset(student, loader, accelerator, ["evs", "ds", "entropy"], N, teacher=teacher)
+    assert student.training and teacher.training  # modes restored
+    ref = reference(ds, student, teacher)
+    assert torch.equal(out["labels"], ds.y)
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_cache_skips_teacher_on_later_rounds(setup, tmp_path):
+    ds, accelerator, loader, student, teacher = setup
+    ref = reference(ds, student, teacher)
+    student.train(), teacher.train()
+    counter = Counter(teacher)
+    cache = TeacherCache(N, directory=tmp_path)
+    first = score_dataset(
+        student, loader, accelerator, ["evs", "ds"], N, teacher=teacher, teacher_cache=cache
+    )
+    assert counter.calls == len(loader) == 5
+    assert cache.complete and len(cache) == N and cache.nbytes == N * C * 2
+    second = score_dataset(
+        student, loader, accelerator, ["evs", "ds"], N, teacher=teacher, teacher_cache=cache
+    )
+    assert counter.calls == 5  # no teacher forward in round 2
+    torch.testing.assert_close(second["ds"], ref["ds"], rtol=0, atol=2e-3)  # float16 teacher probabilities
+    torch.testing.assert_close(first["ds"], second["ds"])
+    # A new cache object over the same directory (a resumed run) reuses the memory-mapped file.
+    reopened = TeacherCache(N, directory=tmp_path)
+    assert reopened.complete
+    third = score_dataset(student, loader, accelerator, ["ds"], N, teacher=None, teacher_cache=reopened)
+    assert counter.calls == 5
+    torch.testing.assert_close(third["ds"], second["ds"])
+
+
+def test_in_memory_cache(setup):
+    ds, accelerator, loader, student, teacher = setup
+    counter = Counter(teacher)
+    cache = TeacherCache(N)
+    for _ in range(3):
+        score_dataset(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=cache)
+    assert counter.calls == 5
+
+
+def test_missing_samples_and_teacher_are_errors(setup):
+    ds, accelerator, loader, student, teacher = setup
+    with pytest.raises(RuntimeError, match="never scored"):
+        score_dataset(student, loader, accelerator, ["evs"], N + 3)
+    with pytest.raises(ValueError, match="teacher"):
+        score_dataset(student, loader, accelerator, ["ds"], N)
+
+
+def test_cache_of_other_dataset_rejected(setup, tmp_path):
+    ds, accelerator, loader, student, teacher = setup
+    cache = TeacherCache(N, directory=tmp_path)
+    score_dataset(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=cache)
+    with pytest.raises(ValueError, match="covers 37 samples"):
+        TeacherCache(N + 1, directory=tmp_path)

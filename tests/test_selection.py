@@ -1,0 +1,289 @@
+import math
+
+import pytest
+import torch
+
+from acs_hf import create_selector, disagreement_score, error_vector_score, evs_weight, select_coreset
+from acs_hf.selection import (
+    class_quotas,
+    entropy_score,
+    least_confidence_score,
+    list_selectors,
+    margin_score,
+    selection_generator,
+)
+
+
+def softmax64(logits):
+    z = logits.double()
+    e = torch.exp(z - z.max(1, keepdim=True).values)
+    return e / e.sum(1, keepdim=True)
+
+
+@pytest.fixture
+def logits():
+    return torch.randn(64, 7) * 3
+
+
+# ---------------------------------------------------------------- scores
+def test_evs_against_float64(logits):
+    labels = torch.randint(0, 7, (64,))
+    p = softmax64(logits)
+    onehot = torch.zeros_like(p)
+    onehot[torch.arange(64), labels] = 1
+    expected = ((p - onehot) ** 2).sum(1).sqrt()
+    out = error_vector_score(logits, labels)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_evs_by_hand():
+    # Uniform over 2 classes, label 0: ||(0.5-1, 0.5)|| = sqrt(0.5).
+    assert error_vector_score(torch.zeros(1, 2), torch.tensor([0])).item() == pytest.approx(math.sqrt(0.5))
+
+
+def test_ds_logits_and_probs(logits):
+    t = torch.randn(64, 7)
+    expected = ((softmax64(logits) - softmax64(t)) ** 2).sum(1).sqrt()
+    torch.testing.assert_close(disagreement_score(logits, t).double(), expected, rtol=1e-5, atol=1e-6)
+    from_probs = disagreement_score(logits, teacher_probs=softmax64(t).half())
+    torch.testing.assert_close(from_probs.double(), expected, rtol=0, atol=2e-3)
+    with pytest.raises(ValueError, match="exactly one"):
+        disagreement_score(logits)
+
+
+def test_uncertainty_scores(logits):
+    p = softmax64(logits)
+    ent = -(p * p.log()).sum(1)
+    top = p.sort(1, descending=True).values
+    torch.testing.assert_close(entropy_score(logits).double(), ent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        margin_score(logits).double(), 1 - (top[:, 0] - top[:, 1]), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(least_confidence_score(logits).double(), 1 - top[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_scores_in_bf16_compute_in_float32(logits):
+    lb = logits.bfloat16()
+    labels = torch.randint(0, 7, (64,))
+    out = error_vector_score(lb, labels)
+    assert out.dtype == torch.float32
+    # Same as the float64 formula on the bf16 values (not on bf16 arithmetic).
+    p = softmax64(lb.double())
+    onehot = torch.nn.functional.one_hot(labels, 7).double()
+    torch.testing.assert_close(out.double(), (p - onehot).norm(dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        disagreement_score(lb, lb.float() * 0.5).double(),
+        (p - softmax64(lb.double() * 0.5)).norm(dim=1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_score_input_errors():
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        error_vector_score(torch.randn(5), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must lie"):
+        error_vector_score(torch.randn(2, 3), torch.tensor([0, 3]))
+
+
+# ---------------------------------------------------------------- schedules
+@pytest.mark.parametrize("t", [0, 10, 30, 60, 90, 120])
+def test_schedules(t):
+    E = 120
+    assert evs_weight(t, E, "cosine") == pytest.approx(math.cos(math.pi * t / (2 * E)))
+    assert evs_weight(t, E, "cosine_half") == pytest.approx(0.5 * (1 + math.cos(math.pi * t / E)))
+    assert evs_weight(t, E, "linear") == pytest.approx(1 - t / E)
+    assert evs_weight(t, E, "evs") == 1.0
+    assert evs_weight(t, E, "ds") == 0.0
+
+
+def test_schedule_values_by_hand():
+    assert evs_weight(0, 120) == 1.0
+    assert evs_weight(60, 120) == pytest.approx(math.sqrt(0.5))
+    assert evs_weight(60, 120, "cosine_half") == pytest.approx(0.5)
+    assert evs_weight(120, 120) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="cosine, cosine_half, linear, evs, ds"):
+        evs_weight(0, 10, "exp")
+    with pytest.raises(ValueError, match="epoch"):
+        evs_weight(11, 10)
+    with pytest.raises(ValueError, match="epoch"):
+        evs_weight(-1, 10)
+
+
+# ---------------------------------------------------------------- coreset
+def make_classes(sizes):
+    return torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.37])
+def test_class_balanced_sizes_awkward(fraction):
+    sizes = [50, 30, 17, 3]
+    labels = make_classes(sizes)[torch.randperm(100)]
+    scores = torch.rand(100)
+    idx = select_coreset(scores, labels, fraction)
+    total = math.floor(fraction * 100 + 0.5)
+    assert idx.numel() == total
+    assert torch.equal(idx, idx.sort().values) and idx.unique().numel() == total
+    counts = torch.bincount(labels[idx], minlength=4)
+    for c, n in enumerate(sizes):
+        assert math.floor(fraction * n + 1e-9) <= counts[c] <= math.ceil(fraction * n - 1e-9)
+        # top-k within class: every kept sample outscores every dropped one of its class.
+        mask = labels == c
+        kept = torch.zeros(100, dtype=torch.bool)
+        kept[idx] = True
+        if counts[c] and counts[c] < n:
+            assert scores[mask & kept].min() > scores[mask & ~kept].max()
+
+
+def test_quotas_by_hand():
+    # 0.25 * [50, 30, 17, 3] = [12.5, 7.5, 4.25, 0.75]; total 25; floors 12+7+4+0 = 23;
+    # the two largest remainders (0.75 class 3, then 0.5 class 0 before class 1) get +1.
+    assert class_quotas(torch.tensor([50, 30, 17, 3]), 0.25).tolist() == [13, 7, 4, 1]
+    # 0.1 * [50, 30, 17, 3] = [5, 3, 1.7, 0.3]; total 10; floors 9; class 2 gets the extra one.
+    assert class_quotas(torch.tensor([50, 30, 17, 3]), 0.1).tolist() == [5, 3, 2, 0]
+
+
+def test_tie_rule_lower_index_first():
+    scores = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.5, 2.0])
+    labels = torch.zeros(6, dtype=torch.long)
+    assert select_coreset(scores, labels, 0.5).tolist() == [1, 2, 3]
+    assert select_coreset(scores, labels, 0.5, class_balanced=False).tolist() == [1, 2, 3]
+
+
+def test_global_topk_when_not_balanced():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, 0.3])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert select_coreset(scores, labels, 0.5, class_balanced=False).tolist() == [0, 1, 2]
+    assert select_coreset(scores, labels, 0.5, class_balanced=True).tolist() == [0, 1, 5]
+
+
+def test_deterministic_and_dtype_independent():
+    scores = torch.rand(1000)
+    labels = torch.randint(0, 10, (1000,))
+    a = select_coreset(scores, labels, 0.3)
+    assert torch.equal(a, select_coreset(scores.clone(), labels.clone(), 0.3))
+    assert torch.equal(a, select_coreset(scores.double(), labels, 0.3))
+    assert a.dtype == torch.long
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.5, float("nan"), "0.1", True])
+def test_bad_fraction(fraction):
+    with pytest.raises(ValueError, match="fraction"):
+        select_coreset(torch.rand(10), torch.zeros(10, dtype=torch.long), fraction)
+
+
+def test_bad_inputs():
+    labels = torch.zeros(10, dtype=torch.long)
+    s = torch.rand(10)
+    s[3], s[7] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="2 non-finite scores.*index 3"):
+        select_coreset(s, labels, 0.5)
+    with pytest.raises(ValueError, match="10 scores but 9 labels"):
+        select_coreset(torch.rand(10), labels[:9], 0.5)
+    with pytest.raises(ValueError, match="empty"):
+        select_coreset(torch.rand(0), labels[:0], 0.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        select_coreset(torch.rand(10), labels - 1, 0.5)
+    with pytest.raises(ValueError, match="selects no sample"):
+        select_coreset(torch.rand(10), labels, 0.01)
+
+
+def test_full_fraction_keeps_everything():
+    labels = make_classes([5, 3])
+    assert select_coreset(torch.rand(8), labels, 1.0).tolist() == list(range(8))
+
+
+# ---------------------------------------------------------------- selectors
+def stats_for(n=200, classes=4):
+    g = torch.Generator().manual_seed(1)
+    return {
+        "labels": torch.randint(0, classes, (n,), generator=g),
+        "evs": torch.rand(n, generator=g),
+        "ds": torch.rand(n, generator=g),
+        "entropy": torch.rand(n, generator=g),
+        "margin": torch.rand(n, generator=g),
+        "least_confidence": torch.rand(n, generator=g),
+    }
+
+
+def test_registry_lists_all_methods():
+    expected = {
+        "acs",
+        "evs",
+        "ds",
+        "random_static",
+        "random_dynamic",
+        "entropy",
+        "margin",
+        "least_confidence",
+        "full",
+    }
+    assert expected <= set(list_selectors())
+    with pytest.raises(ValueError, match="registered: .*acs.*random_dynamic"):
+        create_selector("glister")
+
+
+def test_acs_mixes_evs_and_ds_by_schedule():
+    stats = stats_for()
+    sel = create_selector("acs", schedule="cosine")
+    assert set(sel.required_stats) == {"evs", "ds"}
+    for epoch in (0, 30, 60):
+        beta = math.cos(math.pi * epoch / 240)
+        expected = select_coreset(beta * stats["evs"] + (1 - beta) * stats["ds"], stats["labels"], 0.2)
+        assert torch.equal(sel.select(stats, epoch, 120, 0.2), expected)
+    # beta = 1 at t = 0: pure EVS.
+    assert torch.equal(sel.select(stats, 0, 120, 0.2), create_selector("evs").select(stats, 0, 120, 0.2))
+    assert create_selector("acs", schedule="evs").required_stats == ("evs",)
+
+
+@pytest.mark.parametrize("name", ["evs", "ds", "entropy", "margin", "least_confidence"])
+def test_stat_selectors(name):
+    stats = stats_for()
+    expected = select_coreset(stats[name], stats["labels"], 0.3, class_balanced=False)
+    sel = create_selector(name, class_balanced=False)
+    assert torch.equal(sel.select(stats, 5, 10, 0.3), expected)
+
+
+def test_random_selectors():
+    stats = {"labels": stats_for()["labels"]}
+    dyn = create_selector("random_dynamic")
+    a = dyn.select(stats, 0, 10, 0.25, selection_generator(7, 0))
+    b = dyn.select(stats, 0, 10, 0.25, selection_generator(7, 0))
+    c = dyn.select(stats, 10, 20, 0.25, selection_generator(7, 10))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.numel() == 50
+    static = create_selector("random_static")
+    s0 = static.select(stats, 0, 20, 0.25, selection_generator(7, 0))
+    s1 = static.select(stats, 10, 20, 0.25, selection_generator(7, 10))
+    assert torch.equal(s0, s1)
+    restored = create_selector("random_static")
+    restored.load_state_dict(static.state_dict())
+    assert torch.equal(restored.select(stats, 10, 20, 0.25, selection_generator(7, 10)), s0)
+    with pytest.raises(ValueError, match="Generator"):
+        dyn.select(stats, 0, 10, 0.25, None)
+
+
+def test_full_selector():
+    stats = {"labels": torch.zeros(9, dtype=torch.long)}
+    assert create_selector("full").select(stats, 0, 1, 1.0).tolist() == list(range(9))
+    with pytest.raises(ValueError, match="fraction=1"):
+        create_selector("full").select(stats, 0, 1, 0.5)
+
+
+def test_selector_reports_missing_stats():
+    with pytest.raises(ValueError, match="needs statistics"):
+        create_selector("acs").select({"labels": torch.zeros(3, dtype=torch.long)}, 0, 1, 0.5)
+
+
+def test_select_coreset_at_imagenet_size():
+    """1.28M scores, 1000 classes: exact size and per-class quotas (its time is in the speed benchmark)."""
+    g = torch.Generator().manual_seed(0)
+    scores, labels = torch.rand(1_281_167, generator=g), torch.randint(0, 1000, (1_281_167,), generator=g)
+    idx = select_coreset(scores, labels, 0.1)
+    assert idx.numel() == 128_117
+    counts, kept = torch.bincount(labels, minlength=1000), torch.bincount(labels[idx], minlength=1000)
+    assert ((kept - counts * 0.1).abs() < 1).all()
