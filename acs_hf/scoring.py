@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._io import atomic_save_npy
 from .selection import batch_statistics
 
 __all__ = ["TeacherCache", "score_dataset", "default_forward", "INDEX_KEY"]
@@ -111,8 +112,8 @@ class TeacherCache:
             return
         if self.directory is not None and self._rows is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _atomic_npy(self._rows_path, self._rows[: self._size].numpy())
-            _atomic_npy(self._index_path, self.row_of.numpy())  # written last: marks completeness
+            atomic_save_npy(self._rows_path, self._rows[: self._size].numpy())
+            atomic_save_npy(self._index_path, self.row_of.numpy())  # written last: marks completeness
             self._load()
         self.complete = True
 
@@ -128,15 +129,6 @@ class TeacherCache:
         self._rows = torch.from_numpy(np.load(self._rows_path, mmap_mode="c"))
         self._size = self._rows.shape[0]
         self.complete = True
-
-
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -214,9 +206,7 @@ def score_dataset(
 def _gather(local: dict[str, list[torch.Tensor]], num_samples: int, accelerator: Accelerator) -> dict:
     device = accelerator.device
     cat = {
-        k: torch.cat(v)
-        if v
-        else torch.empty(0, dtype=torch.long if k in ("labels", INDEX_KEY) else torch.float32)
+        k: torch.cat(v) if v else torch.empty(0, dtype=torch.long if k in ("labels", INDEX_KEY) else torch.float32)
         for k, v in local.items()
     }
     cat = {k: v.to(device) for k, v in cat.items()}

@@ -149,9 +149,7 @@ def print_table(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer timing pairs (under a minute on 2 cores)")
     parser.add_argument("--output_json", type=Path, default=Path("benchmark_speed.json"))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -24,9 +24,7 @@ def ref_step_grad(x, s, g, bits, signed, per_channel_dim=None):
     qn, qp = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     x, s, g = x.double(), s.double(), g.double()
     v = x / s
-    d = torch.where(
-        v < -qn, torch.full_like(v, -qn), torch.where(v > qp, torch.full_like(v, qp), v.round() - v)
-    )
+    d = torch.where(v < -qn, torch.full_like(v, -qn), torch.where(v > qp, torch.full_like(v, qp), v.round() - v))
     if per_channel_dim is None:
         n = x.numel()
         return (g * d).sum().reshape(1) / math.sqrt(n * qp)

@@ -105,9 +105,7 @@ def test_weights_only_config():
 
 
 def test_fallback_first_last_without_pretrained_cfg():
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.Linear(8, 2)
-    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.Linear(8, 2))
     quantize_model(model, QuantConfig(weight_bits=2, first_last_bits=8))
     assert model[0].weight_quantizer.bits == 8
     assert model[3].weight_quantizer.bits == 2

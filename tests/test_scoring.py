@@ -73,14 +73,10 @@ def test_teacher_cache_skips_teacher_on_later_rounds(setup, tmp_path):
     student.train(), teacher.train()
     counter = Counter(teacher)
     cache = TeacherCache(N, directory=tmp_path)
-    first = score_dataset(
-        student, loader, accelerator, ["evs", "ds"], N, teacher=teacher, teacher_cache=cache
-    )
+    first = score_dataset(student, loader, accelerator, ["evs", "ds"], N, teacher=teacher, teacher_cache=cache)
     assert counter.calls == len(loader) == 5
     assert cache.complete and len(cache) == N and cache.nbytes == N * C * 2
-    second = score_dataset(
-        student, loader, accelerator, ["evs", "ds"], N, teacher=teacher, teacher_cache=cache
-    )
+    second = score_dataset(student, loader, accelerator, ["evs", "ds"], N, teacher=teacher, teacher_cache=cache)
     assert counter.calls == 5  # no teacher forward in round 2
     torch.testing.assert_close(second["ds"], ref["ds"], rtol=0, atol=2e-3)  # float16 teacher probabilities
     torch.testing.assert_close(first["ds"], second["ds"])

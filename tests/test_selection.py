@@ -57,9 +57,7 @@ def test_uncertainty_scores(logits):
     ent = -(p * p.log()).sum(1)
     top = p.sort(1, descending=True).values
     torch.testing.assert_close(entropy_score(logits).double(), ent, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        margin_score(logits).double(), 1 - (top[:, 0] - top[:, 1]), rtol=1e-5, atol=1e-6
-    )
+    torch.testing.assert_close(margin_score(logits).double(), 1 - (top[:, 0] - top[:, 1]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(least_confidence_score(logits).double(), 1 - top[:, 0], rtol=1e-5, atol=1e-6)
 
 

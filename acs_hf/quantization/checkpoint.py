@@ -17,7 +17,6 @@ import importlib.metadata
 import json
 import math
 import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .._io import atomic_write
 from .lsq import STEP_FLOOR, quant_range
 from .model import QuantConfig, quant_modules, quantize_model, quantizers_initialized
 
@@ -74,20 +74,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return torch.stack(parts, dim=1).reshape(-1)[:numel]
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(tmp_path)`` to a temporary file in the same directory, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _weight_codes(module) -> torch.Tensor:
     wq = module.weight_quantizer
     qn, qp = wq.qrange
@@ -114,9 +100,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, model_args: d
     if not qmods:
         raise ValueError("save_quantized: the model has no quantized layers; call quantize_model first")
     if not quantizers_initialized(model):
-        raise RuntimeError(
-            "save_quantized: some quantizers are uninitialised; call calibrate_quantizers first"
-        )
+        raise RuntimeError("save_quantized: some quantizers are uninitialised; call calibrate_quantizers first")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "architecture" not in cfg:
         raise ValueError("save_quantized needs a timm model (one with pretrained_cfg['architecture'])")
@@ -152,8 +136,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, model_args: d
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "quant_method": QUANT_METHOD, "checkpoint_id": checkpoint_id}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
-    _atomic_write(
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
+    atomic_write(
         directory / CONFIG_NAME,
         lambda p: save_config_for_hf(
             model, p, model_config={"quantization_config": quantization_config}, model_args=model_args
@@ -170,9 +154,7 @@ def _resolve(directory_or_hub_id: str | os.PathLike) -> Path:
         raise ValueError(f"load_quantized: {str(path)!r} is a file; pass the checkpoint directory")
     from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(str(directory_or_hub_id), allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, "*.md"])
-    )
+    return Path(snapshot_download(str(directory_or_hub_id), allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, "*.md"]))
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -188,9 +170,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"load_quantized: {cfg_path} has no quantization_config block")
     method = qcfg.get("quant_method")
     if method != QUANT_METHOD:
-        raise ValueError(
-            f"load_quantized: unknown quant_method {method!r} in {cfg_path}; accepted: {QUANT_METHOD!r}"
-        )
+        raise ValueError(f"load_quantized: unknown quant_method {method!r} in {cfg_path}; accepted: {QUANT_METHOD!r}")
     if qcfg.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"load_quantized: format_version {qcfg.get('format_version')!r} in {cfg_path}; "
@@ -219,9 +199,7 @@ def _read_tensors(path: Path, checkpoint_id: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_quantized(
-    directory_or_hub_id: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> nn.Module:
+def load_quantized(directory_or_hub_id: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` from a local directory or a Hub repo id.
 
     The timm architecture is created without pretrained weights, quantized with the saved config,

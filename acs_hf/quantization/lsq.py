@@ -282,6 +282,5 @@ class LSQQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"bits={self.bits}, signed={self._signed}, per_channel={self.per_channel}, "
-            f"initialized={self._initialized}"
+            f"bits={self.bits}, signed={self._signed}, per_channel={self.per_channel}, initialized={self._initialized}"
         )

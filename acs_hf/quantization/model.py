@@ -64,9 +64,7 @@ class QuantConfig:
         _check_bits("act_bits", self.act_bits, allow_none=True)
         _check_bits("first_last_bits", self.first_last_bits, allow_none=True)
         if not isinstance(self.per_channel_weights, bool):
-            raise ValueError(
-                f"QuantConfig.per_channel_weights must be a bool, got {self.per_channel_weights!r}"
-            )
+            raise ValueError(f"QuantConfig.per_channel_weights must be a bool, got {self.per_channel_weights!r}")
         if not isinstance(self.compile_kernels, bool):
             raise ValueError(f"QuantConfig.compile_kernels must be a bool, got {self.compile_kernels!r}")
         if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
@@ -80,11 +78,7 @@ class QuantConfig:
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     # nn.MultiheadAttention reads out_proj.weight directly, never calling the Linear's forward.
     skip = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    return [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in skip
-    ]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in skip]
 
 
 def find_first_last(model: nn.Module) -> tuple[str | None, set[str]]:
@@ -168,9 +162,7 @@ def _to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device)
     if isinstance(batch, Mapping):
         return {k: _to_device(v, device) for k, v in batch.items()}
-    raise TypeError(
-        f"calibrate_quantizers: a batch must be a Tensor or a mapping of model kwargs, got {type(batch)}"
-    )
+    raise TypeError(f"calibrate_quantizers: a batch must be a Tensor or a mapping of model kwargs, got {type(batch)}")
 
 
 @torch.no_grad()
