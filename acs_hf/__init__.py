@@ -1,5 +1,6 @@
 """acs_hf: quantization-aware training on adaptively selected coresets, on the Hugging Face stack."""
 
+from .arguments import ACSArguments
 from .quantization import (
     LSQQuantizer,
     QuantConfig,
@@ -18,10 +19,13 @@ from .selection import (
     list_selectors,
     select_coreset,
 )
+from .trainer import ACSTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACSArguments",
+    "ACSTrainer",
     "LSQQuantizer",
     "QuantConfig",
     "QuantConv2d",

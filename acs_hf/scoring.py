@@ -49,9 +49,13 @@ class TeacherCache:
         num_samples: N, the size of the training set.
         directory: where to keep the memory-mapped file; ``None`` keeps everything in RAM.
         rank: process index, part of the file names.
+        reuse: load a complete cache found in ``directory`` (a resumed run); ``False`` deletes it
+            first, since a new run may use another teacher or another dataset.
     """
 
-    def __init__(self, num_samples: int, directory: str | os.PathLike | None = None, rank: int = 0) -> None:
+    def __init__(
+        self, num_samples: int, directory: str | os.PathLike | None = None, rank: int = 0, reuse: bool = True
+    ) -> None:
         self.num_samples = num_samples
         self.directory = Path(directory) if directory is not None else None
         self.rank = rank
@@ -59,8 +63,12 @@ class TeacherCache:
         self._rows: torch.Tensor | None = None
         self._size = 0
         self.complete = False
-        if self.directory is not None and self._index_path.is_file():
-            self._load()
+        if self.directory is not None:
+            if not reuse:
+                self._index_path.unlink(missing_ok=True)  # first: the index marks a complete cache
+                self._rows_path.unlink(missing_ok=True)
+            elif self._index_path.is_file():
+                self._load()
 
     @property
     def _rows_path(self) -> Path:

@@ -82,11 +82,14 @@ class CoresetSampler(Sampler[int]):
 
 
 class _SelectionCallback(TrainerCallback):
-    """Runs the selection at epoch begin and the plot at train end (transformers calls
+    """Calibrates at train begin, selects at epoch begin, plots at train end (transformers calls
     ``on_epoch_begin`` before ``set_epoch`` and ``iter`` on the train dataloader)."""
 
     def __init__(self, trainer: ACSTrainer) -> None:
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._calibrate_if_needed()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.trainer._on_epoch_begin(math.floor(state.epoch + 1e-6), state.num_train_epochs)
@@ -162,6 +165,7 @@ class ACSTrainer(Trainer):
         self.selected_epoch: int | None = None
         self.subset: torch.Tensor | None = None
         self.history: list[dict[str, Any]] = []
+        self._resumed = False
         self.add_callback(_SelectionCallback(self))
 
     # ------------------------------------------------------------------ setup checks
@@ -200,13 +204,21 @@ class ACSTrainer(Trainer):
             self._score_loader = self.accelerator.prepare(loader)
         return self._score_loader
 
-    def _calibration_batches(self):
-        # The same leading examples on every process, so that every rank gets identical steps.
+    def _calibrate_if_needed(self) -> None:
+        """Initialise every LSQ step before the first scoring or training step (not done by the
+        reference code). Uses the same leading examples on every process, so ranks agree."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not any(isinstance(m, LSQQuantizer) for m in model.modules()) or quantizers_initialized(model):
+            return
+        dataset = self.score_dataset if self.score_dataset is not None else self.train_dataset
         batch_size = self.acs_args.score_batch_size or self.args.per_device_eval_batch_size
-        n = min(len(self.score_dataset), batch_size * self.acs_args.calibration_batches)
-        subset = torch.utils.data.Subset(self.score_dataset, range(n))
-        for batch in DataLoader(subset, batch_size=batch_size, collate_fn=self.data_collator):
-            yield batch["pixel_values"]
+        n = min(len(dataset), batch_size * self.acs_args.calibration_batches)
+        loader = DataLoader(
+            torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, collate_fn=self.data_collator
+        )
+        logger.info("Calibrating quantizers on %d examples", n)
+        with self.accelerator.autocast():
+            calibrate_quantizers(model, (batch["pixel_values"].to(self.args.device) for batch in loader))
 
     # ------------------------------------------------------------------ selection
     def _on_epoch_begin(self, epoch: int, num_epochs: int) -> None:
@@ -220,10 +232,6 @@ class ACSTrainer(Trainer):
 
     def _select(self, epoch: int, num_epochs: int) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        has_quant = any(isinstance(m, LSQQuantizer) for m in model.modules())
-        if has_quant and not quantizers_initialized(model):
-            logger.info("Calibrating quantizers on %d batches", self.acs_args.calibration_batches)
-            calibrate_quantizers(model, self._calibration_batches())
         start = time.perf_counter()
         stats = score_dataset(
             model,
@@ -251,7 +259,9 @@ class ACSTrainer(Trainer):
             return None
         if self._teacher_cache is None:
             directory = self.teacher_cache_dir
-            self._teacher_cache = TeacherCache(self.num_samples, directory, rank=self.accelerator.process_index)
+            self._teacher_cache = TeacherCache(
+                self.num_samples, directory, rank=self.accelerator.process_index, reuse=self._resumed
+            )
         return self._teacher_cache
 
     @property
@@ -422,6 +432,7 @@ class ACSTrainer(Trainer):
             self.selector.load_state_dict({"subset": torch.from_numpy(np.load(ckpt / SELECTOR_STATE_NAME))})
         self.subset, self.selected_epoch = subset, state["selected_epoch"]
         self.selection_round, self.history = state["selection_round"], state["history"]
+        self._resumed = True
         if self._coreset_sampler is not None:
             self._coreset_sampler.set_subset(subset)
 
@@ -448,7 +459,8 @@ def plot_selection_history(history: list[dict[str, Any]], path: Path) -> Path:
         if any(key in r for r in history):
             ax.plot(epochs, [r.get(key, np.nan) for r in history], marker="o", label=key)
     ax.set(title="Scores per round", xlabel="epoch")
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     ax = axes[1]
     ax.plot(
         epochs,

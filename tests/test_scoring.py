@@ -111,3 +111,16 @@ def test_cache_of_other_dataset_rejected(setup, tmp_path):
     score_dataset(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=cache)
     with pytest.raises(ValueError, match="covers 37 samples"):
         TeacherCache(N + 1, directory=tmp_path)
+
+
+def test_new_run_does_not_reuse_a_stale_cache(setup, tmp_path):
+    ds, accelerator, loader, student, teacher = setup
+    score_dataset(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=TeacherCache(N, tmp_path))
+    fresh = TeacherCache(N, tmp_path, reuse=False)
+    assert not fresh.complete and len(fresh) == 0
+    other_teacher = make_model(5)
+    counter = Counter(other_teacher)
+    out = score_dataset(student, loader, accelerator, ["ds"], N, teacher=other_teacher, teacher_cache=fresh)
+    assert counter.calls == 5
+    ref = reference(ds, student, other_teacher)
+    torch.testing.assert_close(out["ds"], ref["ds"], rtol=0, atol=2e-3)

@@ -1,0 +1,103 @@
+"""Shared builders for the trainer tests (also imported by the 2-process script)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import datasets
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from acs_hf import ACSArguments, ACSTrainer, QuantConfig, quantize_model
+
+NUM_CLASSES = 4
+
+
+def tiny_dataset(n: int = 48, seed: int = 0) -> datasets.Dataset:
+    """Class-dependent 16x16 images, so that there is something to learn."""
+    g = np.random.default_rng(seed)
+    labels = np.arange(n) % NUM_CLASSES
+    x = g.standard_normal((n, 3, 16, 16)).astype("float32") * 0.5
+    x[:, 0] += labels[:, None, None] * 0.5
+    return datasets.Dataset.from_dict({"pixel_values": x, "labels": labels, "index": np.arange(n)}).with_format("torch")
+
+
+def models(seed: int = 0):
+    torch.manual_seed(seed)
+    teacher = timm.create_model("resnet18", num_classes=NUM_CLASSES)
+    student = quantize_model(copy.deepcopy(teacher), QuantConfig(weight_bits=4, act_bits=4))
+    return student, teacher
+
+
+class Recorder(TrainerCallback):
+    """Which dataset indices each training epoch consumed."""
+
+    def __init__(self):
+        self.epoch = 0
+        self.seen: dict[int, list[int]] = {}
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch = math.floor(state.epoch + 1e-6)
+
+    def record(self, inputs):
+        self.seen.setdefault(self.epoch, []).extend(inputs["index"].tolist())
+
+
+class RecordingACSTrainer(ACSTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recorder = Recorder()
+        self.add_callback(self.recorder)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and "index" in inputs:
+            self.recorder.record(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+class RecordingPlainTrainer(Trainer):
+    """A stock Trainer on the same data (timm models take a tensor, hence compute_loss)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recorder = Recorder()
+        self.add_callback(self.recorder)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.recorder.record(inputs)
+        return F.cross_entropy(model(inputs["pixel_values"]), inputs["labels"])
+
+
+def training_args(out, **kw) -> TrainingArguments:
+    base = dict(
+        output_dir=str(out),
+        num_train_epochs=4,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=16,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def acs_trainer(out, acs_kwargs=None, args_kwargs=None, ds=None, seed=0, cls=RecordingACSTrainer):
+    ds = ds if ds is not None else tiny_dataset()
+    student, teacher = models(seed)
+    return cls(
+        model=student,
+        args=training_args(out, **(args_kwargs or {})),
+        train_dataset=ds,
+        acs_args=ACSArguments(**{"fraction": 0.25, "selection_interval": 2, **(acs_kwargs or {})}),
+        teacher_model=teacher,
+        score_dataset=ds,
+    )
