@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .selection import SCHEDULES, list_selectors
 
-__all__ = ["ACSArguments"]
+__all__ = ["ACSArguments", "ModelArguments", "DataArguments", "QuantArguments"]
 
 
 @dataclass
@@ -78,3 +78,89 @@ class ACSArguments:
             raise ValueError(f"step_lr_scale must be > 0, got {self.step_lr_scale!r}")
         if self.calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {self.calibration_batches!r}")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to quantize and which FP model teaches it."""
+
+    model_name: str = field(
+        default="resnet18",
+        metadata={"help": "timm model id (resnet18, vit_tiny_patch16_224, ...), 'hf-hub:<repo>' or a local folder."},
+    )
+    pretrained: bool = field(default=False, metadata={"help": "Start from timm's pretrained weights (downloads)."})
+    teacher_model_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "FP teacher (timm id, hf-hub: id or folder; pretrained). Default: a frozen copy of the "
+            "FP model the student starts from."
+        },
+    )
+    image_size: int | None = field(default=None, metadata={"help": "Input resolution (default: the model's)."})
+    fp_warmup_epochs: float = field(
+        default=0,
+        metadata={
+            "help": "Train the FP model this many epochs on all data before QAT (for users without "
+            "pretrained weights); it then becomes the teacher and the QAT starting point."
+        },
+    )
+    fp_warmup_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the FP warm-up (default: --learning_rate)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.fp_warmup_epochs < 0:
+            raise ValueError(f"fp_warmup_epochs must be >= 0, got {self.fp_warmup_epochs}")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from. With neither dataset_name nor train_dir: the embedded digits."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id (ILSVRC/imagenet-1k, uoft-cs/cifar100, ...) or 'digits' (embedded)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder of the training split."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Image folder of the validation split."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (auto-detected)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
+    skip_bad_images: bool = field(
+        default=False, metadata={"help": "Drop (and count) images that cannot be decoded instead of failing."}
+    )
+    streaming: bool = field(default=False, metadata={"help": "Not supported (coresets need a map-style dataset)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory."})
+
+
+@dataclass
+class QuantArguments:
+    """LSQ settings (see acs_hf.QuantConfig)."""
+
+    weight_bits: int = field(default=4, metadata={"help": "Weight bits, 2..8."})
+    act_bits: int | None = field(default=4, metadata={"help": "Activation bits, 2..8; None: weights only."})
+    first_last_bits: int | None = field(
+        default=8, metadata={"help": "Bits of the first layer and the classifier; None keeps them FP."}
+    )
+    per_channel_weights: bool = field(default=False, metadata={"help": "One weight step per output channel."})
+    exclude: list[str] = field(default_factory=list, metadata={"help": "Module-name patterns kept in FP."})
+    compile_kernels: bool = field(default=False, metadata={"help": "torch.compile-fused LSQ kernels."})
+
+    def __post_init__(self) -> None:
+        self.to_config()  # validate now, before any data or model is loaded
+
+    def to_config(self):
+        from .quantization import QuantConfig
+
+        return QuantConfig(
+            weight_bits=self.weight_bits,
+            act_bits=self.act_bits,
+            first_last_bits=self.first_last_bits,
+            per_channel_weights=self.per_channel_weights,
+            exclude=list(self.exclude),
+            compile_kernels=self.compile_kernels,
+        )

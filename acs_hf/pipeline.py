@@ -1,0 +1,221 @@
+"""The end-to-end job behind ``recipes/run_acs.py``: data -> FP model (optional warm-up) -> teacher
+and quantized student -> ACS QAT -> evaluation -> packed checkpoint, model card, optional Hub push."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from transformers import TrainingArguments
+
+from ._io import atomic_write_bytes
+from .arguments import ACSArguments, DataArguments, ModelArguments, QuantArguments
+from .data import DIGITS, class_names, detect_columns, load_image_datasets, prepare_datasets
+from .hub import HubPushError, push_folder_to_hub, write_model_card
+from .metrics import make_compute_metrics, preprocess_logits_for_metrics
+from .quantization import quantize_model, save_quantized
+from .trainer import PLOT_NAME, RECORD_NAME, ACSTrainer
+
+__all__ = ["run_acs", "check_model_name", "default_output_dir"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast on a model id timm cannot build (before any data is loaded)."""
+    if name.startswith(("hf-hub:", "local-dir:")) or os.path.isdir(name):
+        return
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ValueError(
+            f"model_name={name!r} is not a timm model; use a timm id (e.g. {', '.join(close) or 'resnet18'}), "
+            "an 'hf-hub:<repo>' id or a local folder"
+        )
+
+
+def _create_model(name: str, pretrained: bool, num_classes: int) -> torch.nn.Module:
+    if os.path.isdir(name):
+        name = f"local-dir:{name}"
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+
+
+def default_output_dir(model_args: ModelArguments, quant_args: QuantArguments, acs_args: ACSArguments) -> str:
+    model = Path(model_args.model_name.split(":")[-1]).name
+    acts = quant_args.act_bits if quant_args.act_bits is not None else 32
+    return os.path.join(
+        "outputs",
+        f"{model}-w{quant_args.weight_bits}a{acts}-{acs_args.selection_method}{round(acs_args.fraction * 100)}",
+    )
+
+
+def _warmup(model, datasets_, training_args: TrainingArguments, model_args: ModelArguments, compute_metrics):
+    """Plain FP training on all data (the ``full`` selector) for users without pretrained weights."""
+    args = dataclasses.replace(
+        training_args,
+        output_dir=os.path.join(training_args.output_dir, "fp_warmup"),
+        num_train_epochs=model_args.fp_warmup_epochs,
+        learning_rate=model_args.fp_warmup_learning_rate or training_args.learning_rate,
+        save_strategy="no",
+        eval_strategy="no",
+        push_to_hub=False,
+        load_best_model_at_end=False,
+        resume_from_checkpoint=None,
+    )
+    trainer = ACSTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets_.train_dataset,
+        acs_args=ACSArguments(selection_method="full", fraction=1.0),
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+    )
+    logger.info(
+        "FP warm-up: %s epochs on all %d training images", model_args.fp_warmup_epochs, len(datasets_.train_dataset)
+    )
+    trainer.train()
+    return trainer.accelerator.unwrap_model(trainer.model)
+
+
+def _fp_eval(model, datasets_, training_args, compute_metrics) -> dict[str, float]:
+    args = dataclasses.replace(
+        training_args, output_dir=os.path.join(training_args.output_dir, "fp_warmup"), push_to_hub=False, report_to=[]
+    )
+    trainer = ACSTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets_.train_dataset,
+        eval_dataset=datasets_.eval_dataset,
+        acs_args=ACSArguments(selection_method="full", fraction=1.0),
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+    )
+    return trainer.evaluate(metric_key_prefix="fp_eval")
+
+
+def run_acs(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    quant_args: QuantArguments,
+    acs_args: ACSArguments,
+    training_args: TrainingArguments,
+) -> dict[str, Any]:
+    """Run the whole job; returns the final metrics and the paths of what it wrote."""
+    check_model_name(model_args.model_name)
+    if model_args.teacher_model_name:
+        check_model_name(model_args.teacher_model_name)
+    qconfig = quant_args.to_config()
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the packed folder ourselves
+    if push and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (the repo to create or update)")
+
+    raw = load_image_datasets(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_dir,
+        data_args.validation_dir,
+        streaming=data_args.streaming,
+        cache_dir=data_args.cache_dir,
+        seed=training_args.seed,
+    )
+    image_column, label_column = detect_columns(raw["train"], data_args.image_column, data_args.label_column)
+    names = class_names(raw["train"], label_column)
+    torch.manual_seed(training_args.seed)
+    fp_model = _create_model(model_args.model_name, model_args.pretrained, len(names))
+    ds = prepare_datasets(
+        raw,
+        fp_model,
+        image_column,
+        label_column,
+        image_size=model_args.image_size,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        skip_bad_images=data_args.skip_bad_images,
+        seed=training_args.seed,
+    )
+    compute_metrics = make_compute_metrics(k=min(5, len(names)))
+    if model_args.fp_warmup_epochs > 0:
+        fp_model = _warmup(fp_model, ds, training_args, model_args, compute_metrics)
+
+    if model_args.teacher_model_name:
+        teacher = _create_model(model_args.teacher_model_name, True, len(names))
+    else:
+        teacher = copy.deepcopy(fp_model)
+    student = quantize_model(copy.deepcopy(fp_model), qconfig)
+
+    trainer = ACSTrainer(
+        model=student,
+        args=training_args,
+        train_dataset=ds.train_dataset,
+        eval_dataset=ds.eval_dataset,
+        acs_args=acs_args,
+        teacher_model=teacher,
+        score_dataset=ds.score_dataset,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_metrics("train", train_result.metrics)
+    metrics = trainer.evaluate()
+    fp_metrics = _fp_eval(teacher, ds, training_args, compute_metrics)
+    metrics.update({k: v for k, v in fp_metrics.items() if k in ("fp_eval_accuracy", "fp_eval_top5")})
+    trainer.save_metrics("eval", metrics)
+
+    out = Path(training_args.output_dir)
+    summary: dict[str, Any] = {"output_dir": str(out), "metrics": metrics}
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():  # one writer for the shared output folder
+        model = trainer.accelerator.unwrap_model(trainer.model).cpu()
+        save_quantized(model, out)
+        fp32_bytes = sum(t.numel() * 4 for t in fp_model.state_dict().values() if t.is_floating_point())
+        ckpt_bytes = (out / "model.safetensors").stat().st_size
+        dataset_id = data_args.dataset_name or (data_args.train_dir and "imagefolder") or DIGITS
+        results = {
+            "top-1 (quantized)": metrics.get("eval_accuracy"),
+            "top-5 (quantized)": metrics.get("eval_top5"),
+            "top-1 (FP teacher)": metrics.get("fp_eval_accuracy"),
+            "training images per epoch": trainer._coreset_sampler.num_selected
+            if trainer._coreset_sampler
+            else len(ds.train_dataset),
+            "training set size": len(ds.train_dataset),
+        }
+        acs_settings = {k: v for k, v in dataclasses.asdict(acs_args).items() if v is not None}
+        acs_settings["num_train_epochs"] = training_args.num_train_epochs
+        plot = PLOT_NAME if (out / PLOT_NAME).is_file() else None
+        card = write_model_card(
+            out,
+            model_name=model_args.model_name,
+            dataset_name=dataset_id,
+            quant_config=qconfig.to_dict(),
+            acs_settings=acs_settings,
+            results=results,
+            fp32_bytes=fp32_bytes,
+            checkpoint_bytes=ckpt_bytes,
+            plot_name=plot,
+        )
+        summary.update(
+            checkpoint=str(out),
+            model_card=str(card),
+            selection_plot=str(out / plot) if plot else None,
+            selection_log=str(out / RECORD_NAME) if (out / RECORD_NAME).is_file() else None,
+            compression=fp32_bytes / ckpt_bytes,
+        )
+        if push:
+            try:
+                summary["hub_url"] = push_folder_to_hub(
+                    out,
+                    training_args.hub_model_id,
+                    private=training_args.hub_private_repo,
+                    token=training_args.hub_token,
+                )
+            except HubPushError as e:
+                summary["hub_error"] = str(e)
+                logger.error("%s", e)
+        atomic_write_bytes(out / "acs_summary.json", json.dumps(summary, indent=2, default=str).encode())
+    return summary
