@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("\n" + "=" * 72)
         print(
             f"quantized top-1 {m.get('eval_accuracy', float('nan')):.4f}  (FP teacher "
-            f"{m.get('fp_eval_accuracy', float('nan')):.4f}), checkpoint {summary['compression']:.1f}x smaller than fp32"
+            f"{m.get('fp_eval_accuracy', float('nan')):.4f}), "
+            f"checkpoint {summary['compression']:.1f}x smaller than fp32"
         )
         for key in ("checkpoint", "model_card", "selection_plot", "selection_log", "hub_url", "hub_error"):
             if summary.get(key):
