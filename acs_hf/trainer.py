@@ -199,7 +199,7 @@ class ACSTrainer(Trainer):
                 shuffle=False,
                 collate_fn=self.data_collator,
                 num_workers=self.args.dataloader_num_workers,
-                pin_memory=self.args.dataloader_pin_memory,
+                pin_memory=self.args.dataloader_pin_memory and self.args.device.type == "cuda",
             )
             self._score_loader = self.accelerator.prepare(loader)
         return self._score_loader

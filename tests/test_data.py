@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import timm
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict
+from PIL import Image
+
+from acs_hf.data import detect_columns, digits_dataset, load_image_datasets, prepare_datasets
+
+
+@pytest.fixture(scope="module")
+def model():
+    return timm.create_model("resnet18", num_classes=10)
+
+
+def test_digits_is_the_real_sklearn_set():
+    from sklearn.datasets import load_digits
+
+    ds = digits_dataset()
+    assert len(ds["train"]) + len(ds["validation"]) == len(load_digits().target) == 1797
+    assert isinstance(ds["train"].features["label"], ClassLabel)
+    assert ds["train"].features["label"].names == [str(i) for i in range(10)]
+    # Stratified: every class in both splits.
+    assert set(ds["validation"]["label"]) == set(range(10))
+    img = ds["train"][0]["image"]
+    assert img.size == (8, 8) and img.mode == "L"
+
+
+def test_prepare_digits_views(model):
+    raw = digits_dataset()
+    ds = prepare_datasets(raw, model, image_size=32)
+    assert len(ds.train_dataset) == len(ds.score_dataset) == 1437
+    assert ds.id2label[3] == "3" and ds.label2id["7"] == 7
+    ex_train, ex_score = ds.train_dataset[5], ds.score_dataset[5]
+    assert ex_train["index"] == ex_score["index"] == 5
+    assert ex_train["labels"] == ex_score["labels"] == raw["train"][5]["label"]
+    assert ex_score["pixel_values"].shape == (3, 32, 32)  # grayscale became 3-channel RGB
+    # The eval view is deterministic, the training view is augmented.
+    assert torch.equal(ds.score_dataset[5]["pixel_values"], ex_score["pixel_values"])
+    train_views = [ds.train_dataset[5]["pixel_values"] for _ in range(4)]
+    assert any(not torch.equal(train_views[0], v) for v in train_views[1:])
+
+
+def test_max_samples(model):
+    ds = prepare_datasets(digits_dataset(), model, image_size=32, max_train_samples=100, max_eval_samples=20)
+    assert len(ds.train_dataset) == 100 and len(ds.eval_dataset) == 20
+    assert ds.score_dataset[99]["index"] == 99
+    with pytest.raises(ValueError, match="max_train_samples must be >= 1"):
+        prepare_datasets(digits_dataset(), model, max_train_samples=0)
+
+
+def test_detect_columns_cifar_style_and_errors():
+    from datasets import Features
+    from datasets import Image as ImageFeature
+
+    features = Features(
+        {"img": ImageFeature(), "fine_label": ClassLabel(names=["a", "b"]), "coarse_label": ClassLabel(names=["x"])}
+    )
+    ds = Dataset.from_dict(
+        {"img": [Image.new("RGB", (4, 4))], "fine_label": [1], "coarse_label": [0]}, features=features
+    )
+    assert detect_columns(ds) == ("img", "fine_label")
+    assert detect_columns(ds, label_column="coarse_label") == ("img", "coarse_label")
+    with pytest.raises(
+        ValueError, match=r"label_column='target' is not a column.*\['img', 'fine_label', 'coarse_label'\]"
+    ):
+        detect_columns(ds, label_column="target")
+    plain = Dataset.from_dict({"picture": [1], "y": [0]})
+    with pytest.raises(ValueError, match=r"cannot find the image column.*picture"):
+        detect_columns(plain)
+
+
+def write_folder(root, sizes, modes=("RGB", "L", "RGBA")):
+    for c, n in enumerate(sizes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True)
+        for i in range(n):
+            mode = modes[i % len(modes)]
+            Image.new(mode, (10, 12), color=(i * 20 % 255) if mode == "L" else tuple([i * 20 % 255] * len(mode))).save(
+                d / f"{i}.png"
+            )
+
+
+def test_imagefolder_splits_and_modes(tmp_path, model):
+    write_folder(tmp_path / "train", [4, 3])
+    write_folder(tmp_path / "val", [2, 2])
+    raw = load_image_datasets(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"))
+    assert len(raw["train"]) == 7 and len(raw["validation"]) == 4
+    ds = prepare_datasets(raw, model, image_size=16)
+    assert sorted(ds.id2label.values()) == ["class_0", "class_1"]
+    x = torch.stack([ds.score_dataset[i]["pixel_values"] for i in range(7)])
+    assert x.shape == (7, 3, 16, 16)  # L and RGBA converted to RGB
+
+
+def test_missing_validation_and_streaming(tmp_path):
+    write_folder(tmp_path / "train", [2, 2])
+    with pytest.raises(ValueError, match="no validation split.*--validation_dir"):
+        load_image_datasets(train_dir=str(tmp_path / "train"))
+    with pytest.raises(ValueError, match="streaming datasets are not supported.*map-style"):
+        load_image_datasets("ILSVRC/imagenet-1k", streaming=True)
+
+
+def test_bad_image_named_or_skipped(tmp_path, model):
+    write_folder(tmp_path / "train", [3, 3])
+    write_folder(tmp_path / "val", [1, 1])
+    raw = load_image_datasets(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"))
+    broken = raw["train"].cast_column("image", raw["train"].features["image"].__class__(decode=False))
+    rows = broken.to_dict()
+    rows["image"][4] = {"bytes": b"not an image", "path": None}
+    raw = DatasetDict(train=Dataset.from_dict(rows, features=broken.features), validation=raw["validation"])
+    ds = prepare_datasets(raw, model, image_size=16)
+    ds.score_dataset[3]  # fine
+    with pytest.raises(ValueError, match="cannot decode the image of train row 4.*--skip_bad_images"):
+        ds.score_dataset[4]
+    skipped = prepare_datasets(raw, model, image_size=16, skip_bad_images=True)
+    assert skipped.num_skipped == 1 and len(skipped.train_dataset) == 5
+    assert [skipped.score_dataset[i]["index"] for i in range(5)] == list(range(5))
+    labels = np.array([skipped.score_dataset[i]["labels"] for i in range(5)])
+    assert labels.tolist() == [r for i, r in enumerate(rows["label"]) if i != 4]

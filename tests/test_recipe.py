@@ -1,0 +1,126 @@
+"""recipes/run_acs.py end to end on the embedded digits data (offline)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from acs_hf import load_quantized
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+DEMO = str(RECIPES / "configs" / "digits_demo.yaml")
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("run_acs", RECIPES / "run_acs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, recipe):
+    """The default demo config, shortened to a couple of epochs, with command-line overrides."""
+    out = tmp_path_factory.mktemp("demo")
+    argv = [DEMO, "--output_dir", str(out), "--num_train_epochs", "2", "--fp_warmup_epochs", "2",
+            "--selection_interval", "1", "--fraction", "0.3"]  # fmt: skip
+    return out, recipe.main(argv)
+
+
+def test_demo_outputs_present_and_reloadable(demo_run):
+    out, summary = demo_run
+    for name in ("model.safetensors", "config.json", "README.md", "acs_selection.png", "acs_selection.jsonl",
+                 "all_results.json", "eval_results.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "acs_selection.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]  # --selection_interval 1 override applied
+    assert all(r["num_selected"] == round(0.3 * 1437) for r in records)  # --fraction 0.3 override applied
+    results = json.loads((out / "all_results.json").read_text())
+    assert 0 <= results["eval_accuracy"] <= 1 and "eval_top5" in results
+    model = load_quantized(out)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "timm" and card.data.datasets == ["digits"]
+    assert summary["compression"] > 6
+    # The reloaded model reproduces the reported accuracy on the validation split.
+    from acs_hf.data import digits_dataset, prepare_datasets
+
+    ds = prepare_datasets(digits_dataset(), model, image_size=32)
+    x = torch.stack([ds.eval_dataset[i]["pixel_values"] for i in range(len(ds.eval_dataset))])
+    y = torch.tensor([ds.eval_dataset[i]["labels"] for i in range(len(ds.eval_dataset))])
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(results["eval_accuracy"], abs=1e-6)
+
+
+def test_no_argument_uses_embedded_default(recipe):
+    model_args, data_args, quant_args, acs_args, training_args = recipe.parse([])
+    assert data_args.dataset_name == "digits" and model_args.fp_warmup_epochs > 0
+    assert training_args.output_dir == "outputs/resnet18-w4a4-acs20"
+
+
+def test_flags_without_config(recipe):
+    model_args, data_args, quant_args, acs_args, training_args = recipe.parse(
+        ["--model_name", "vit_tiny_patch16_224", "--weight_bits", "2", "--fraction", "0.5", "--output_dir", "x"]
+    )
+    assert model_args.model_name == "vit_tiny_patch16_224" and quant_args.weight_bits == 2 and acs_args.fraction == 0.5
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "message"),
+    [
+        (["--model_name", "resnet1000"], ValueError, "model_name='resnet1000' is not a timm model"),
+        (["--weight_bits", "9"], ValueError, "weight_bits must be an integer in 2..8, got 9"),
+        (["--fraction", "0"], ValueError, "fraction must be in"),
+        (["--label_column", "target"], ValueError, "label_column='target' is not a column"),
+        (["--streaming"], ValueError, "streaming datasets are not supported"),
+    ],
+)
+def test_bad_arguments_fail_fast(recipe, tmp_path, argv, error, message):
+    with pytest.raises(error, match=message):
+        recipe.main([DEMO, "--output_dir", str(tmp_path), *argv])
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_missing_validation_split(recipe, tmp_path):
+    from PIL import Image
+
+    for c in range(2):
+        (tmp_path / "train" / str(c)).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / str(c) / "a.png")
+    with pytest.raises(ValueError, match="no validation split"):
+        recipe.main(
+            [DEMO, "--dataset_name", "", "--train_dir", str(tmp_path / "train"), "--output_dir", str(tmp_path / "o")]
+        )
+
+
+def test_unknown_config_key(recipe, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fractionn: 0.3\n")
+    with pytest.raises(SystemExit):
+        recipe.parse([str(bad)])
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ("imagenet_resnet18_w4a4_acs10.yaml", {"fraction": 0.1, "selection_interval": 10, "learning_rate": 0.00125,
+                                               "num_train_epochs": 120, "weight_bits": 4, "act_bits": 4}),
+        ("cifar100_mobilenetv2_w2_acs10.yaml", {"fraction": 0.1, "selection_interval": 10, "weight_decay": 0.0005,
+                                                "num_train_epochs": 200, "weight_bits": 2, "act_bits": None}),
+    ],
+)  # fmt: skip
+def test_paper_configs_parse(recipe, config, expected):
+    # use_cpu: bf16 needs it on a machine without a GPU.
+    parsed = recipe.parse([str(RECIPES / "configs" / config), "--use_cpu", "true"])
+    values = {k: v for obj in parsed for k, v in vars(obj).items()}
+    for key, value in expected.items():
+        assert values[key] == value, key
+    assert values["bf16"] is True
