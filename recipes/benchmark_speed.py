@@ -13,6 +13,14 @@ Keys (targets in brackets):
     checkpoint_compression  fp32 state-dict bytes over packed 4-bit checkpoint bytes [>= 7]
     checkpoint_compression_2bit                   ... over packed 2-bit bytes [>= 12]
     select_seconds_1m       select_coreset on 1.28M scores, 1000 classes
+    scoring_over_inference  scoring-pass throughput over plain student inference [>= 0.85]
+    acs_over_full_wallclock ACSTrainer run (f=0.1, R=10, teacher + cache) over full-data QAT, same
+                            epochs, model and data [<= 0.15, within 10% of ideal_acs_over_full]
+    ideal_acs_over_full     cost model (f * c_train + c_score / R) / c_train, c_* measured per sample
+
+The wall-clock runs use synthetic class-dependent images held in memory (so data loading does not
+dominate), R = 10 epochs and f = 0.1 as in the paper; --quick trains on fewer samples
+(--wallclock_samples) for the same 10 epochs, i.e. one selection round.
 """
 
 from __future__ import annotations
@@ -31,8 +39,19 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+import transformers
+from transformers import TrainingArguments
 
-from acs_hf import QuantConfig, calibrate_quantizers, quantize_model, save_quantized, select_coreset
+from acs_hf import (
+    ACSArguments,
+    ACSTrainer,
+    QuantConfig,
+    calibrate_quantizers,
+    quantize_model,
+    save_quantized,
+    select_coreset,
+)
+from acs_hf.scoring import TeacherCache, score_dataset
 
 
 def sync(device: torch.device) -> None:
@@ -127,10 +146,117 @@ def bench_checkpoint() -> dict:
     return results
 
 
+class SyntheticImages(torch.utils.data.Dataset):
+    """Class-dependent random images in memory (plain torch: the GPU machine has no `datasets`)."""
+
+    def __init__(self, n: int, image_size: int, num_classes: int = 10) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.labels = torch.arange(n) % num_classes
+        self.x = torch.randn(n, 3, image_size, image_size, generator=g)
+        self.x[:, 0] += (self.labels / num_classes)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.x[i], "labels": self.labels[i], "index": i}
+
+
+def _trainer(method: str, fp, ds, args, out: str, epochs: int) -> ACSTrainer:
+    student = quantize_model(copy.deepcopy(fp), QuantConfig(4, 4, 8, compile_kernels=args.compile_in_runs))
+    targs = TrainingArguments(
+        output_dir=out,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=args.wallclock_batch_size,
+        per_device_eval_batch_size=args.wallclock_batch_size * 2,
+        learning_rate=1e-4,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=args.device == "cpu",
+        bf16=args.bf16,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    acs = ACSArguments(
+        selection_method=method,
+        fraction=1.0 if method == "full" else 0.1,
+        selection_interval=10,
+        teacher_cache_dir="memory",
+    )
+    return ACSTrainer(
+        model=student, args=targs, train_dataset=ds, acs_args=acs, teacher_model=copy.deepcopy(fp), score_dataset=ds
+    )
+
+
+def bench_wallclock(args, device: torch.device) -> dict:
+    """Whole ACSTrainer runs: ACS (f=0.1, R=10, teacher cache) against full-data QAT, same epochs."""
+    transformers.logging.set_verbosity_error()
+    n, epochs = args.wallclock_samples, 10
+    ds = SyntheticImages(n, args.image_size)
+    torch.manual_seed(0)
+    fp = timm.create_model("resnet18", num_classes=10)
+    ratios, c_train, c_score = [], [], []
+    with tempfile.TemporaryDirectory() as d:
+        for pair in range(args.wallclock_pairs):
+            full = _trainer("full", fp, ds, args, f"{d}/full{pair}", epochs)
+            t_full = timed(full.train, device)
+            acs = _trainer("acs", fp, ds, args, f"{d}/acs{pair}", epochs)
+            t_acs = timed(acs.train, device)
+            ratios.append(t_acs / t_full)
+            c_train.append(t_full / (epochs * n))
+            rounds = [r["scoring_seconds"] for r in acs.history]
+            c_score.append(sum(rounds) / len(rounds) / n)
+    ct, cs = statistics.median(c_train), statistics.median(c_score)
+    return {
+        "acs_over_full_wallclock": statistics.median(ratios),
+        "ideal_acs_over_full": (0.1 * ct + cs / 10) / ct,
+        "train_us_per_sample": ct * 1e6,
+        "score_us_per_sample": cs * 1e6,
+        "wallclock_samples": n,
+        "wallclock_epochs": epochs,
+    }
+
+
+def bench_scoring(args, device: torch.device) -> dict:
+    """Scoring-pass throughput (EVS + DS from the teacher cache, gathered) over plain inference."""
+    from accelerate import Accelerator
+
+    ds = SyntheticImages(args.wallclock_samples, args.image_size)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if args.bf16 else "no")
+    loader = accelerator.prepare(torch.utils.data.DataLoader(ds, batch_size=args.wallclock_batch_size * 2))
+    torch.manual_seed(0)
+    fp = timm.create_model("resnet18", num_classes=10).to(device)
+    student = quantize_model(copy.deepcopy(fp), QuantConfig(4, 4, 8, compile_kernels=args.compile_in_runs))
+    calibrate_quantizers(student, [ds.x[:32].to(device)])
+    student.eval()
+    cache = TeacherCache(len(ds))
+    score_dataset(student, loader, accelerator, ["evs", "ds"], len(ds), teacher=fp, teacher_cache=cache)
+
+    def plain() -> None:
+        with torch.inference_mode(), accelerator.autocast():
+            for batch in loader:
+                student(batch["pixel_values"])
+
+    def scoring() -> None:
+        score_dataset(student, loader, accelerator, ["evs", "ds"], len(ds), teacher_cache=cache)
+
+    plain()
+    r = ab_pairs(plain, scoring, args.pairs, device)
+    return {
+        "scoring_over_inference": 1 / r["ratio"],  # throughput ratio = inverse time ratio
+        "inference_images_per_s": len(ds) / r["a_seconds"],
+        "scoring_images_per_s": len(ds) / r["b_seconds"],
+    }
+
+
 TARGETS = {
     "qat_over_fp_step": ("<=", 1.25),
     "checkpoint_compression": (">=", 7.0),
     "checkpoint_compression_2bit": (">=", 12.0),
+    "scoring_over_inference": (">=", 0.85),
+    "acs_over_full_wallclock": ("<=", 0.15),
 }
 
 
@@ -158,18 +284,36 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in the train steps")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--pairs", type=int, default=None, help="A/B timing pairs (default 5 quick, 15 full)")
+    parser.add_argument("--wallclock_samples", type=int, default=None, help="training set of the wall-clock runs")
+    parser.add_argument("--wallclock_batch_size", type=int, default=32)
+    parser.add_argument("--wallclock_pairs", type=int, default=None, help="ACS/full run pairs (default 2 quick, 3)")
+    parser.add_argument("--compile_in_runs", action="store_true", help="fused LSQ kernels in the wall-clock runs")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["step", "checkpoint", "select", "scoring", "wallclock"]
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     args.pairs = args.pairs or (5 if args.quick else 15)
+    args.wallclock_samples = args.wallclock_samples or (320 if args.quick else 2000)
+    args.wallclock_pairs = args.wallclock_pairs or (2 if args.quick else 3)
     args.warmup = 2
     device = torch.device(args.device)
 
     started = time.perf_counter()
     results: dict = {}
-    results.update(bench_qat_step(args, device))
-    results.update(bench_checkpoint())
-    results.update(bench_select())
+    benches = {
+        "step": lambda: bench_qat_step(args, device),
+        "checkpoint": bench_checkpoint,
+        "select": bench_select,
+        "scoring": lambda: bench_scoring(args, device),
+        "wallclock": lambda: bench_wallclock(args, device),
+    }
+    for name, bench in benches.items():
+        if name not in args.skip:
+            t = time.perf_counter()
+            results.update(bench())
+            print(f"[{name}: {time.perf_counter() - t:.1f}s]", flush=True)
     results["meta"] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
@@ -179,13 +323,15 @@ def main(argv: list[str] | None = None) -> dict:
         "bf16": args.bf16,
         "channels_last": args.channels_last,
         "pairs": args.pairs,
+        "wallclock_samples": args.wallclock_samples,
+        "wallclock_batch_size": args.wallclock_batch_size,
         "seconds": time.perf_counter() - started,
     }
     print_table(results)
     args.output_json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output_json.with_suffix(args.output_json.suffix + ".tmp")
     tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, args.output_json)
+    os.replace(tmp, args.output_json)  # never a half-written JSON
     print(f"\nwrote {args.output_json}")
     return results
 

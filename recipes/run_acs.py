@@ -8,7 +8,8 @@
 
 Arguments: ModelArguments, DataArguments, QuantArguments, ACSArguments (acs_hf.arguments) and
 transformers' TrainingArguments, from one YAML/JSON file and/or the command line (the command line wins).
-With no argument at all it runs recipes/configs/digits_demo.yaml.
+Without a config file, flags apply on top of recipes/configs/digits_demo.yaml (the embedded demo),
+unless they name a dataset (--dataset_name, --train_dir).
 """
 
 import json
@@ -26,10 +27,18 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "digits_demo.yaml"
 
 
 def parse(argv: list[str]):
+    """Parse ``[config.yaml] [--flag value ...]`` into the five argument dataclasses.
+
+    The base values come from the config file when one is given first; otherwise from the embedded
+    demo config, unless a data source (--dataset_name, --train_dir) is given: a real dataset starts
+    from the dataclass defaults rather than inheriting the demo's 32-pixel, from-scratch settings.
+    """
     parser = HfArgumentParser((ModelArguments, DataArguments, QuantArguments, ACSArguments, TrainingArguments))
-    config = DEFAULT_CONFIG if not argv else None
+    config = None
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         config, argv = Path(argv[0]), argv[1:]
+    elif not any(a.split("=")[0] in ("--dataset_name", "--train_dir") for a in argv):
+        config = DEFAULT_CONFIG
     if config is not None:
         if not config.is_file():
             parser.error(f"config file {config} does not exist")
@@ -39,6 +48,7 @@ def parse(argv: list[str]):
         if unknown:
             parser.error(f"unknown keys in {config}: {', '.join(unknown)}")
         parser.set_defaults(**values)
+        logging.getLogger(__name__).info("base settings: %s", config)
     args = parser.parse_args_into_dataclasses(args=argv)
     model_args, data_args, quant_args, acs_args, training_args = args
     if training_args.output_dir == "trainer_output":  # transformers' placeholder: use a descriptive name

@@ -176,3 +176,19 @@ def test_compiled_kernels_match_eager():
         outs.append((y.detach(), xi.grad, s.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_matches_contiguous():
+    x = torch.randn(2, 5, 4, 3)
+    g = torch.randn(2, 5, 4, 3)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xi = x.clone().to(memory_format=fmt).requires_grad_()
+        s = torch.tensor([0.3], requires_grad=True)
+        y = lsq_fake_quant(xi, s, 4, True)
+        y.backward(g)  # a contiguous gradient for a channels_last input: flattened in the same order
+        results.append((y.detach(), xi.grad, s.grad))
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last)  # layout kept, no copy back
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    close(results[0][2], ref_step_grad(x, torch.tensor([0.3]), g, 4, True))

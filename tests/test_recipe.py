@@ -66,11 +66,20 @@ def test_no_argument_uses_embedded_default(recipe):
     assert training_args.output_dir == "outputs/resnet18-w4a4-acs20"
 
 
-def test_flags_without_config(recipe):
+def test_flags_without_config_extend_the_demo(recipe):
     model_args, data_args, quant_args, acs_args, training_args = recipe.parse(
-        ["--model_name", "vit_tiny_patch16_224", "--weight_bits", "2", "--fraction", "0.5", "--output_dir", "x"]
+        ["--fraction", "0.5", "--output_dir", "x"]
     )
-    assert model_args.model_name == "vit_tiny_patch16_224" and quant_args.weight_bits == 2 and acs_args.fraction == 0.5
+    assert acs_args.fraction == 0.5 and training_args.output_dir == "x"
+    assert model_args.image_size == 32 and model_args.fp_warmup_epochs == 8  # the demo's settings
+
+
+def test_flags_naming_a_dataset_start_from_defaults(recipe):
+    model_args, data_args, quant_args, acs_args, training_args = recipe.parse(
+        ["--dataset_name", "uoft-cs/cifar100", "--model_name", "vit_tiny_patch16_224", "--weight_bits", "2"]
+    )
+    assert model_args.model_name == "vit_tiny_patch16_224" and quant_args.weight_bits == 2
+    assert model_args.image_size is None and model_args.fp_warmup_epochs == 0 and acs_args.fraction == 0.1
 
 
 @pytest.mark.parametrize(

@@ -75,35 +75,43 @@ class _LSQFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, step, qn, qp, grad_scale, channel_dim, compiled):  # noqa: D102
-        x2 = _as_matrix(x, step.numel(), channel_dim)
+        dims = _layout(x, step.numel(), channel_dim)
+        x2 = _as_matrix(x, dims, step.numel())
         s = step.float().clamp_min(STEP_FLOOR).view(-1, 1)
         lo = torch.tensor(-qn, dtype=torch.float32, device=x.device)
         hi = torch.tensor(qp, dtype=torch.float32, device=x.device)
         ctx.save_for_backward(x2, s, lo, hi)
-        ctx.grad_scale, ctx.compiled, ctx.channel_dim, ctx.shape = grad_scale, compiled, channel_dim, x.shape
-        return _from_matrix(_kernels(compiled)[0](x2, s, lo, hi), x.shape, step.numel(), channel_dim)
+        ctx.grad_scale, ctx.compiled, ctx.dims, ctx.shape = grad_scale, compiled, dims, x.shape
+        return _from_matrix(_kernels(compiled)[0](x2, s, lo, hi), x.shape, dims)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         x2, s, lo, hi = ctx.saved_tensors
-        g2 = _as_matrix(grad_out, s.numel(), ctx.channel_dim)
+        # The gradient is flattened in the forward's element order, whatever its own layout.
+        g2 = _as_matrix(grad_out, ctx.dims, s.numel())
         grad_x, grad_step = _kernels(ctx.compiled)[1](x2, s, g2, lo, hi)
-        grad_x = _from_matrix(grad_x, ctx.shape, s.numel(), ctx.channel_dim)
+        grad_x = _from_matrix(grad_x, ctx.shape, ctx.dims)
         return grad_x, grad_step * ctx.grad_scale, None, None, None, None, None
 
 
-def _as_matrix(x: torch.Tensor, steps: int, channel_dim: int) -> torch.Tensor:
-    if steps == 1:
-        return x.reshape(1, -1)
-    return x.movedim(channel_dim, 0).reshape(steps, -1)
+def _layout(x: torch.Tensor, steps: int, channel_dim: int) -> tuple[int, ...]:
+    """Permutation that makes ``x`` a [steps, elements] matrix: channel first for per-channel
+    steps; for one step, memory order (a free view for contiguous and channels_last tensors)."""
+    if steps > 1:
+        c = channel_dim % x.dim()
+        return (c, *(d for d in range(x.dim()) if d != c))
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return (0, 2, 3, 1)
+    return tuple(range(x.dim()))
 
 
-def _from_matrix(y: torch.Tensor, shape: torch.Size, steps: int, channel_dim: int) -> torch.Tensor:
-    if steps == 1:
-        return y.view(shape)
-    moved = list(shape)
-    moved.insert(0, moved.pop(channel_dim))
-    return y.view(moved).movedim(0, channel_dim)
+def _as_matrix(x: torch.Tensor, dims: tuple[int, ...], steps: int) -> torch.Tensor:
+    return x.permute(dims).reshape(steps, -1)
+
+
+def _from_matrix(y: torch.Tensor, shape: torch.Size, dims: tuple[int, ...]) -> torch.Tensor:
+    inverse = sorted(range(len(dims)), key=dims.__getitem__)
+    return y.view([shape[d] for d in dims]).permute(inverse)
 
 
 def lsq_fake_quant(
