@@ -363,7 +363,8 @@ class ACSTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with activation step sizes moved to a group at ``lr * step_lr_scale``."""
-        optimizer = super().create_optimizer(model)
+        # transformers < 5.2x has create_optimizer(self) without the model argument.
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         target = self.model if model is None else model
         act_steps = {
             id(m.step)

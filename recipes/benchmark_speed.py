@@ -176,7 +176,8 @@ def _trainer(method: str, fp, ds, args, out: str, epochs: int) -> ACSTrainer:
         disable_tqdm=True,
         use_cpu=args.device == "cpu",
         bf16=args.bf16,
-        dataloader_num_workers=0,
+        dataloader_num_workers=args.num_workers,
+        dataloader_pin_memory=args.device == "cuda",
         seed=0,
     )
     acs = ACSArguments(
@@ -225,7 +226,11 @@ def bench_scoring(args, device: torch.device) -> dict:
 
     ds = SyntheticImages(args.wallclock_samples, args.image_size)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if args.bf16 else "no")
-    loader = accelerator.prepare(torch.utils.data.DataLoader(ds, batch_size=args.wallclock_batch_size * 2))
+    loader = accelerator.prepare(
+        torch.utils.data.DataLoader(
+            ds, batch_size=args.wallclock_batch_size * 2, num_workers=args.num_workers, pin_memory=args.device == "cuda"
+        )
+    )
     torch.manual_seed(0)
     fp = timm.create_model("resnet18", num_classes=10).to(device)
     student = quantize_model(copy.deepcopy(fp), QuantConfig(4, 4, 8, compile_kernels=args.compile_in_runs))
@@ -287,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--wallclock_samples", type=int, default=None, help="training set of the wall-clock runs")
     parser.add_argument("--wallclock_batch_size", type=int, default=32)
     parser.add_argument("--wallclock_pairs", type=int, default=None, help="ACS/full run pairs (default 2 quick, 3)")
+    parser.add_argument("--num_workers", type=int, default=0, help="data workers of the wall-clock/scoring runs")
     parser.add_argument("--compile_in_runs", action="store_true", help="fused LSQ kernels in the wall-clock runs")
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["step", "checkpoint", "select", "scoring", "wallclock"]
@@ -309,11 +315,18 @@ def main(argv: list[str] | None = None) -> dict:
         "scoring": lambda: bench_scoring(args, device),
         "wallclock": lambda: bench_wallclock(args, device),
     }
+    errors = {}
     for name, bench in benches.items():
         if name not in args.skip:
             t = time.perf_counter()
-            results.update(bench())
+            try:
+                results.update(bench())
+            except Exception as e:  # one broken measurement must not lose the others
+                errors[name] = f"{type(e).__name__}: {e}"
+                print(f"[{name} FAILED: {errors[name]}]", flush=True)
             print(f"[{name}: {time.perf_counter() - t:.1f}s]", flush=True)
+    if errors:
+        results["errors"] = errors
     results["meta"] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
@@ -333,6 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, args.output_json)  # never a half-written JSON
     print(f"\nwrote {args.output_json}")
+    if errors:
+        raise SystemExit(f"benchmarks failed: {', '.join(errors)}")
     return results
 
 

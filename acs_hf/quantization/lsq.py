@@ -7,6 +7,7 @@ plain ops would keep alive.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -63,6 +64,16 @@ def _kernels(compiled: bool) -> tuple:
     return _KERNELS[compiled]
 
 
+@functools.lru_cache(maxsize=64)
+def _bounds(qn: int, qp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-Qn and Qp as 0-d float32 tensors, made once per device: creating them on every call
+    would cost a host-to-device copy per quantizer per step on a GPU."""
+    return (
+        torch.tensor(-qn, dtype=torch.float32, device=device),
+        torch.tensor(qp, dtype=torch.float32, device=device),
+    )
+
+
 class _LSQFakeQuant(torch.autograd.Function):
     """x_hat = s * clamp(round(x / s), -Qn, Qp), with the LSQ gradients.
 
@@ -78,18 +89,22 @@ class _LSQFakeQuant(torch.autograd.Function):
         dims = _layout(x, step.numel(), channel_dim)
         x2 = _as_matrix(x, dims, step.numel())
         s = step.float().clamp_min(STEP_FLOOR).view(-1, 1)
-        lo = torch.tensor(-qn, dtype=torch.float32, device=x.device)
-        hi = torch.tensor(qp, dtype=torch.float32, device=x.device)
+        lo, hi = _bounds(qn, qp, x.device)
         ctx.save_for_backward(x2, s, lo, hi)
         ctx.grad_scale, ctx.compiled, ctx.dims, ctx.shape = grad_scale, compiled, dims, x.shape
-        return _from_matrix(_kernels(compiled)[0](x2, s, lo, hi), x.shape, dims)
+        # Autocast off and detached (non-view) inputs: the math stays float32 and torch.compile
+        # sees one global state and no view bases, i.e. one graph per input dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            y = _kernels(compiled)[0](x2.detach(), s, lo, hi)
+        return _from_matrix(y, x.shape, dims)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         x2, s, lo, hi = ctx.saved_tensors
         # The gradient is flattened in the forward's element order, whatever its own layout.
         g2 = _as_matrix(grad_out, ctx.dims, s.numel())
-        grad_x, grad_step = _kernels(ctx.compiled)[1](x2, s, g2, lo, hi)
+        with torch.autocast(x2.device.type, enabled=False):
+            grad_x, grad_step = _kernels(ctx.compiled)[1](x2.detach(), s, g2.detach(), lo, hi)
         grad_x = _from_matrix(grad_x, ctx.shape, ctx.dims)
         return grad_x, grad_step * ctx.grad_scale, None, None, None, None, None
 
