@@ -184,6 +184,10 @@ def score_dataset(
         with torch.inference_mode():
             for batch in bar:
                 labels, index = batch["labels"].to(device), batch[INDEX_KEY].to(device)
+                local["labels"].append(labels.long())
+                local[INDEX_KEY].append(index.long())
+                if not stats:  # labels only (random selectors): no forward pass
+                    continue
                 with accelerator.autocast():
                     logits = forward_fn(student, batch)
                 p_t = None
@@ -200,8 +204,6 @@ def score_dataset(
                     p_t = p_t.to(device)
                 for name, value in batch_statistics(stats, logits, labels, p_t).items():
                     local[name].append(value.float())
-                local["labels"].append(labels.long())
-                local[INDEX_KEY].append(index.long())
     finally:
         for m, training in modes:
             m.train(training)

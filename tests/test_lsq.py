@@ -192,3 +192,18 @@ def test_channels_last_matches_contiguous():
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
     close(results[0][2], ref_step_grad(x, torch.tensor([0.3]), g, 4, True))
+
+
+def test_first_use_in_inference_mode_then_training():
+    """The cached clamp bounds made during a scoring pass must still work in training."""
+    from acs_hf.quantization.lsq import _bounds
+
+    _bounds.cache_clear()
+    q = LSQQuantizer(3, signed=False)
+    x = torch.rand(64)
+    q.init_from(x)
+    with torch.inference_mode():
+        q(x)
+    xi = x.clone().requires_grad_()
+    q(xi).sum().backward()
+    assert xi.grad is not None and q.step.grad is not None

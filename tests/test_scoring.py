@@ -124,3 +124,10 @@ def test_new_run_does_not_reuse_a_stale_cache(setup, tmp_path):
     assert counter.calls == 5
     ref = reference(ds, student, other_teacher)
     torch.testing.assert_close(out["ds"], ref["ds"], rtol=0, atol=2e-3)
+
+
+def test_labels_only_pass_runs_no_model(setup):
+    ds, accelerator, loader, student, teacher = setup
+    counter = Counter(student)
+    out = score_dataset(student, loader, accelerator, [], N)
+    assert counter.calls == 0 and set(out) == {"labels"} and torch.equal(out["labels"], ds.y)

@@ -67,11 +67,13 @@ def _kernels(compiled: bool) -> tuple:
 @functools.lru_cache(maxsize=64)
 def _bounds(qn: int, qp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """-Qn and Qp as 0-d float32 tensors, made once per device: creating them on every call
-    would cost a host-to-device copy per quantizer per step on a GPU."""
-    return (
-        torch.tensor(-qn, dtype=torch.float32, device=device),
-        torch.tensor(qp, dtype=torch.float32, device=device),
-    )
+    would cost a host-to-device copy per quantizer per step on a GPU. Made outside inference mode,
+    since a first call from a scoring pass must not cache tensors that training cannot save."""
+    with torch.inference_mode(False):
+        return (
+            torch.tensor(-qn, dtype=torch.float32, device=device),
+            torch.tensor(qp, dtype=torch.float32, device=device),
+        )
 
 
 class _LSQFakeQuant(torch.autograd.Function):
