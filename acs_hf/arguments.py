@@ -49,7 +49,11 @@ class ACSArguments:
         },
     )
     step_lr_scale: float = field(
-        default=0.1, metadata={"help": "Learning-rate multiplier of the activation step sizes (paper: 0.1)."}
+        default=0.1,
+        metadata={
+            "help": "Learning-rate multiplier of the LSQ step sizes (paper: 0.1 for activation steps; "
+            "applied to weight steps too, which Adam otherwise drives through zero)."
+        },
     )
     calibration_batches: int = field(
         default=4, metadata={"help": "Batches of the un-augmented view used to calibrate quantizers."}

@@ -362,20 +362,21 @@ class ACSTrainer(Trainer):
         return sorted(n for n in names if n not in no_decay and not n.endswith(".bias"))
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimizer, with activation step sizes moved to a group at ``lr * step_lr_scale``."""
+        """The Trainer's optimizer, with every LSQ step size moved to a group at ``lr * step_lr_scale``.
+
+        The paper lowers the LR of activation steps; weight steps need it as well under Adam, whose
+        updates are about ``lr`` whatever the gradient: an 8-bit weight step is ~5e-3, so at lr 1e-3
+        it crossed zero within a few epochs on digits and the run collapsed to chance.
+        """
         # transformers < 5.2x has create_optimizer(self) without the model argument.
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         target = self.model if model is None else model
-        act_steps = {
-            id(m.step)
-            for n, m in target.named_modules()
-            if isinstance(m, LSQQuantizer) and n.endswith("input_quantizer") and m.step.requires_grad
-        }
+        steps = {id(m.step) for m in target.modules() if isinstance(m, LSQQuantizer) and m.step.requires_grad}
         opt = getattr(optimizer, "optimizer", optimizer)
         moved = []
         for group in opt.param_groups:
-            keep = [p for p in group["params"] if id(p) not in act_steps]
-            moved += [p for p in group["params"] if id(p) in act_steps]
+            keep = [p for p in group["params"] if id(p) not in steps]
+            moved += [p for p in group["params"] if id(p) in steps]
             group["params"] = keep
         if moved:
             base = opt.param_groups[0]

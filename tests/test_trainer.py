@@ -116,13 +116,10 @@ def test_param_groups(tmp_path):
     trainer.create_optimizer()
     model = trainer.model
     groups = trainer.optimizer.param_groups
-    act_steps = {
-        id(m.input_quantizer.step)
-        for n, m in model.named_modules()
-        if hasattr(m, "input_quantizer") and m.input_quantizer is not None and m.input_quantizer.step.requires_grad
-    }
-    step_group = [g for g in groups if {id(p) for p in g["params"]} == act_steps]
-    assert len(step_group) == 1 and act_steps
+    steps = {id(p) for n, p in model.named_parameters() if n.endswith("_quantizer.step") and p.requires_grad}
+    assert any(n.endswith("weight_quantizer.step") for n, _ in model.named_parameters())
+    step_group = [g for g in groups if {id(p) for p in g["params"]} == steps]
+    assert len(step_group) == 1 and steps
     assert step_group[0]["lr"] == pytest.approx(2e-3 * 0.1) and step_group[0]["weight_decay"] == 0
     names = {id(p): n for n, p in model.named_parameters()}
     for g in groups:
