@@ -13,9 +13,10 @@ from typing import Any
 
 import timm
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments
 
-from ._io import atomic_write_bytes
+from ._io import atomic_write, atomic_write_bytes
 from .arguments import ACSArguments, DataArguments, ModelArguments, QuantArguments
 from .data import DIGITS, class_names, detect_columns, load_image_datasets, prepare_datasets
 from .hub import HubPushError, push_folder_to_hub, write_model_card
@@ -141,7 +142,16 @@ def run_acs(
     )
     compute_metrics = make_compute_metrics(k=min(5, len(names)))
     if model_args.fp_warmup_epochs > 0:
-        fp_model = _warmup(fp_model, ds, training_args, model_args, compute_metrics)
+        warm = Path(training_args.output_dir) / "fp_warmup" / "model.safetensors"
+        if training_args.resume_from_checkpoint and warm.is_file():
+            # The teacher and the QAT starting point must be the model the interrupted run used.
+            fp_model.load_state_dict(load_file(warm))
+            logger.info("Resuming: FP warm-up model loaded from %s", warm)
+        else:
+            fp_model = _warmup(fp_model, ds, training_args, model_args, compute_metrics)
+            if training_args.process_index == 0:
+                state = {k: v.detach().cpu().contiguous() for k, v in fp_model.state_dict().items()}
+                atomic_write(warm, lambda tmp: save_file(state, tmp))
 
     if model_args.teacher_model_name:
         teacher = _create_model(model_args.teacher_model_name, True, len(names))

@@ -133,3 +133,22 @@ def test_paper_configs_parse(recipe, config, expected):
     for key, value in expected.items():
         assert values[key] == value, key
     assert values["bf16"] is True
+
+
+def test_resume_reuses_the_fp_warmup_model(recipe, tmp_path, monkeypatch):
+    argv = [DEMO, "--output_dir", str(tmp_path), "--num_train_epochs", "2", "--fp_warmup_epochs", "1",
+            "--max_train_samples", "200", "--max_eval_samples", "100", "--save_strategy", "epoch"]  # fmt: skip
+    first = recipe.main(argv)
+    assert (tmp_path / "fp_warmup" / "model.safetensors").is_file()
+    checkpoint = sorted(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
+
+    import acs_hf.pipeline
+
+    def no_warmup(*args, **kwargs):
+        raise AssertionError("a resumed run must not train the FP model again")
+
+    monkeypatch.setattr(acs_hf.pipeline, "_warmup", no_warmup)
+    resumed = recipe.main([*argv, "--resume_from_checkpoint", str(checkpoint)])
+    # Same teacher as the interrupted run, and the same final student.
+    assert resumed["metrics"]["fp_eval_accuracy"] == first["metrics"]["fp_eval_accuracy"]
+    assert resumed["metrics"]["eval_accuracy"] == pytest.approx(first["metrics"]["eval_accuracy"], abs=0.02)
