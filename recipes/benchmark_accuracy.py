@@ -191,20 +191,29 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     fp, fp_accuracy = train_fp(ds, args)
     print(f"FP model: top-1 {fp_accuracy * 100:.2f} ({time.perf_counter() - started:.0f}s)", flush=True)
-    runs = []
+    # Each finished run is appended to runs.jsonl at once: an interrupted benchmark resumes where it stopped.
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    log = args.output_dir / "runs.jsonl"
+    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    done = {(r["bits"], r["fraction"], r["method"], r["seed"]) for r in runs}
+    if done:
+        print(f"resuming: {len(done)} runs already in {log}", flush=True)
     for bits in args.bits:
         for method in args.methods:
             for fraction in [1.0] if method == "full" else args.fractions:
                 for seed in args.seeds:
+                    if (bits, fraction, method, seed) in done:
+                        continue
                     r = run_cell(fp, ds, args, bits, fraction, method, seed)
                     runs.append({"bits": bits, "fraction": fraction, "method": method, "seed": seed, **r})
+                    with open(log, "a") as f:
+                        f.write(json.dumps(runs[-1]) + "\n")
                     print(f"W{bits} {method:15s} f={fraction:<4} seed={seed}: top-1 {r['accuracy'] * 100:6.2f} "
                           f"({r['seconds']:.0f}s)", flush=True)  # fmt: skip
     cells = summarize(runs)
     result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "fp_accuracy": fp_accuracy, "runs": runs, "cells": cells,
               "total_seconds": time.perf_counter() - started}  # fmt: skip
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     tmp = args.output_dir / "accuracy.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, args.output_dir / "accuracy.json")  # a long run never leaves a half-written JSON

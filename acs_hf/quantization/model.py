@@ -47,7 +47,7 @@ class QuantConfig:
         per_channel_weights: one weight step per output channel instead of one per tensor.
         exclude: ``fnmatch`` patterns of module names to keep in full precision.
         compile_kernels: run the fake-quant math as ``torch.compile``-fused kernels: one pass over
-            the data instead of several, which makes a W4A4 ResNet-18 CPU train step about 1.3x
+            the data instead of several, which makes a W4A4 ResNet-18 CPU train step about 1.2x
             cheaper (see ``recipes/benchmark_speed.py``). Needs a working ``torch.compile`` (a C++
             compiler on CPU, triton on GPU); the first step pays the compile (tens of seconds).
     """
