@@ -56,39 +56,19 @@ def default_output_dir(model_args: ModelArguments, quant_args: QuantArguments, a
     )
 
 
-def _warmup(model, datasets_, training_args: TrainingArguments, model_args: ModelArguments, compute_metrics):
-    """Plain FP training on all data (the ``full`` selector) for users without pretrained weights."""
+def _fp_trainer(model, datasets_, training_args: TrainingArguments, compute_metrics, **overrides) -> ACSTrainer:
+    """A plain full-data Trainer (the ``full`` selector) for the FP model, writing under ``fp_warmup/``."""
     args = dataclasses.replace(
         training_args,
         output_dir=os.path.join(training_args.output_dir, "fp_warmup"),
-        num_train_epochs=model_args.fp_warmup_epochs,
-        learning_rate=model_args.fp_warmup_learning_rate or training_args.learning_rate,
         save_strategy="no",
         eval_strategy="no",
         push_to_hub=False,
         load_best_model_at_end=False,
         resume_from_checkpoint=None,
+        **overrides,
     )
-    trainer = ACSTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets_.train_dataset,
-        acs_args=ACSArguments(selection_method="full", fraction=1.0),
-        compute_metrics=compute_metrics,
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-    )
-    logger.info(
-        "FP warm-up: %s epochs on all %d training images", model_args.fp_warmup_epochs, len(datasets_.train_dataset)
-    )
-    trainer.train()
-    return trainer.accelerator.unwrap_model(trainer.model)
-
-
-def _fp_eval(model, datasets_, training_args, compute_metrics) -> dict[str, float]:
-    args = dataclasses.replace(
-        training_args, output_dir=os.path.join(training_args.output_dir, "fp_warmup"), push_to_hub=False, report_to=[]
-    )
-    trainer = ACSTrainer(
+    return ACSTrainer(
         model=model,
         args=args,
         train_dataset=datasets_.train_dataset,
@@ -97,7 +77,23 @@ def _fp_eval(model, datasets_, training_args, compute_metrics) -> dict[str, floa
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
-    return trainer.evaluate(metric_key_prefix="fp_eval")
+
+
+def _warmup(model, datasets_, training_args: TrainingArguments, model_args: ModelArguments, compute_metrics):
+    """Plain FP training on all data for users without pretrained weights."""
+    trainer = _fp_trainer(
+        model,
+        datasets_,
+        training_args,
+        compute_metrics,
+        num_train_epochs=model_args.fp_warmup_epochs,
+        learning_rate=model_args.fp_warmup_learning_rate or training_args.learning_rate,
+    )
+    logger.info(
+        "FP warm-up: %s epochs on all %d training images", model_args.fp_warmup_epochs, len(datasets_.train_dataset)
+    )
+    trainer.train()
+    return trainer.accelerator.unwrap_model(trainer.model)
 
 
 def run_acs(
@@ -173,7 +169,9 @@ def run_acs(
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_metrics("train", train_result.metrics)
     metrics = trainer.evaluate()
-    fp_metrics = _fp_eval(teacher, ds, training_args, compute_metrics)
+    fp_metrics = _fp_trainer(teacher, ds, training_args, compute_metrics, report_to=[]).evaluate(
+        metric_key_prefix="fp_eval"
+    )
     metrics.update({k: v for k, v in fp_metrics.items() if k in ("fp_eval_accuracy", "fp_eval_top5")})
     trainer.save_metrics("eval", metrics)
 
