@@ -32,7 +32,7 @@ from ._io import atomic_save_npy, atomic_write, atomic_write_bytes
 from .arguments import ACSArguments
 from .quantization import LSQQuantizer, calibrate_quantizers, quantizers_initialized
 from .scoring import TeacherCache, score_dataset
-from .selection import create_selector, selection_generator
+from .selection import coreset_size, create_selector, selection_generator
 
 __all__ = ["ACSTrainer", "CoresetSampler", "subset_hash"]
 
@@ -182,17 +182,19 @@ class ACSTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         if self.acs_args.selection_method == "full":
             return super()._get_train_sampler(train_dataset)
-        from .selection import coreset_size
-
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         self._coreset_sampler = CoresetSampler(coreset_size(self.num_samples, self.acs_args.fraction), seed)
         if self.subset is not None:  # restored from a checkpoint
             self._coreset_sampler.set_subset(self.subset)
         return self._coreset_sampler
 
+    @property
+    def _score_batch_size(self) -> int:
+        return self.acs_args.score_batch_size or self.args.per_device_eval_batch_size
+
     def _score_dataloader(self) -> DataLoader:
         if self._score_loader is None:
-            batch_size = self.acs_args.score_batch_size or self.args.per_device_eval_batch_size
+            batch_size = self._score_batch_size
             loader = DataLoader(
                 self.score_dataset,
                 batch_size=batch_size,
@@ -211,7 +213,7 @@ class ACSTrainer(Trainer):
         if not any(isinstance(m, LSQQuantizer) for m in model.modules()) or quantizers_initialized(model):
             return
         dataset = self.score_dataset if self.score_dataset is not None else self.train_dataset
-        batch_size = self.acs_args.score_batch_size or self.args.per_device_eval_batch_size
+        batch_size = self._score_batch_size
         n = min(len(dataset), batch_size * self.acs_args.calibration_batches)
         loader = DataLoader(
             torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, collate_fn=self.data_collator
