@@ -6,14 +6,16 @@ A crash or Ctrl-C mid-write leaves the previous file (or none), never a half-wri
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_save_npy"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_save_npy"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -40,3 +42,8 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    """JSON (non-serialisable values as ``str``), written atomically."""
+    atomic_write_bytes(path, json.dumps(obj, indent=indent, default=str).encode())

@@ -2,23 +2,60 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from .selection import SCHEDULES, list_selectors
+from .selection import SCHEDULES, Selector, check_schedule, create_selector, list_selectors
 
-__all__ = ["ACSArguments", "ModelArguments", "DataArguments", "QuantArguments"]
+__all__ = ["QATArguments", "ACSArguments", "ModelArguments", "DataArguments", "RunArguments"]
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
-class ACSArguments:
-    """How the coreset is chosen and how the student learns from it."""
+class QATArguments:
+    """How the quantized student learns: distillation, LSQ step-size learning rate, calibration."""
+
+    kd_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature T (> 0)."})
+    kd_alpha: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the distillation loss; 1 - kd_alpha goes to cross-entropy (1 = paper)."},
+    )
+    step_lr_scale: float = field(
+        default=0.1,
+        metadata={
+            "help": "Learning-rate multiplier of the LSQ step sizes (paper: 0.1 for activation steps; "
+            "applied to weight steps too, which Adam otherwise drives through zero)."
+        },
+    )
+    calibration_batches: int = field(
+        default=4, metadata={"help": "Batches of the un-augmented view used to calibrate quantizers."}
+    )
+
+    def __post_init__(self) -> None:
+        if not (_finite(self.kd_temperature) and self.kd_temperature > 0):
+            raise ValueError(f"kd_temperature must be a finite number > 0, got {self.kd_temperature!r}")
+        if not (_finite(self.kd_alpha) and 0 <= self.kd_alpha <= 1):
+            raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha!r}")
+        if not (_finite(self.step_lr_scale) and self.step_lr_scale > 0):
+            raise ValueError(f"step_lr_scale must be a finite number > 0, got {self.step_lr_scale!r}")
+        if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be an integer >= 1, got {self.calibration_batches!r}")
+
+
+@dataclass
+class ACSArguments(QATArguments):
+    """How the coreset is chosen (plus the :class:`QATArguments` of the student's training).
+
+    Each value is validated once, by the code that owns its meaning: the selector registry checks
+    the method, its schedule and the fraction it accepts; this class only what it alone defines.
+    """
 
     selection_method: str = field(
         default="acs",
-        metadata={
-            "help": "Coreset method: acs, evs, ds, random_static, random_dynamic, entropy, margin, "
-            "least_confidence, full."
-        },
+        metadata={"help": "Coreset method, one of acs_hf.list_selectors(): " + ", ".join(list_selectors()) + "."},
     )
     fraction: float = field(default=0.1, metadata={"help": "Share of the training set per round, in (0, 1]."})
     selection_interval: int = field(
@@ -26,14 +63,9 @@ class ACSArguments:
     )
     evs_schedule: str = field(
         default="cosine",
-        metadata={"help": "beta(t) weighting EVS against DS: cosine (paper), cosine_half, linear, evs, ds."},
+        metadata={"help": "beta(t) weighting EVS against DS: " + ", ".join(SCHEDULES) + " (cosine: paper)."},
     )
     class_balanced: bool = field(default=True, metadata={"help": "Each class keeps its top share."})
-    kd_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature T (> 0)."})
-    kd_alpha: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the distillation loss; 1 - kd_alpha goes to cross-entropy (1 = paper)."},
-    )
     score_batch_size: int | None = field(
         default=None,
         metadata={"help": "Per-device batch size of the scoring pass (default: eval batch size)."},
@@ -48,40 +80,26 @@ class ACSArguments:
             "caching; 'memory' keeps it in RAM)."
         },
     )
-    step_lr_scale: float = field(
-        default=0.1,
-        metadata={
-            "help": "Learning-rate multiplier of the LSQ step sizes (paper: 0.1 for activation steps; "
-            "applied to weight steps too, which Adam otherwise drives through zero)."
-        },
-    )
-    calibration_batches: int = field(
-        default=4, metadata={"help": "Batches of the un-augmented view used to calibrate quantizers."}
-    )
     selection_seed: int = field(default=0, metadata={"help": "Seed of the random selectors."})
 
     def __post_init__(self) -> None:
-        methods = list_selectors()
-        if self.selection_method not in methods:
-            raise ValueError(f"selection_method={self.selection_method!r} is unknown; accepted: {', '.join(methods)}")
-        if isinstance(self.fraction, bool) or not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
-        if self.selection_method == "full" and self.fraction != 1:
-            raise ValueError(f"selection_method='full' trains on all data and needs fraction=1, got {self.fraction}")
-        if self.selection_interval < 1:
-            raise ValueError(f"selection_interval must be >= 1 epoch, got {self.selection_interval!r}")
-        if self.evs_schedule not in SCHEDULES:
-            raise ValueError(f"evs_schedule={self.evs_schedule!r} is unknown; accepted: {', '.join(SCHEDULES)}")
-        if not self.kd_temperature > 0:
-            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature!r}")
-        if not 0 <= self.kd_alpha <= 1:
-            raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha!r}")
+        super().__post_init__()
+        self.create_selector().check_fraction(self.fraction)
+        if not isinstance(self.selection_interval, int) or self.selection_interval < 1:
+            raise ValueError(f"selection_interval must be an integer >= 1 epoch, got {self.selection_interval!r}")
         if self.score_batch_size is not None and self.score_batch_size < 1:
             raise ValueError(f"score_batch_size must be >= 1, got {self.score_batch_size!r}")
-        if not self.step_lr_scale > 0:
-            raise ValueError(f"step_lr_scale must be > 0, got {self.step_lr_scale!r}")
-        if self.calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be >= 1, got {self.calibration_batches!r}")
+
+    def create_selector(self) -> Selector:
+        """The registered selector these arguments name (raises on an unknown method or schedule)."""
+        if self.selection_method not in list_selectors():
+            raise ValueError(
+                f"selection_method={self.selection_method!r} is unknown; accepted: {', '.join(list_selectors())}"
+            )
+        kwargs = {"schedule": self.evs_schedule} if self.selection_method == "acs" else {}
+        if self.selection_method != "acs":
+            check_schedule(self.evs_schedule)  # a typo must not pass silently because acs is not used
+        return create_selector(self.selection_method, class_balanced=self.class_balanced, **kwargs)
 
 
 @dataclass
@@ -113,8 +131,14 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.fp_warmup_epochs < 0:
-            raise ValueError(f"fp_warmup_epochs must be >= 0, got {self.fp_warmup_epochs}")
+        if not (_finite(self.fp_warmup_epochs) and self.fp_warmup_epochs >= 0):
+            raise ValueError(f"fp_warmup_epochs must be a finite number >= 0, got {self.fp_warmup_epochs!r}")
+        if self.fp_warmup_learning_rate is not None and not (
+            _finite(self.fp_warmup_learning_rate) and self.fp_warmup_learning_rate > 0
+        ):
+            raise ValueError(
+                f"fp_warmup_learning_rate must be a finite number > 0, got {self.fp_warmup_learning_rate!r}"
+            )
         if self.image_size is not None and self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
 
@@ -137,34 +161,17 @@ class DataArguments:
     skip_bad_images: bool = field(
         default=False, metadata={"help": "Drop (and count) images that cannot be decoded instead of failing."}
     )
-    streaming: bool = field(default=False, metadata={"help": "Not supported (coresets need a map-style dataset)."})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory."})
 
 
 @dataclass
-class QuantArguments:
-    """LSQ settings (see acs_hf.QuantConfig)."""
+class RunArguments:
+    """How a run treats its output folder (transformers 5 dropped ``overwrite_output_dir``)."""
 
-    weight_bits: int = field(default=4, metadata={"help": "Weight bits, 2..8."})
-    act_bits: int | None = field(default=4, metadata={"help": "Activation bits, 2..8; None: weights only."})
-    first_last_bits: int | None = field(
-        default=8, metadata={"help": "Bits of the first layer and the classifier; None keeps them FP."}
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into an output_dir that holds another run's results (they are replaced). Without it "
+            "such a folder is refused unless --resume_from_checkpoint continues that run."
+        },
     )
-    per_channel_weights: bool = field(default=False, metadata={"help": "One weight step per output channel."})
-    exclude: list[str] = field(default_factory=list, metadata={"help": "Module-name patterns kept in FP."})
-    compile_kernels: bool = field(default=False, metadata={"help": "torch.compile-fused LSQ kernels."})
-
-    def __post_init__(self) -> None:
-        self.to_config()  # validate now, before any data or model is loaded
-
-    def to_config(self):
-        from .quantization import QuantConfig
-
-        return QuantConfig(
-            weight_bits=self.weight_bits,
-            act_bits=self.act_bits,
-            first_last_bits=self.first_last_bits,
-            per_channel_weights=self.per_channel_weights,
-            exclude=list(self.exclude),
-            compile_kernels=self.compile_kernels,
-        )

@@ -7,6 +7,7 @@ scoring pass sees), both yielding ``pixel_values``, ``labels`` and the example's
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -57,21 +58,15 @@ def load_image_datasets(
     dataset_config_name: str | None = None,
     train_dir: str | None = None,
     validation_dir: str | None = None,
-    streaming: bool = False,
     cache_dir: str | None = None,
     seed: int = 0,
 ) -> DatasetDict:
     """``train`` and ``validation`` splits from the Hub, local image folders or the embedded digits.
 
     Hub ids go through ``datasets.load_dataset`` (ImageNet: ``ILSVRC/imagenet-1k``; CIFAR-100:
-    ``uoft-cs/cifar100``). Streaming is refused: a coreset is a set of indices into a map-style
+    ``uoft-cs/cifar100``), downloaded as map-style datasets: a coreset is a set of indices into the
     dataset, re-drawn every few epochs, which a stream cannot give.
     """
-    if streaming:
-        raise ValueError(
-            "streaming datasets are not supported: ACS selects index subsets of a map-style dataset and "
-            "re-scores every sample each round. Download the dataset (streaming=False) instead."
-        )
     if dataset_name and train_dir:
         raise ValueError("give either dataset_name or train_dir/validation_dir, not both")
     if train_dir:
@@ -83,8 +78,6 @@ def load_image_datasets(
         raw = digits_dataset(seed=seed)
     else:
         raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
-    if isinstance(raw, (datasets.IterableDataset, datasets.IterableDatasetDict)):
-        raise ValueError("streaming datasets are not supported (see load_image_datasets)")
     if "train" not in raw:
         raise ValueError(f"the dataset has no 'train' split; splits: {list(raw)}")
     val_name = next((s for s in VALIDATION_SPLITS if s in raw), None)
@@ -150,9 +143,9 @@ def _decode(value: Any, split: str, row: int):
         img.load()
         return img.convert("RGB")  # grayscale, palette and RGBA all become RGB
     except Exception as e:  # PIL raises many types for broken files
-        raise ValueError(
-            f"cannot decode the image of {split} row {row} ({e}); pass --skip_bad_images to drop such rows"
-        ) from e
+        path = value.get("path") if isinstance(value, dict) else getattr(value, "filename", None)
+        where = f"{split} row {row}" + (f" ({path})" if path else "")
+        raise ValueError(f"cannot decode the image of {where}: {e}; pass --skip_bad_images to drop such rows") from e
 
 
 def _transform(tf, image_column: str, label_column: str, split: str):
@@ -185,6 +178,26 @@ class ImageDatasets:
     id2label: dict[int, str]
     label2id: dict[str, int]
     num_skipped: int = 0
+    #: Identifies the training set as indexed (datasets fingerprint, N, labels): a resume or a
+    #: teacher cache on other data is refused (see ``ACSTrainer(data_fingerprint=...)``).
+    fingerprint: str | None = None
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, split: str, label_column: str) -> None:
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"the {split} split has {int(bad.sum())} labels outside [0, {num_classes}) in column {label_column!r} "
+            f"(row {row}: {int(labels[row])}); unlabelled splits (e.g. ImageNet's 'test', labels -1) cannot be "
+            "used for training or evaluation: pick a labelled split or a validation folder"
+        )
+
+
+def _fingerprint(train: Dataset, labels: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{len(train)}:{train._fingerprint}:".encode())
+    digest.update(labels.astype(np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def prepare_datasets(
@@ -219,6 +232,11 @@ def prepare_datasets(
         skipped = before[0] - len(train) + before[1] - len(val)
         if skipped:
             logger.warning("Skipped %d images that cannot be decoded", skipped)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"empty split after filtering: {len(train)} training and {len(val)} validation images")
+    train_labels = np.asarray(train[label_column])
+    _check_labels(train_labels, len(names), "train", label_column)
+    _check_labels(np.asarray(val[label_column]), len(names), "validation", label_column)
     train = train.add_column(INDEX_KEY, np.arange(len(train)))
     val = val.add_column(INDEX_KEY, np.arange(len(val)))
     train_tf, eval_tf = timm_transforms(model, image_size)
@@ -229,4 +247,5 @@ def prepare_datasets(
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
         num_skipped=skipped,
+        fingerprint=_fingerprint(train, train_labels),
     )

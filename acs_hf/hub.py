@@ -10,6 +10,7 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from ._io import atomic_write_bytes
+from .quantization.checkpoint import WEIGHTS_NAME
 
 __all__ = ["write_model_card", "push_folder_to_hub", "HubPushError", "UPLOAD_IGNORE"]
 
@@ -114,8 +115,8 @@ def push_folder_to_hub(
     nothing local is deleted or changed.
     """
     directory = Path(directory)
-    if not (directory / "model.safetensors").is_file():
-        raise ValueError(f"{directory} holds no model.safetensors; save the model before pushing")
+    if not (directory / WEIGHTS_NAME).is_file():
+        raise ValueError(f"{directory} holds no {WEIGHTS_NAME}; save the model before pushing")
     api = api or HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

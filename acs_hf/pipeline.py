@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -16,13 +15,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments
 
-from ._io import atomic_write, atomic_write_bytes
-from .arguments import ACSArguments, DataArguments, ModelArguments, QuantArguments
+from ._io import atomic_write, atomic_write_json
+from .arguments import ACSArguments, DataArguments, ModelArguments, RunArguments
 from .data import DIGITS, class_names, detect_columns, load_image_datasets, prepare_datasets
 from .hub import HubPushError, push_folder_to_hub, write_model_card
 from .metrics import make_compute_metrics, preprocess_logits_for_metrics
-from .quantization import quantize_model, save_quantized
-from .trainer import PLOT_NAME, RECORD_NAME, ACSTrainer
+from .qat_trainer import ImageClassificationTrainer
+from .quantization import WEIGHTS_NAME, QuantConfig, quantize_model, save_quantized
+from .reporting import PLOT_NAME, RECORD_NAME
+from .run_checks import output_dir_lock, preflight
+from .selection import coreset_size, create_selector
+from .trainer import ACSTrainer
 
 __all__ = ["run_acs", "check_model_name", "default_output_dir"]
 
@@ -47,7 +50,7 @@ def _create_model(name: str, pretrained: bool, num_classes: int) -> torch.nn.Mod
     return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
 
 
-def default_output_dir(model_args: ModelArguments, quant_args: QuantArguments, acs_args: ACSArguments) -> str:
+def default_output_dir(model_args: ModelArguments, quant_args: QuantConfig, acs_args: ACSArguments) -> str:
     model = Path(model_args.model_name.split(":")[-1]).name
     acts = quant_args.act_bits if quant_args.act_bits is not None else 32
     return os.path.join(
@@ -56,8 +59,8 @@ def default_output_dir(model_args: ModelArguments, quant_args: QuantArguments, a
     )
 
 
-def _fp_trainer(model, datasets_, training_args: TrainingArguments, compute_metrics, **overrides) -> ACSTrainer:
-    """A plain full-data Trainer (the ``full`` selector) for the FP model, writing under ``fp_warmup/``."""
+def _fp_trainer(model, datasets_, training_args: TrainingArguments, compute_metrics, **overrides):
+    """Plain supervised training/evaluation of the FP model (no quantization code), under ``fp_warmup/``."""
     args = dataclasses.replace(
         training_args,
         output_dir=os.path.join(training_args.output_dir, "fp_warmup"),
@@ -68,12 +71,14 @@ def _fp_trainer(model, datasets_, training_args: TrainingArguments, compute_metr
         resume_from_checkpoint=None,
         **overrides,
     )
-    return ACSTrainer(
-        model=model,
-        args=args,
+    return ImageClassificationTrainer(model=model, args=args, **_data_and_metrics(datasets_, compute_metrics))
+
+
+def _data_and_metrics(datasets_, compute_metrics) -> dict[str, Any]:
+    """The Trainer arguments every trainer of the run shares."""
+    return dict(
         train_dataset=datasets_.train_dataset,
         eval_dataset=datasets_.eval_dataset,
-        acs_args=ACSArguments(selection_method="full", fraction=1.0),
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
@@ -99,25 +104,51 @@ def _warmup(model, datasets_, training_args: TrainingArguments, model_args: Mode
 def run_acs(
     model_args: ModelArguments,
     data_args: DataArguments,
-    quant_args: QuantArguments,
+    qconfig: QuantConfig,
     acs_args: ACSArguments,
     training_args: TrainingArguments,
+    run_args: RunArguments | None = None,
 ) -> dict[str, Any]:
-    """Run the whole job; returns the final metrics and the paths of what it wrote."""
+    """Run the whole job; returns the final metrics and the paths of what it wrote.
+
+    Checks everything it can before loading data, holds a lock on ``output_dir`` for the whole
+    run, and ends the distributed process group when done (on every process): call it once per
+    script.
+    """
+    run_args = run_args or RunArguments()
     check_model_name(model_args.model_name)
     if model_args.teacher_model_name:
         check_model_name(model_args.teacher_model_name)
-    qconfig = quant_args.to_config()
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the packed folder ourselves
     if push and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (the repo to create or update)")
+    teacher_cache_dir = acs_args.teacher_cache_dir if acs_args.cache_teacher_outputs else "memory"
+    preflight(training_args, teacher_cache_dir, push, run_args.overwrite_output_dir)
+    # One writer per folder: the global main process holds the lock (see output_dir_lock).
+    with output_dir_lock(training_args.output_dir, enabled=training_args.process_index == 0):
+        summary, trainer = _run(model_args, data_args, qconfig, acs_args, training_args, push)
+    # Last collective of the run, on every process; an exception above skips it on purpose: a
+    # barrier would hang the failed run, and the launcher stops the other processes instead.
+    trainer.end()
+    return summary
 
+
+def _load_warmup(model: torch.nn.Module, path: Path) -> None:
+    try:
+        state = load_file(path)
+    except Exception as e:  # safetensors raises several types for a truncated file
+        raise ValueError(
+            f"the saved FP warm-up model {path} is unreadable ({e}); delete it to train the warm-up again"
+        ) from e
+    model.load_state_dict(state)
+
+
+def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) -> tuple[dict[str, Any], ACSTrainer]:
     raw = load_image_datasets(
         data_args.dataset_name,
         data_args.dataset_config_name,
         data_args.train_dir,
         data_args.validation_dir,
-        streaming=data_args.streaming,
         cache_dir=data_args.cache_dir,
         seed=training_args.seed,
     )
@@ -136,12 +167,14 @@ def run_acs(
         skip_bad_images=data_args.skip_bad_images,
         seed=training_args.seed,
     )
+    if not create_selector(acs_args.selection_method).selects_all:
+        coreset_size(len(ds.train_dataset), acs_args.fraction)  # a coreset of 0 samples fails here, not mid-run
     compute_metrics = make_compute_metrics(k=min(5, len(names)))
     if model_args.fp_warmup_epochs > 0:
-        warm = Path(training_args.output_dir) / "fp_warmup" / "model.safetensors"
+        warm = Path(training_args.output_dir) / "fp_warmup" / WEIGHTS_NAME
         if training_args.resume_from_checkpoint and warm.is_file():
             # The teacher and the QAT starting point must be the model the interrupted run used.
-            fp_model.load_state_dict(load_file(warm))
+            _load_warmup(fp_model, warm)
             logger.info("Resuming: FP warm-up model loaded from %s", warm)
         else:
             fp_model = _warmup(fp_model, ds, training_args, model_args, compute_metrics)
@@ -158,16 +191,17 @@ def run_acs(
     trainer = ACSTrainer(
         model=student,
         args=training_args,
-        train_dataset=ds.train_dataset,
-        eval_dataset=ds.eval_dataset,
         acs_args=acs_args,
         teacher_model=teacher,
         score_dataset=ds.score_dataset,
-        compute_metrics=compute_metrics,
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        data_fingerprint=ds.fingerprint,
+        **_data_and_metrics(ds, compute_metrics),
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_metrics("train", train_result.metrics)
+    out = Path(training_args.output_dir)
+    if trainer.is_world_process_zero():  # the trained model is safe before evaluation, card or push can fail
+        save_quantized(trainer.accelerator.unwrap_model(trainer.model), out, config=qconfig)
     metrics = trainer.evaluate()
     fp_metrics = _fp_trainer(teacher, ds, training_args, compute_metrics, report_to=[]).evaluate(
         metric_key_prefix="fp_eval"
@@ -175,22 +209,16 @@ def run_acs(
     metrics.update({k: v for k, v in fp_metrics.items() if k in ("fp_eval_accuracy", "fp_eval_top5")})
     trainer.save_metrics("eval", metrics)
 
-    out = Path(training_args.output_dir)
     summary: dict[str, Any] = {"output_dir": str(out), "metrics": metrics}
-    trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():  # one writer for the shared output folder
-        model = trainer.accelerator.unwrap_model(trainer.model).cpu()
-        save_quantized(model, out)
         fp32_bytes = sum(t.numel() * 4 for t in fp_model.state_dict().values() if t.is_floating_point())
-        ckpt_bytes = (out / "model.safetensors").stat().st_size
+        ckpt_bytes = (out / WEIGHTS_NAME).stat().st_size
         dataset_id = data_args.dataset_name or (data_args.train_dir and "imagefolder") or DIGITS
         results = {
             "top-1 (quantized)": metrics.get("eval_accuracy"),
             "top-5 (quantized)": metrics.get("eval_top5"),
             "top-1 (FP teacher)": metrics.get("fp_eval_accuracy"),
-            "training images per epoch": trainer._coreset_sampler.num_selected
-            if trainer._coreset_sampler
-            else len(ds.train_dataset),
+            "training images per epoch": trainer.num_selected,
             "training set size": len(ds.train_dataset),
         }
         acs_settings = {k: v for k, v in dataclasses.asdict(acs_args).items() if v is not None}
@@ -225,5 +253,5 @@ def run_acs(
             except HubPushError as e:
                 summary["hub_error"] = str(e)
                 logger.error("%s", e)
-        atomic_write_bytes(out / "acs_summary.json", json.dumps(summary, indent=2, default=str).encode())
-    return summary
+        atomic_write_json(out / "acs_summary.json", summary)
+    return summary, trainer

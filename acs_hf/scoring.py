@@ -8,6 +8,8 @@ harmless).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -20,7 +22,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._io import atomic_save_npy
+from ._io import atomic_save_npy, atomic_write_bytes
 from .selection import batch_statistics
 
 __all__ = ["TeacherCache", "score_dataset", "default_forward", "INDEX_KEY"]
@@ -37,105 +39,179 @@ def default_forward(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 
 class TeacherCache:
-    """Teacher probabilities (float16) for the samples this process scores.
+    """Teacher probabilities (float16) keyed by dataset index, independent of the process layout.
 
     Teacher outputs on the un-augmented view never change, so they are computed in the first
-    scoring round and looked up afterwards. Memory: ``N / num_processes x C x 2`` bytes per
-    process (ImageNet-1k: 1.28M x 1000 x 2 B = 2.56 GB in all, 320 MB per process on 8 GPUs).
-    With ``directory`` the rows are written there after the first round (``.npy``, atomic
-    rename) and memory-mapped, so they leave RAM and survive a resume.
+    scoring round and looked up afterwards. Memory: ``N x C x 2`` bytes in all (ImageNet-1k:
+    1.28M x 1000 x 2 B = 2.56 GB), each process computing its shard. With ``directory`` every
+    process writes its rows and their dataset indices after the first round (``.npy``, atomic),
+    the main process then writes ``teacher_cache.json`` (which marks the cache complete), and
+    every process memory-maps all shards: a later run with another number of processes reads
+    the rows it needs from whichever shard holds them.
 
     Args:
         num_samples: N, the size of the training set.
-        directory: where to keep the memory-mapped file; ``None`` keeps everything in RAM.
-        rank: process index, part of the file names.
-        reuse: load a complete cache found in ``directory`` (a resumed run); ``False`` deletes it
-            first, since a new run may use another teacher or another dataset.
+        directory: where to keep the memory-mapped files; ``None`` keeps everything in RAM.
+        rank: process index, part of the shard file names.
+        fingerprint: identifies the teacher and the training set as indexed (``ACSTrainer``
+            hashes the teacher's weights and the data fingerprint). A cache written with another
+            fingerprint or N is never reused: it is ignored, and replaced at :meth:`finalize`.
     """
 
+    META_NAME = "teacher_cache.json"
+
     def __init__(
-        self, num_samples: int, directory: str | os.PathLike | None = None, rank: int = 0, reuse: bool = True
+        self, num_samples: int, directory: str | os.PathLike | None = None, rank: int = 0, fingerprint: str = ""
     ) -> None:
         self.num_samples = num_samples
         self.directory = Path(directory) if directory is not None else None
         self.rank = rank
+        self.fingerprint = fingerprint
+        self.block_of = torch.full((num_samples,), -1, dtype=torch.int16)
         self.row_of = torch.full((num_samples,), -1, dtype=torch.long)
-        self._rows: torch.Tensor | None = None
+        self._blocks: list[torch.Tensor] = []  # memory-mapped shards, then this round's rows
+        self._new: torch.Tensor | None = None  # rows computed by this process, growing
+        self._new_index: list[torch.Tensor] = []
         self._size = 0
         self.complete = False
-        if self.directory is not None:
-            if not reuse:
-                self._index_path.unlink(missing_ok=True)  # first: the index marks a complete cache
-                self._rows_path.unlink(missing_ok=True)
-            elif self._index_path.is_file():
-                self._load()
+        if self.directory is not None and (self.directory / self.META_NAME).is_file():
+            self._open()
 
     @property
-    def _rows_path(self) -> Path:
-        return self.directory / f"teacher_probs_rank{self.rank}.npy"
+    def _tag(self) -> str:
+        return hashlib.sha256(f"{self.num_samples}:{self.fingerprint}".encode()).hexdigest()[:12]
 
-    @property
-    def _index_path(self) -> Path:
-        return self.directory / f"teacher_index_rank{self.rank}.npy"
+    def _shard_paths(self, rank: int) -> tuple[Path, Path]:
+        return (
+            self.directory / f"teacher_probs_{self._tag}_rank{rank}.npy",
+            self.directory / f"teacher_index_{self._tag}_rank{rank}.npy",
+        )
 
     def __len__(self) -> int:
-        return self._size
+        return int((self.block_of >= 0).sum())
 
     @property
     def nbytes(self) -> int:
-        return 0 if self._rows is None else self._size * self._rows.shape[1] * 2
+        return sum(b.shape[0] * b.shape[1] * 2 for b in self._blocks) + (
+            0 if self._new is None else self._size * self._new.shape[1] * 2
+        )
 
     def get(self, indices: torch.Tensor) -> torch.Tensor | None:
         """float16 probabilities [B, C] when every index is cached, else None."""
-        rows = self.row_of[indices.cpu()]
-        if self._rows is None or (rows < 0).any():
+        indices = indices.cpu()
+        blocks, rows = self.block_of[indices].long(), self.row_of[indices]
+        if (blocks < 0).any():
             return None
-        return self._rows[rows]
+        sources = [*self._blocks, self._new]
+        first = int(blocks[0])
+        if bool((blocks == first).all()):
+            return sources[first][rows]
+        out = torch.empty(len(indices), sources[first].shape[1], dtype=torch.float16)
+        for b in blocks.unique().tolist():
+            mask = blocks == b
+            out[mask] = sources[b][rows[mask]]
+        return out
 
     def put(self, indices: torch.Tensor, probs: torch.Tensor) -> None:
         if self.complete:
             raise RuntimeError("TeacherCache is complete (memory-mapped read-only); cannot add rows")
         indices = indices.cpu()
-        new = self.row_of[indices] < 0
+        new = self.block_of[indices] < 0
         indices, probs = indices[new], probs[new.to(probs.device)].detach().to("cpu", torch.float16)
         if indices.numel() == 0:
             return
         # Drop repeats inside one batch (padding duplicates), keeping the first.
         uniq, first = np.unique(indices.numpy(), return_index=True)
         indices, probs = torch.from_numpy(uniq), probs[torch.from_numpy(first)]
-        if self._rows is None:
-            self._rows = torch.empty(max(1024, len(indices)), probs.shape[1], dtype=torch.float16)
+        if self._new is None:
+            self._new = torch.empty(max(1024, len(indices)), probs.shape[1], dtype=torch.float16)
         needed = self._size + len(indices)
-        if needed > self._rows.shape[0]:
-            grown = torch.empty(max(needed, 2 * self._rows.shape[0]), probs.shape[1], dtype=torch.float16)
-            grown[: self._size] = self._rows[: self._size]
-            self._rows = grown
-        self._rows[self._size : needed] = probs
+        if needed > self._new.shape[0]:
+            grown = torch.empty(max(needed, 2 * self._new.shape[0]), probs.shape[1], dtype=torch.float16)
+            grown[: self._size] = self._new[: self._size]
+            self._new = grown
+        self._new[self._size : needed] = probs
+        self.block_of[indices] = len(self._blocks)
         self.row_of[indices] = torch.arange(self._size, needed)
+        self._new_index.append(indices)
         self._size = needed
 
-    def finalize(self) -> None:
-        """End of the first round: with a directory, write the rows and memory-map them."""
+    def finalize(self, barrier: Callable[[], None] = lambda: None, is_main_process: bool = True) -> None:
+        """End of the first round. With a directory: write this process's rows, wait for every
+        process (``barrier``), let the main one remove other builds and write the metadata, wait
+        again, then memory-map every shard. Called on every process."""
         if self.complete:
             return
-        if self.directory is not None and self._rows is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_save_npy(self._rows_path, self._rows[: self._size].numpy())
-            atomic_save_npy(self._index_path, self.row_of.numpy())  # written last: marks completeness
-            self._load()
-        self.complete = True
+        if self.directory is None:
+            self.complete = True
+            return
+        self._write_shard()
+        barrier()
+        if is_main_process:
+            self._write_meta()
+        barrier()
+        self._open()
 
-    def _load(self) -> None:
-        row_of = torch.from_numpy(np.load(self._index_path))
-        if row_of.numel() != self.num_samples:
+    def _write_shard(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        rows_path, index_path = self._shard_paths(self.rank)
+        rows = self._new[: self._size] if self._new is not None else torch.empty(0, 0, dtype=torch.float16)
+        index = torch.cat(self._new_index) if self._new_index else torch.empty(0, dtype=torch.long)
+        atomic_save_npy(rows_path, rows.numpy())
+        atomic_save_npy(index_path, index.numpy())
+
+    def _write_meta(self) -> None:
+        pattern = f"teacher_index_{self._tag}_rank*.npy"
+        shards = sorted(int(p.stem.rsplit("rank", 1)[1]) for p in self.directory.glob(pattern))
+        for stale in self.directory.glob("teacher_*.npy"):
+            if self._tag not in stale.name:
+                stale.unlink(missing_ok=True)  # another teacher or dataset: never reused
+        meta = {"num_samples": self.num_samples, "fingerprint": self.fingerprint, "shards": shards}
+        atomic_write_bytes(self.directory / self.META_NAME, json.dumps(meta).encode())
+
+    def _open(self) -> None:
+        meta_path = self.directory / self.META_NAME
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
             raise ValueError(
-                f"teacher cache {self._index_path} covers {row_of.numel()} samples, the dataset has "
-                f"{self.num_samples}; delete the directory to rebuild it"
+                f"teacher cache {meta_path} is corrupt ({e}); delete {self.directory} to rebuild it"
+            ) from e
+        if meta.get("num_samples") != self.num_samples or meta.get("fingerprint") != self.fingerprint:
+            logger.warning(
+                "Teacher cache in %s was built for another teacher or dataset (N=%s); it is ignored and rebuilt",
+                self.directory,
+                meta.get("num_samples"),
             )
-        self.row_of = row_of
-        # Copy-on-write map: torch wants a writable array; nothing is ever written back.
-        self._rows = torch.from_numpy(np.load(self._rows_path, mmap_mode="c"))
-        self._size = self._rows.shape[0]
+            return
+        block_of = torch.full((self.num_samples,), -1, dtype=torch.int16)
+        row_of = torch.full((self.num_samples,), -1, dtype=torch.long)
+        blocks = []
+        for rank in meta["shards"]:
+            rows_path, index_path = self._shard_paths(rank)
+            try:
+                index = torch.from_numpy(np.load(index_path)).long()
+                rows = np.load(rows_path, mmap_mode="c")  # copy-on-write: torch wants writable; never written
+            except (OSError, ValueError) as e:
+                raise ValueError(
+                    f"teacher cache shard {rows_path.name} or {index_path.name} in {self.directory} is missing or "
+                    f"corrupt ({e}); delete {self.directory} to rebuild the cache"
+                ) from e
+            if rows.shape[0] != index.numel() or (index.numel() and int(index.max()) >= self.num_samples):
+                raise ValueError(
+                    f"teacher cache shard {rows_path.name} does not match its index; delete {self.directory} to rebuild"
+                )
+            if index.numel():
+                block_of[index] = len(blocks)
+                row_of[index] = torch.arange(index.numel())
+                blocks.append(torch.from_numpy(rows))
+        if (block_of < 0).any():
+            raise ValueError(
+                f"teacher cache in {self.directory} covers {int((block_of >= 0).sum())} of {self.num_samples} samples; "
+                "delete it to rebuild"
+            )
+        self.block_of, self.row_of, self._blocks = block_of, row_of, blocks
+        self._new, self._new_index, self._size = None, [], 0
         self.complete = True
 
 
@@ -208,7 +284,7 @@ def score_dataset(
         for m, training in modes:
             m.train(training)
     if teacher_cache is not None and needs_teacher:
-        teacher_cache.finalize()
+        teacher_cache.finalize(accelerator.wait_for_everyone, accelerator.is_main_process)
     logger.debug("scoring pass: %d teacher forwards on process %d", teacher_calls, accelerator.process_index)
     return _gather(local, num_samples, accelerator)
 

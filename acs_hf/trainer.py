@@ -1,18 +1,17 @@
-"""ACSTrainer: a ``transformers.Trainer`` that trains every round on a freshly selected coreset.
+"""ACSTrainer: QAT that trains every round on a freshly selected coreset.
 
-The Trainer builds its train dataloader once and fixes steps per epoch, the LR schedule and the
-progress bar from its length. :class:`CoresetSampler` therefore has a fixed length,
-``round(fraction * N)``, and only its contents change: at the start of epoch 0 and every
-``selection_interval`` epochs a callback scores the whole training set (un-augmented view),
-selects, and swaps the subset before the epoch's batches are drawn. The sampler's order is a
-pure function of (seed, epoch, subset), so every process draws the same batches (accelerate
-shards them) and a mid-epoch resume skips exactly the batches already trained.
+At the start of epoch 0 and every ``selection_interval`` epochs, the whole training set is scored
+(un-augmented view), a registered selector picks the coreset, and the fixed-length
+:class:`~acs_hf.sampler.CoresetSampler` swaps its contents before the epoch's batches are drawn.
+
+The contract this relies on (tested against the installed transformers in ``tests/test_trainer.py``):
+**the Trainer calls ``on_epoch_begin`` before it iterates the epoch's train dataloader**, so a
+selection made there is the one the epoch trains on.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -22,97 +21,60 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
-from transformers import Trainer, TrainerCallback
+from torch.utils.data import DataLoader, Dataset
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ._io import atomic_save_npy, atomic_write, atomic_write_bytes
 from .arguments import ACSArguments
-from .quantization import LSQQuantizer, calibrate_quantizers, quantizers_initialized
+from .checkpointing import check_resume_layout, load_acs_state, save_acs_state
+from .qat_trainer import QATTrainer
+from .reporting import SelectionReporter
+from .sampler import CoresetSampler, subset_hash
 from .scoring import TeacherCache, score_dataset
-from .selection import coreset_size, create_selector, selection_generator
+from .selection import coreset_size, selection_generator
 
-__all__ = ["ACSTrainer", "CoresetSampler", "subset_hash"]
+__all__ = ["ACSTrainer"]
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "acs_state.json"
-SUBSET_NAME = "acs_subset.npy"
-SELECTOR_STATE_NAME = "acs_selector_subset.npy"
-RECORD_NAME = "acs_selection.jsonl"
-PLOT_NAME = "acs_selection.png"
+
+def _weights_hash(model: nn.Module) -> str:
+    """Content hash of a model's state (names, shapes, values): which teacher filled a cache."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
-def subset_hash(indices: torch.Tensor) -> str:
-    """Short content hash of a subset (hex), equal on every process iff the subsets are equal."""
-    return hashlib.sha256(indices.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
-
-
-class CoresetSampler(Sampler[int]):
-    """Fixed-length sampler over the current coreset, reshuffled by (seed, epoch).
-
-    ``len()`` never changes, so the Trainer's step counts stay exact when the subset does.
-    ``set_epoch`` is idempotent; the permutation depends only on (seed, epoch, subset).
-    """
-
-    def __init__(self, num_selected: int, seed: int) -> None:
-        self.num_selected = num_selected
-        self.seed = seed
-        self.epoch = 0
-        self.subset: torch.Tensor | None = None
-
-    def set_subset(self, subset: torch.Tensor) -> None:
-        if subset.numel() != self.num_selected:
-            raise ValueError(f"subset has {subset.numel()} indices, the sampler is fixed at {self.num_selected}")
-        self.subset = subset.to(torch.int64).cpu()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_selected
-
-    def __iter__(self):
-        if self.subset is None:
-            raise RuntimeError("CoresetSampler: no subset selected yet (selection runs at on_epoch_begin)")
-        g = selection_generator(self.seed, self.epoch)
-        return iter(self.subset[torch.randperm(self.num_selected, generator=g)].tolist())
-
-
-class _SelectionCallback(TrainerCallback):
-    """Calibrates at train begin, selects at epoch begin, plots at train end (transformers calls
-    ``on_epoch_begin`` before ``set_epoch`` and ``iter`` on the train dataloader)."""
-
+class _EpochBegin(TrainerCallback):
     def __init__(self, trainer: ACSTrainer) -> None:
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._calibrate_if_needed()
-
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.trainer._on_epoch_begin(math.floor(state.epoch + 1e-6), state.num_train_epochs)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer._on_train_end()
+        self.trainer.begin_epoch(math.floor(state.epoch + 1e-6), state.num_train_epochs)
 
 
-class ACSTrainer(Trainer):
-    """``transformers.Trainer`` for QAT on adaptively selected coresets.
+class ACSTrainer(QATTrainer):
+    """:class:`~acs_hf.QATTrainer` on adaptively selected coresets.
 
     Args:
-        acs_args: :class:`~acs_hf.ACSArguments`.
-        teacher_model: frozen FP model for distillation and the DS score (moved to the device,
-            kept in eval mode, never optimised or checkpointed).
+        acs_args: :class:`~acs_hf.ACSArguments` (selection and the QAT settings it extends).
+        teacher_model: frozen FP model for distillation and the DS score.
         score_dataset: the training set under the eval transform, same order and length as
-            ``train_dataset``, yielding ``pixel_values``, ``labels`` and ``index``. Required by
-            every method but ``full``.
-        *args, **kwargs: as for ``transformers.Trainer``. ``model`` is a timm model prepared with
-            :func:`acs_hf.quantize_model`; batches are dicts with ``pixel_values`` and ``labels``.
+            ``train_dataset``, yielding ``pixel_values``, ``labels`` and ``index``. Needed by every
+            selector that scores (all but ``full``); also used for calibration.
+        report_selection: add a :class:`~acs_hf.reporting.SelectionReporter` (JSONL, subsets, plot).
+        data_fingerprint: identifies the training set as indexed (``acs_hf.data`` computes one from
+            the ``datasets`` fingerprint, N and the labels); a resume on other data is refused.
+            Default: the ``datasets`` fingerprint of ``train_dataset`` when it has one.
+        *args, **kwargs: as for ``transformers.Trainer``; ``model`` is prepared with
+            :func:`acs_hf.quantize_model`, batches are dicts with ``pixel_values`` and ``labels``.
 
-    Sets ``remove_unused_columns=False`` and ``label_names=["labels"]`` (timm models take a tensor,
-    so the Trainer cannot infer them from the forward signature).
+    A selector with ``selects_all`` (``full``) trains on all data in the Trainer's own order.
     """
 
     def __init__(
@@ -120,26 +82,20 @@ class ACSTrainer(Trainer):
         *args: Any,
         acs_args: ACSArguments | None = None,
         teacher_model: nn.Module | None = None,
-        score_dataset: torch.utils.data.Dataset | None = None,
+        score_dataset: Dataset | None = None,
+        report_selection: bool = True,
+        data_fingerprint: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.acs_args = acs_args = acs_args or ACSArguments()
-        super().__init__(*args, **kwargs)
-        self.args.remove_unused_columns = False
-        if self.args.label_names is None:
-            self.args.label_names = ["labels"]
-            self.label_names = ["labels"]
-        self._check_distributed()
-        self.selector = create_selector(
-            acs_args.selection_method,
-            class_balanced=acs_args.class_balanced,
-            **({"schedule": acs_args.evs_schedule} if acs_args.selection_method == "acs" else {}),
+        super().__init__(
+            *args, qat_args=acs_args, teacher_model=teacher_model, calibration_dataset=score_dataset, **kwargs
         )
+        self.selector = acs_args.create_selector()
         if self.train_dataset is None:
             raise ValueError("ACSTrainer needs a train_dataset")
         self.num_samples = len(self.train_dataset)
-        needs_scores = acs_args.selection_method != "full"
-        if needs_scores and score_dataset is None:
+        if not self.selector.selects_all and score_dataset is None:
             raise ValueError(
                 f"selection_method={acs_args.selection_method!r} needs score_dataset: the training set under "
                 "the eval transform (see acs_hf.data)"
@@ -154,10 +110,14 @@ class ACSTrainer(Trainer):
                 f"selection_method={acs_args.selection_method!r} (schedule {acs_args.evs_schedule!r}) uses the "
                 "disagreement score and needs teacher_model (the FP model the student started from)"
             )
+        self.num_selected = (
+            self.num_samples if self.selector.selects_all else coreset_size(self.num_samples, acs_args.fraction)
+        )
         self.score_dataset = score_dataset
-        self.teacher_model = teacher_model
-        if teacher_model is not None:
-            teacher_model.requires_grad_(False).eval().to(self.args.device)
+        fingerprint = getattr(self.train_dataset, "_fingerprint", None)
+        self.data_fingerprint = data_fingerprint or (f"{self.num_samples}:{fingerprint}" if fingerprint else None)
+        self.steps_per_epoch: int | None = None
+        self._resume_epochs: int | None = None  # epochs done by a checkpoint of another process count
         self._coreset_sampler: CoresetSampler | None = None
         self._score_loader: DataLoader | None = None
         self._teacher_cache: TeacherCache | None = None
@@ -165,39 +125,30 @@ class ACSTrainer(Trainer):
         self.selected_epoch: int | None = None
         self.subset: torch.Tensor | None = None
         self.history: list[dict[str, Any]] = []
-        self._resumed = False
-        self.add_callback(_SelectionCallback(self))
-
-    # ------------------------------------------------------------------ setup checks
-    def _check_distributed(self) -> None:
-        env_world = int(os.environ.get("WORLD_SIZE", "1"))
-        if env_world > 1 and self.args.world_size == 1:
-            raise RuntimeError(
-                f"WORLD_SIZE={env_world} in the environment but the Trainer runs a single process: each process "
-                "would train alone on the whole dataset. On CPU pass --use_cpu (TrainingArguments(use_cpu=True)) "
-                "so that accelerate starts the gloo process group."
-            )
+        if not self.selector.selects_all:
+            self.add_callback(_EpochBegin(self))
+            if report_selection:
+                self.add_callback(SelectionReporter())
 
     # ------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None):
-        if self.acs_args.selection_method == "full":
+        if self.selector.selects_all:
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        self._coreset_sampler = CoresetSampler(coreset_size(self.num_samples, self.acs_args.fraction), seed)
+        self._coreset_sampler = CoresetSampler(self.num_selected, seed)
         if self.subset is not None:  # restored from a checkpoint
             self._coreset_sampler.set_subset(self.subset)
         return self._coreset_sampler
 
     @property
-    def _score_batch_size(self) -> int:
+    def calibration_batch_size(self) -> int:
         return self.acs_args.score_batch_size or self.args.per_device_eval_batch_size
 
     def _score_dataloader(self) -> DataLoader:
         if self._score_loader is None:
-            batch_size = self._score_batch_size
             loader = DataLoader(
                 self.score_dataset,
-                batch_size=batch_size,
+                batch_size=self.calibration_batch_size,
                 shuffle=False,
                 collate_fn=self.data_collator,
                 num_workers=self.args.dataloader_num_workers,
@@ -206,34 +157,20 @@ class ACSTrainer(Trainer):
             self._score_loader = self.accelerator.prepare(loader)
         return self._score_loader
 
-    def _calibrate_if_needed(self) -> None:
-        """Initialise every LSQ step before the first scoring or training step (not done by the
-        reference code). Uses the same leading examples on every process, so ranks agree."""
-        model = self.accelerator.unwrap_model(self.model)
-        if not any(isinstance(m, LSQQuantizer) for m in model.modules()) or quantizers_initialized(model):
-            return
-        dataset = self.score_dataset if self.score_dataset is not None else self.train_dataset
-        batch_size = self._score_batch_size
-        n = min(len(dataset), batch_size * self.acs_args.calibration_batches)
-        loader = DataLoader(
-            torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, collate_fn=self.data_collator
-        )
-        logger.info("Calibrating quantizers on %d examples", n)
-        with self.accelerator.autocast():
-            calibrate_quantizers(model, (batch["pixel_values"].to(self.args.device) for batch in loader))
-
     # ------------------------------------------------------------------ selection
-    def _on_epoch_begin(self, epoch: int, num_epochs: int) -> None:
-        if self.acs_args.selection_method == "full":
-            return
+    def begin_epoch(self, epoch: int, num_epochs: float) -> None:
+        """Select if a round is due at ``epoch``, then point the sampler at the epoch."""
         due = epoch % self.acs_args.selection_interval == 0
         # A resume inside an epoch finds that epoch's subset restored from the checkpoint.
         if epoch != self.selected_epoch and (self.subset is None or (due and self.selector.dynamic)):
-            self._select(epoch, num_epochs)
+            self.select(epoch, num_epochs)
         self._coreset_sampler.set_epoch(epoch)
 
-    def _select(self, epoch: int, num_epochs: int) -> None:
+    def select(self, epoch: int, num_epochs: float) -> torch.Tensor:
+        """Score every training sample, select the coreset for ``epoch`` and hand it to the sampler."""
         model = self.accelerator.unwrap_model(self.model)
+        if self.selector.needs_model:
+            self._sync_buffers(model)
         start = time.perf_counter()
         stats = score_dataset(
             model,
@@ -249,20 +186,42 @@ class ACSTrainer(Trainer):
         generator = selection_generator(self.acs_args.selection_seed, epoch)
         subset = self.selector.select(stats, epoch, max(num_epochs, 1), self.acs_args.fraction, generator)
         self._check_same_subset(subset)
-        previous = self.subset
-        self.subset = subset
+        previous, self.subset = self.subset, subset
         self.selected_epoch = epoch
         self.selection_round += 1
         self._coreset_sampler.set_subset(subset)
-        self._record(epoch, num_epochs, subset, previous, stats, scoring_seconds)
+        record = self._record(epoch, num_epochs, subset, previous, stats, scoring_seconds)
+        self.history.append(record)
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "on_selection"):
+                callback.on_selection(
+                    self.args, self.state, self.control, record=record, subset=subset, history=self.history
+                )
+        self.log({f"acs/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        logger.info(
+            "ACS round %d at epoch %d: %d of %d samples selected (%s), scoring %.1fs",
+            self.selection_round, epoch, subset.numel(), self.num_samples, record["subset_hash"], scoring_seconds,
+        )  # fmt: skip
+        return subset
+
+    def _sync_buffers(self, model: nn.Module) -> None:
+        """Every process scores with rank 0's buffers. DDP syncs them only at the start of each
+        training forward, so the BatchNorm statistics of the last step differ across ranks, and a
+        sample's score (and the subset) would depend on which rank scored it; rank 0's are also
+        the ones a checkpoint saves, so a resumed run scores as the uninterrupted one did."""
+        if self.accelerator.num_processes == 1 or not dist.is_initialized():
+            return
+        for buffer in model.buffers():
+            if buffer.dtype != torch.bool:  # flags (LSQ calibration state) agree already; gloo has no bool
+                dist.broadcast(buffer.data, src=0)
 
     def _get_teacher_cache(self) -> TeacherCache | None:
         if not (self.acs_args.cache_teacher_outputs and "ds" in self.selector.required_stats):
             return None
         if self._teacher_cache is None:
-            directory = self.teacher_cache_dir
+            fingerprint = f"data={self.data_fingerprint}:teacher={_weights_hash(self.teacher_model)}"
             self._teacher_cache = TeacherCache(
-                self.num_samples, directory, rank=self.accelerator.process_index, reuse=self._resumed
+                self.num_samples, self.teacher_cache_dir, rank=self.accelerator.process_index, fingerprint=fingerprint
             )
         return self._teacher_cache
 
@@ -289,8 +248,9 @@ class ACSTrainer(Trainer):
                 + " selected different subsets; refusing to train on inconsistent data"
             )
 
-    def _record(self, epoch, num_epochs, subset, previous, stats, scoring_seconds) -> None:
+    def _record(self, epoch, num_epochs, subset, previous, stats, scoring_seconds) -> dict[str, Any]:
         labels = stats["labels"]
+        overlap = None if previous is None else np.intersect1d(previous.numpy(), subset.numpy()).size / subset.numel()
         record: dict[str, Any] = {
             "epoch": epoch,
             "round": self.selection_round,
@@ -300,194 +260,72 @@ class ACSTrainer(Trainer):
             "num_samples": self.num_samples,
             "world_size": self.accelerator.num_processes,
             "subset_hash": subset_hash(subset),
-            "overlap_with_previous": (
-                None
-                if previous is None
-                else float(np.intersect1d(previous.numpy(), subset.numpy()).size / subset.numel())
-            ),
+            "overlap_with_previous": overlap,
             "scoring_seconds": round(scoring_seconds, 3),
             "class_counts": torch.bincount(labels[subset], minlength=int(labels.max()) + 1).tolist(),
         }
         for name in ("evs", "ds"):
             if name in stats:
                 v = stats[name]
-                record[f"{name}_mean"], record[f"{name}_min"], record[f"{name}_max"] = (
-                    float(v.mean()),
-                    float(v.min()),
-                    float(v.max()),
+                record.update(
+                    {f"{name}_mean": float(v.mean()), f"{name}_min": float(v.min()), f"{name}_max": float(v.max())}
                 )
                 record[f"{name}_selected_mean"] = float(v[subset].mean())
-        self.history.append(record)
-        if self.is_world_process_zero():
-            out = Path(self.args.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            lines = "".join(json.dumps(r) + "\n" for r in self.history)
-            atomic_write_bytes(out / RECORD_NAME, lines.encode())
-            (out / "selection").mkdir(exist_ok=True)
-            atomic_save_npy(out / "selection" / f"epoch_{epoch:04d}.npy", subset.numpy())
-        scalars = {f"acs/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.log(scalars)
-        logger.info(
-            "ACS round %d at epoch %d: %d of %d samples selected (%s), scoring %.1fs",
-            self.selection_round,
-            epoch,
-            subset.numel(),
-            self.num_samples,
-            record["subset_hash"],
-            scoring_seconds,
-        )
-
-    # ------------------------------------------------------------------ loss and optimizer
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logits = model(inputs["pixel_values"])
-        labels = inputs["labels"]
-        alpha, T = self.acs_args.kd_alpha, self.acs_args.kd_temperature
-        if self.teacher_model is not None and alpha > 0:
-            with torch.no_grad(), self.accelerator.autocast():
-                t_logits = self.teacher_model(inputs["pixel_values"])
-            kd = -(F.softmax(t_logits.float() / T, -1) * F.log_softmax(logits.float() / T, -1)).sum(-1).mean()
-            loss = alpha * kd * T * T
-            if alpha < 1:
-                loss = loss + (1 - alpha) * F.cross_entropy(logits.float(), labels)
-        else:
-            loss = F.cross_entropy(logits.float(), labels)
-        return (loss, {"loss": loss, "logits": logits}) if return_outputs else loss
-
-    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        """Weight decay on conv/linear weights only: not on norms, biases or LSQ step sizes."""
-        names = set(super().get_decay_parameter_names(model))
-        no_decay = set()
-        for mod_name, module in model.named_modules():
-            prefix = f"{mod_name}." if mod_name else ""
-            if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, LSQQuantizer)):
-                no_decay.update(prefix + n for n, _ in module.named_parameters(recurse=False))
-        return sorted(n for n in names if n not in no_decay and not n.endswith(".bias"))
-
-    def create_optimizer(self, model=None):
-        """The Trainer's optimizer, with every LSQ step size moved to a group at ``lr * step_lr_scale``.
-
-        The paper lowers the LR of activation steps; weight steps need it as well under Adam, whose
-        updates are about ``lr`` whatever the gradient: an 8-bit weight step is ~5e-3, so at lr 1e-3
-        it crossed zero within a few epochs on digits and the run collapsed to chance.
-        """
-        # transformers < 5.2x has create_optimizer(self) without the model argument.
-        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        target = self.model if model is None else model
-        steps = {id(m.step) for m in target.modules() if isinstance(m, LSQQuantizer) and m.step.requires_grad}
-        opt = getattr(optimizer, "optimizer", optimizer)
-        moved = []
-        for group in opt.param_groups:
-            keep = [p for p in group["params"] if id(p) not in steps]
-            moved += [p for p in group["params"] if id(p) in steps]
-            group["params"] = keep
-        if moved:
-            base = opt.param_groups[0]
-            opt.add_param_group(
-                {
-                    **{k: v for k, v in base.items() if k != "params"},
-                    "params": moved,
-                    "lr": self.args.learning_rate * self.acs_args.step_lr_scale,
-                    "weight_decay": 0.0,
-                }
-            )
-        return optimizer
+        return record
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
+        # The selection state goes into the checkpoint folder first: the Trainer writes
+        # trainer_state.json and rotates old checkpoints only after it, so a crash in between never
+        # leaves an incomplete newest checkpoint with the last complete one already deleted.
+        if self.subset is not None and self.args.should_save:
+            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            save_acs_state(self, os.path.join(self._get_output_dir(trial=trial), checkpoint))
         super()._save_checkpoint(model, trial)
-        if not self.is_world_process_zero() or self.subset is None:
-            return
-        ckpt = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        state = {
-            "selection_round": self.selection_round,
-            "selected_epoch": self.selected_epoch,
-            "method": self.acs_args.selection_method,
-            "fraction": self.acs_args.fraction,
-            "num_samples": self.num_samples,
-            "subset_hash": subset_hash(self.subset),
-            "teacher_cache_dir": self.teacher_cache_dir if self._teacher_cache is not None else None,
-            "history": self.history,
-        }
-        atomic_save_npy(ckpt / SUBSET_NAME, self.subset.numpy())
-        selector_subset = self.selector.state_dict().get("subset")
-        if selector_subset is not None:
-            atomic_save_npy(ckpt / SELECTOR_STATE_NAME, selector_subset.numpy())
-        atomic_write_bytes(ckpt / STATE_NAME, json.dumps(state, indent=2).encode())  # last: marks complete
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.acs_args.selection_method == "full":
-            return
-        ckpt = Path(resume_from_checkpoint)
-        if not (ckpt / STATE_NAME).is_file():
-            raise FileNotFoundError(
-                f"{ckpt} has no {STATE_NAME}: it was not written by ACSTrainer, or its save was interrupted"
+        if not self.selector.selects_all:  # checks first: a refused resume touches nothing
+            state = load_acs_state(self, resume_from_checkpoint)
+            self._resume_epochs = check_resume_layout(
+                state, Path(resume_from_checkpoint), self.accelerator.num_processes
             )
-        state = json.loads((ckpt / STATE_NAME).read_text())
-        if state["method"] != self.acs_args.selection_method or state["num_samples"] != self.num_samples:
+            if self._coreset_sampler is not None:
+                self._coreset_sampler.set_subset(self.subset)
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except Exception as e:  # safetensors and torch raise several types for a damaged file
             raise ValueError(
-                f"checkpoint {ckpt} selected with method={state['method']!r} over {state['num_samples']} samples; "
-                f"this run uses {self.acs_args.selection_method!r} over {self.num_samples}"
-            )
-        subset = torch.from_numpy(np.load(ckpt / SUBSET_NAME))
-        if subset_hash(subset) != state["subset_hash"]:
-            raise ValueError(f"{ckpt / SUBSET_NAME} does not match the hash in {STATE_NAME}")
-        if (ckpt / SELECTOR_STATE_NAME).is_file():
-            self.selector.load_state_dict({"subset": torch.from_numpy(np.load(ckpt / SELECTOR_STATE_NAME))})
-        self.subset, self.selected_epoch = subset, state["selected_epoch"]
-        self.selection_round, self.history = state["selection_round"], state["history"]
-        self._resumed = True
-        if self._coreset_sampler is not None:
-            self._coreset_sampler.set_subset(subset)
+                f"checkpoint {resume_from_checkpoint} cannot be loaded ({type(e).__name__}: {e}); it is damaged: "
+                "resume from an earlier checkpoint"
+            ) from e
 
-    # ------------------------------------------------------------------ end of training
-    def _on_train_end(self) -> None:
-        if not self.history or not self.is_world_process_zero():
-            return
-        path = Path(self.args.output_dir) / PLOT_NAME
-        plot_selection_history(self.history, path)
-        logger.info("ACS selection history plot: %s", path)
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, *args, **kwargs):
+        self.steps_per_epoch = num_update_steps_per_epoch
+        epochs_trained, steps_in_epoch = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, *args, **kwargs
+        )
+        if self._resume_epochs is not None:
+            # An epoch-boundary checkpoint of another process count: the Trainer divided the old
+            # step count by the new steps per epoch; count the epochs it really completed instead.
+            epochs_trained, steps_in_epoch = self._resume_epochs, 0
+            self.state.global_step = epochs_trained * num_update_steps_per_epoch
+            logger.info("Resuming on a new process count at epoch %d (step %d)", epochs_trained, self.state.global_step)
+        return epochs_trained, steps_in_epoch
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self._resume_epochs is not None and self.lr_scheduler is not None:
+            # The saved schedule counted the old steps; continue the new one at the same epoch.
+            from torch.optim.lr_scheduler import LambdaLR, _enable_get_lr_call
 
-def plot_selection_history(history: list[dict[str, Any]], path: Path) -> Path:
-    """PNG of beta, mean EVS/DS of all and of the selected samples, overlap and per-class share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    for key in ("beta", "evs_mean", "ds_mean", "evs_selected_mean", "ds_selected_mean"):
-        if any(key in r for r in history):
-            ax.plot(epochs, [r.get(key, np.nan) for r in history], marker="o", label=key)
-    ax.set(title="Scores per round", xlabel="epoch")
-    if ax.lines:
-        ax.legend(fontsize=8)
-    ax = axes[1]
-    ax.plot(
-        epochs,
-        [r["overlap_with_previous"] if r["overlap_with_previous"] is not None else np.nan for r in history],
-        marker="o",
-    )
-    ax.set(title="Overlap with previous subset", xlabel="epoch", ylim=(0, 1.05))
-    ax = axes[2]
-    counts = np.array(
-        [
-            r["class_counts"] + [0] * (max(len(h["class_counts"]) for h in history) - len(r["class_counts"]))
-            for r in history
-        ],
-        dtype=float,
-    )
-    share = counts / counts.sum(1, keepdims=True)
-    bottom = np.zeros(len(history))
-    for c in range(share.shape[1]):
-        ax.bar(range(len(history)), share[:, c], bottom=bottom, width=0.8)
-        bottom += share[:, c]
-    ax.set(title="Per-class share of the subset", xlabel="round", ylim=(0, 1))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-    return path
+            if not isinstance(self.lr_scheduler, LambdaLR):
+                raise ValueError(
+                    f"resuming on another process count needs a LambdaLR schedule (every lr_scheduler_type of "
+                    f"transformers), got {type(self.lr_scheduler).__name__}; relaunch on the original count"
+                )
+            self.lr_scheduler.last_epoch = self.state.global_step
+            with _enable_get_lr_call(self.lr_scheduler):
+                lrs = self.lr_scheduler.get_lr()
+            for group, lr in zip(self.lr_scheduler.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            self.lr_scheduler._last_lr = list(lrs)

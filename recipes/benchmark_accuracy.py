@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import statistics
 import time
 from pathlib import Path
@@ -26,11 +25,25 @@ import torch
 import transformers
 from transformers import TrainingArguments
 
-from acs_hf import ACSArguments, ACSTrainer, QuantConfig, quantize_model
+from acs_hf import (
+    ACSArguments,
+    ACSTrainer,
+    ImageClassificationTrainer,
+    QuantConfig,
+    atomic_write_json,
+    create_selector,
+    list_selectors,
+    quantize_model,
+)
 from acs_hf.data import load_image_datasets, prepare_datasets
 from acs_hf.metrics import make_compute_metrics, preprocess_logits_for_metrics
 
-METHODS = ["acs", "random_dynamic", "random_static", "evs", "ds", "full"]
+#: Compared by default; any registered selector can be passed with --methods.
+DEFAULT_METHODS = ["acs", "random_dynamic", "random_static", "evs", "ds", "full"]
+
+
+def selects_all(method: str) -> bool:
+    return create_selector(method).selects_all
 
 
 def training_args(out: Path, epochs: float, lr: float, seed: int, batch_size: int) -> TrainingArguments:
@@ -54,12 +67,11 @@ def training_args(out: Path, epochs: float, lr: float, seed: int, batch_size: in
 def train_fp(ds, args) -> tuple[torch.nn.Module, float]:
     torch.manual_seed(0)
     model = timm.create_model(args.model_name, num_classes=len(ds.id2label))
-    trainer = ACSTrainer(
+    trainer = ImageClassificationTrainer(
         model=model,
         args=training_args(args.output_dir / "fp", args.fp_epochs, args.fp_lr, 0, args.batch_size),
         train_dataset=ds.train_dataset,
         eval_dataset=ds.eval_dataset,
-        acs_args=ACSArguments(selection_method="full", fraction=1.0),
         compute_metrics=make_compute_metrics(k=5),
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
@@ -72,7 +84,7 @@ def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -
     student = quantize_model(copy.deepcopy(fp), QuantConfig(weight_bits=bits, act_bits=bits, first_last_bits=8))
     acs = ACSArguments(
         selection_method=method,
-        fraction=1.0 if method == "full" else fraction,
+        fraction=1.0 if selects_all(method) else fraction,
         selection_interval=args.selection_interval,
         selection_seed=seed,
         teacher_cache_dir="memory",
@@ -121,11 +133,11 @@ def markdown(cells: list[dict], fractions: list[float], fp_accuracy: float) -> s
         lines += [f"W{bits}A{bits} top-1 (mean ± std over seeds; seconds per run)", ""]
         lines.append("| method | " + " | ".join(f"f = {f}" for f in fractions) + " |")
         lines.append("|---|" + "---|" * len(fractions))
-        for method in METHODS:
+        for method in DEFAULT_METHODS + sorted({c["method"] for c in cells} - set(DEFAULT_METHODS)):
             row = []
             for f in fractions:
                 c = next((c for c in cells if c["bits"] == bits and c["method"] == method
-                          and (c["fraction"] == f or method == "full")), None)  # fmt: skip
+                          and (c["fraction"] == f or selects_all(method))), None)  # fmt: skip
                 row.append(f"{c['top1_mean']:.2f} ± {c['top1_std']:.2f} ({c['seconds_mean']:.0f}s)" if c else "")
             if any(row):
                 lines.append(f"| {method} | " + " | ".join(row) + " |")
@@ -142,11 +154,11 @@ def plot(cells: list[dict], path: Path) -> None:
     all_bits = sorted({c["bits"] for c in cells})
     fig, axes = plt.subplots(1, len(all_bits), figsize=(6 * len(all_bits), 4), squeeze=False)
     for ax, bits in zip(axes[0], all_bits):
-        for method in METHODS:
+        for method in sorted({c["method"] for c in cells}):
             cs = sorted((c for c in cells if c["bits"] == bits and c["method"] == method), key=lambda c: c["fraction"])
             if not cs:
                 continue
-            if method == "full":
+            if selects_all(method):
                 ax.axhline(cs[0]["top1_mean"], color="k", linestyle="--", label="full data")
                 continue
             ax.errorbar([c["fraction"] for c in cs], [c["top1_mean"] for c in cs], yerr=[c["top1_std"] for c in cs],
@@ -165,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list_selectors())
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=12)
     parser.add_argument("--selection_interval", type=int, default=3)
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"resuming: {len(done)} runs already in {log}", flush=True)
     for bits in args.bits:
         for method in args.methods:
-            for fraction in [1.0] if method == "full" else args.fractions:
+            for fraction in [1.0] if selects_all(method) else args.fractions:
                 for seed in args.seeds:
                     if (bits, fraction, method, seed) in done:
                         continue
@@ -214,9 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "fp_accuracy": fp_accuracy, "runs": runs, "cells": cells,
               "total_seconds": time.perf_counter() - started}  # fmt: skip
-    tmp = args.output_dir / "accuracy.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.output_dir / "accuracy.json")  # a long run never leaves a half-written JSON
+    atomic_write_json(args.output_dir / "accuracy.json", result)  # never a half-written JSON
     table = markdown(cells, args.fractions, fp_accuracy)
     (args.output_dir / "accuracy.md").write_text(table)
     plot(cells, args.output_dir / "accuracy.png")

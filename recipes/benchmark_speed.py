@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -46,11 +45,14 @@ from acs_hf import (
     ACSArguments,
     ACSTrainer,
     QuantConfig,
+    atomic_write_json,
     calibrate_quantizers,
+    create_selector,
     quantize_model,
     save_quantized,
     select_coreset,
 )
+from acs_hf.quantization import WEIGHTS_NAME
 from acs_hf.scoring import TeacherCache, score_dataset
 
 
@@ -139,7 +141,7 @@ def bench_checkpoint() -> dict:
         calibrate_quantizers(model, [torch.randn(2, 3, 32, 32)])
         with tempfile.TemporaryDirectory() as d:
             save_quantized(model, d)
-            packed_bytes = os.path.getsize(Path(d) / "model.safetensors")
+            packed_bytes = os.path.getsize(Path(d) / WEIGHTS_NAME)
         results[key] = fp32_bytes / packed_bytes
         results[f"checkpoint_mb_{bits}bit"] = packed_bytes / 2**20
         results["checkpoint_mb_fp32"] = fp32_bytes / 2**20
@@ -182,7 +184,7 @@ def _trainer(method: str, fp, ds, args, out: str, epochs: int) -> ACSTrainer:
     )
     acs = ACSArguments(
         selection_method=method,
-        fraction=1.0 if method == "full" else 0.1,
+        fraction=1.0 if create_selector(method).selects_all else 0.1,
         selection_interval=10,
         teacher_cache_dir="memory",
     )
@@ -342,9 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print_table(results)
     args.output_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output_json.with_suffix(args.output_json.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, args.output_json)  # never a half-written JSON
+    atomic_write_json(args.output_json, results)  # never a half-written JSON
     print(f"\nwrote {args.output_json}")
     if errors:
         raise SystemExit(f"benchmarks failed: {', '.join(errors)}")

@@ -6,8 +6,9 @@
     python recipes/run_acs.py --model_name resnet18 --dataset_name uoft-cs/cifar100 ...  # flags only
     accelerate launch --num_processes 8 recipes/run_acs.py recipes/configs/imagenet_resnet18_w4a4_acs10.yaml
 
-Arguments: ModelArguments, DataArguments, QuantArguments, ACSArguments (acs_hf.arguments) and
-transformers' TrainingArguments, from one YAML/JSON file and/or the command line (the command line wins).
+Arguments: ModelArguments, DataArguments, RunArguments (acs_hf.arguments), acs_hf.QuantConfig,
+acs_hf.ACSArguments and transformers' TrainingArguments, from one YAML/JSON file and/or the command line
+(the command line wins).
 Without a config file, flags apply on top of recipes/configs/digits_demo.yaml (the embedded demo),
 unless they name a dataset (--dataset_name, --train_dir).
 """
@@ -20,20 +21,23 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from acs_hf.arguments import ACSArguments, DataArguments, ModelArguments, QuantArguments
+from acs_hf import ACSArguments, QuantConfig
+from acs_hf.arguments import DataArguments, ModelArguments, RunArguments
 from acs_hf.pipeline import default_output_dir, run_acs
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "digits_demo.yaml"
 
 
 def parse(argv: list[str]):
-    """Parse ``[config.yaml] [--flag value ...]`` into the five argument dataclasses.
+    """Parse ``[config.yaml] [--flag value ...]`` into the six argument dataclasses.
 
     The base values come from the config file when one is given first; otherwise from the embedded
     demo config, unless a data source (--dataset_name, --train_dir) is given: a real dataset starts
     from the dataclass defaults rather than inheriting the demo's 32-pixel, from-scratch settings.
     """
-    parser = HfArgumentParser((ModelArguments, DataArguments, QuantArguments, ACSArguments, TrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, QuantConfig, ACSArguments, TrainingArguments, RunArguments)
+    )
     config = None
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         config, argv = Path(argv[0]), argv[1:]
@@ -50,7 +54,7 @@ def parse(argv: list[str]):
         parser.set_defaults(**values)
         logging.getLogger(__name__).info("base settings: %s", config)
     args = parser.parse_args_into_dataclasses(args=argv)
-    model_args, data_args, quant_args, acs_args, training_args = args
+    model_args, data_args, quant_args, acs_args, training_args, _ = args
     if training_args.output_dir == "trainer_output":  # transformers' placeholder: use a descriptive name
         training_args.output_dir = default_output_dir(model_args, quant_args, acs_args)
     return args

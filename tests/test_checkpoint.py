@@ -14,12 +14,21 @@ import acs_hf.quantization.checkpoint as ckpt
 from acs_hf import QuantConfig, calibrate_quantizers, load_quantized, quantize_model, save_quantized
 from acs_hf.quantization import pack_codes, unpack_codes
 
+TINY = "test_resnet"  # timm's test-sized ResNet: every layer type of ResNet-18 at 3% of its size
 
-def quantized(name, config=None, **kwargs):
+
+def quantized(name=TINY, config=None, **kwargs):
     model = timm.create_model(name, num_classes=10, **kwargs)
     quantize_model(model, config or QuantConfig())
     calibrate_quantizers(model, [torch.randn(4, 3, 32, 32)])
     return model.eval()
+
+
+def saved(tmp_path, name=TINY, config=None):
+    config = config or QuantConfig()
+    model = quantized(name, config)
+    save_quantized(model, tmp_path, config=config)
+    return model
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
@@ -50,7 +59,7 @@ def test_save_load_round_trip(tmp_path, name, kwargs, config):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-    save_quantized(model, tmp_path)
+    save_quantized(model, tmp_path, config=config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     loaded = load_quantized(tmp_path)
     with torch.no_grad():
@@ -74,7 +83,7 @@ def test_checkpoint_is_small(tmp_path):
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    model = quantized("resnet18")
+    model = quantized()
     save_quantized(model, tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
@@ -88,8 +97,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_corrupt_and_foreign_checkpoints_rejected(tmp_path):
-    model = quantized("resnet18")
-    save_quantized(model, tmp_path)
+    saved(tmp_path)
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
@@ -119,7 +127,7 @@ def test_corrupt_and_foreign_checkpoints_rejected(tmp_path):
 
 
 def test_save_requires_calibrated_timm_model(tmp_path):
-    model = timm.create_model("resnet18", num_classes=10)
+    model = timm.create_model(TINY, num_classes=10)
     with pytest.raises(ValueError, match="quantize_model"):
         save_quantized(model, tmp_path)
     quantize_model(model, QuantConfig())
@@ -129,7 +137,7 @@ def test_save_requires_calibrated_timm_model(tmp_path):
 
 def test_load_from_hub_cache_offline(tmp_path):
     """A Hub id resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1 (no network)."""
-    model = quantized("resnet18")
+    model = quantized()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
@@ -156,3 +164,87 @@ def test_load_from_hub_cache_offline(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "OK" in out.stdout
+
+
+def _edit_config(path, edit):
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_edited_bits_rejected_naming_the_layer(tmp_path):
+    """config.json says 2 bits where 4 were saved: an error, never a silently different model."""
+    saved(tmp_path)
+
+    def to_2_bits(cfg):
+        cfg["quantization_config"]["config"]["weight_bits"] = 2
+        for layer in cfg["quantization_config"]["layers"].values():
+            if layer["weight_bits"] == 4:
+                layer["weight_bits"] = 2
+
+    _edit_config(tmp_path, to_2_bits)
+    with pytest.raises(ValueError, match="layer table does not match"):
+        load_quantized(tmp_path)
+
+
+def test_packed_length_and_code_range_checked(tmp_path):
+    """Without the layer digest (an older or hand-made file), the codes themselves are checked."""
+    from safetensors.torch import load_file, save_file
+
+    saved(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    with ckpt.safe_open(weights, framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(weights)
+    meta.pop("layers_sha256")
+    save_file(tensors, weights, metadata=meta)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    name = next(n for n, v in cfg["quantization_config"]["layers"].items() if v["weight_bits"] == 4)
+
+    def set_bits(bits):
+        def edit(c):
+            c["quantization_config"]["layers"][name]["weight_bits"] = bits
+
+        return edit
+
+    _edit_config(tmp_path, set_bits(2))  # 4 codes per byte expected, 2 stored: wrong length
+    with pytest.raises(ValueError, match=f"layer '{name}'.*packed bytes"):
+        load_quantized(tmp_path)
+    _edit_config(tmp_path, set_bits(3))  # same byte layout, but codes above 7 cannot be 3-bit
+    codes = unpack_codes(tensors[name + ".weight_codes"], 4, 10**9)
+    assert int(codes.max()) > 7  # a calibrated 4-bit layer uses the upper codes
+    with pytest.raises(ValueError, match=f"layer '{name}'.*exceeds the 3-bit range"):
+        load_quantized(tmp_path)
+    _edit_config(tmp_path, set_bits(9))
+    with pytest.raises(ValueError, match=f"layer '{name}'.*weight_bits must be an integer in 2..8, got 9"):
+        load_quantized(tmp_path)
+
+
+def test_mismatched_layers_rejected(tmp_path):
+    saved(tmp_path)
+
+    def rename(cfg):
+        layers = cfg["quantization_config"]["layers"]
+        layers["no.such.layer"] = layers.pop(next(iter(layers)))
+
+    _edit_config(tmp_path, rename)
+    with pytest.raises(ValueError, match="layer table does not match|'no.such.layer'"):
+        load_quantized(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["checkpoint_path", "pretrained_cfg", "cache_dir"])
+def test_model_args_restricted_to_architecture_keys(tmp_path, key):
+    saved(tmp_path)
+    target = tmp_path / "elsewhere.pth"
+    _edit_config(tmp_path, lambda cfg: cfg.setdefault("model_args", {}).update({key: str(target)}))
+    with pytest.raises(ValueError, match=f"model_args has keys \\['{key}'\\].*accepted"):
+        load_quantized(tmp_path)
+
+
+def test_format_version_and_map_location(tmp_path):
+    saved(tmp_path)
+    model = load_quantized(tmp_path, map_location="meta")
+    assert next(model.parameters()).device.type == "meta"
+    _edit_config(tmp_path, lambda cfg: cfg["quantization_config"].update(format_version=99))
+    with pytest.raises(ValueError, match="format_version 99.*reads 1"):
+        load_quantized(tmp_path)

@@ -1,3 +1,4 @@
+import datasets
 import numpy as np
 import pytest
 import timm
@@ -92,12 +93,25 @@ def test_imagefolder_splits_and_modes(tmp_path, model):
     assert x.shape == (7, 3, 16, 16)  # L and RGBA converted to RGB
 
 
-def test_missing_validation_and_streaming(tmp_path):
+def test_missing_validation(tmp_path):
     write_folder(tmp_path / "train", [2, 2])
     with pytest.raises(ValueError, match="no validation split.*--validation_dir"):
         load_image_datasets(train_dir=str(tmp_path / "train"))
-    with pytest.raises(ValueError, match="streaming datasets are not supported.*map-style"):
-        load_image_datasets("ILSVRC/imagenet-1k", streaming=True)
+
+
+def test_unlabelled_split_refused_before_training(model):
+    """ImageNet's test split has labels -1: refused when the datasets are prepared, not after training."""
+    raw = digits_dataset()
+    val = raw["validation"].cast_column("label", datasets.Value("int64")).map(lambda r: {"label": -1})
+    with pytest.raises(ValueError, match="validation split has 360 labels outside \\[0, 10\\).*row 0: -1"):
+        prepare_datasets(DatasetDict(train=raw["train"], validation=val), model, image_size=16)
+
+
+def test_fingerprint_follows_the_indexed_data(model):
+    a = prepare_datasets(digits_dataset(), model, image_size=16, max_train_samples=300, seed=0)
+    b = prepare_datasets(digits_dataset(), model, image_size=16, max_train_samples=300, seed=0)
+    c = prepare_datasets(digits_dataset(), model, image_size=16, max_train_samples=300, seed=1)
+    assert a.fingerprint == b.fingerprint and a.fingerprint != c.fingerprint
 
 
 def test_bad_image_named_or_skipped(tmp_path, model):
@@ -112,6 +126,11 @@ def test_bad_image_named_or_skipped(tmp_path, model):
     ds.score_dataset[3]  # fine
     with pytest.raises(ValueError, match="cannot decode the image of train row 4.*--skip_bad_images"):
         ds.score_dataset[4]
+    rows["image"][4] = {"bytes": b"not an image", "path": "/data/train/cat/4.jpg"}
+    named = DatasetDict(train=Dataset.from_dict(rows, features=broken.features), validation=raw["validation"])
+    with pytest.raises(ValueError, match="train row 4 \\(/data/train/cat/4.jpg\\)"):
+        prepare_datasets(named, model, image_size=16).score_dataset[4]
+    rows["image"][4] = {"bytes": b"not an image", "path": None}
     skipped = prepare_datasets(raw, model, image_size=16, skip_bad_images=True)
     assert skipped.num_skipped == 1 and len(skipped.train_dataset) == 5
     assert [skipped.score_dataset[i]["index"] for i in range(5)] == list(range(5))

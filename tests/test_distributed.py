@@ -1,49 +1,122 @@
-"""Two real gloo processes on the CPU via `accelerate launch --multi_gpu --num_processes 2`."""
+"""Two real gloo processes on the CPU via `accelerate launch --multi_gpu --num_processes 2`, and
+resumes across process counts (a 2-process checkpoint resumed on 1 process and the reverse)."""
 
 import json
 import os
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from trainer_utils import acs_trainer, tiny_dataset
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 ROOT = Path(__file__).resolve().parents[1]
+N, K = 47, round(0.25 * 47)  # 12 samples per epoch: 3 steps of 2 x 2 on two processes, 3 of 4 on one
 
 
-def launch(out: Path, *flags: str) -> subprocess.CompletedProcess:
-    accelerate = shutil.which("accelerate")
-    if accelerate is None:
-        pytest.skip("the accelerate launcher is not on PATH")
+def launch(out: Path, *flags: str, expect_start: bool = True) -> subprocess.CompletedProcess:
+    """Launch ddp_script.py on two processes with this interpreter's accelerate (not whatever is on PATH)."""
     cmd = [
-        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
         str(SCRIPT), str(out), *flags,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if not all((out / f"started_rank{r}").exists() for r in (0, 1)):
-        pytest.skip(f"two processes could not be started here:\n{proc.stderr[-2000:]}")
+    started = all((out / f"started_rank{r}").exists() for r in (0, 1))
+    # A script that cannot import the package or crashes early is a failure, never a skip.
+    assert started or not expect_start, f"the two processes did not start:\n{proc.stderr[-4000:]}"
     return proc
 
 
-def test_two_processes_agree_and_split_batches(tmp_path):
-    proc = launch(tmp_path)
+def result(out: Path, run: str = "run", rank: int = 0) -> dict:
+    return json.loads((out / f"{run}_rank{rank}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """3 epochs on 2 processes, a checkpoint after every step (3 steps per epoch)."""
+    out = tmp_path_factory.mktemp("ddp")
+    proc = launch(out, "--save_steps", "1")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    return out
+
+
+def test_two_processes_agree_and_split_batches(two_process_run):
+    out = two_process_run
+    r0, r1 = result(out, rank=0), result(out, rank=1)
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["hashes"] == r1["hashes"] and len(r0["hashes"]) == 3  # identical subsets, every round
-    k = round(0.25 * 48)
     for epoch in ("0", "1", "2"):
         a, b = r0["seen"][epoch], r1["seen"][epoch]
-        assert len(a) == len(b) == k // 2  # each rank trains on half the batches
-        subset = np.load(tmp_path / "run" / "selection" / f"epoch_{int(epoch):04d}.npy").tolist()
+        assert len(a) == len(b) == K // 2  # each rank trains on half the batches
+        subset = np.load(out / "run" / "selection" / f"epoch_{int(epoch):04d}.npy").tolist()
         assert sorted(a + b) == sorted(subset)  # together exactly the subset
-    records = [json.loads(line) for line in (tmp_path / "run" / "acs_selection.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "run" / "acs_selection.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in records] == [2, 2, 2]
+    assert r0["global_step"] == 9
+
+
+def test_epoch_boundary_resume_on_two_processes_selects_the_same_subsets(two_process_run):
+    """Ranks score with rank 0's BatchNorm statistics, so the resumed run (which loads rank 0's
+    model) scores and selects exactly as the uninterrupted one did."""
+    out = two_process_run
+    proc = launch(out, "--resume", str(out / "run" / "checkpoint-3"), "--run", "resumed")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed, full = result(out, "resumed"), result(out)
+    assert resumed["hashes"] == full["hashes"]
+    assert set(resumed["seen"]) == {"1", "2"} and resumed["seen"]["1"] == full["seen"]["1"]
+    assert resumed["global_step"] == 9
+
+
+def test_two_process_checkpoint_resumes_on_one_process(two_process_run, tmp_path):
+    """The epoch-1 subset is the one the 2-process run chose, the remaining epochs are trained once, and
+    the teacher cache written as two shards is read by one process (no teacher forward)."""
+    out = two_process_run
+    full = result(out)
+    trainer = acs_trainer(
+        tmp_path,
+        {"fraction": 0.25, "selection_interval": 1, "teacher_cache_dir": str(out / "run" / "teacher_cache")},
+        {"num_train_epochs": 3, "per_device_train_batch_size": 2},
+        ds=tiny_dataset(N),
+    )
+    calls = []  # teacher forwards of the scoring pass (distillation runs outside inference mode)
+    trainer.teacher_model.register_forward_hook(
+        lambda *a: calls.append(1) if torch.is_inference_mode_enabled() else None
+    )
+    trainer.train(resume_from_checkpoint=str(out / "run" / "checkpoint-3"))
+    assert trainer.history[1]["subset_hash"] == full["hashes"]["1"]
+    assert sorted(trainer.recorder.seen) == [1, 2] and all(len(v) == K for v in trainer.recorder.seen.values())
+    assert trainer.state.global_step == 3 * 6  # 6 steps per epoch on one process
+    assert calls == []  # teacher probabilities came from the 2-process cache
+
+
+def test_mid_epoch_checkpoint_of_another_process_count_refused(two_process_run, tmp_path):
+    out = two_process_run
+    trainer = acs_trainer(tmp_path, {"fraction": 0.25, "selection_interval": 1}, {"num_train_epochs": 3},
+                          ds=tiny_dataset(N))  # fmt: skip
+    message = r"checkpoint-4 was saved inside an epoch by 2 process\(es\); this run has 1.*resume from .*checkpoint-3"
+    with pytest.raises(ValueError, match=message):
+        trainer.train(resume_from_checkpoint=str(out / "run" / "checkpoint-4"))
+
+
+def test_one_process_checkpoint_resumes_on_two_processes(tmp_path):
+    alone = acs_trainer(
+        tmp_path / "one",
+        {"fraction": 0.25, "selection_interval": 1},
+        {"num_train_epochs": 3, "per_device_train_batch_size": 2, "save_strategy": "epoch"},
+        ds=tiny_dataset(N),
+    )
+    alone.train()  # 6 steps per epoch here, 3 on two processes: step 6 is the end of epoch 0
+    proc = launch(tmp_path, "--resume", str(tmp_path / "one" / "checkpoint-6"), "--run", "two")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = result(tmp_path, "two")
+    assert two["hashes"]["1"] == alone.history[1]["subset_hash"]
+    assert set(two["seen"]) == {"1", "2"} and two["global_step"] == 9  # epochs 1 and 2, 3 steps each
 
 
 def test_diverged_selection_stops_the_run(tmp_path):
@@ -56,4 +129,4 @@ def test_two_processes_without_use_cpu_refused(tmp_path):
     proc = launch(tmp_path, "--no_use_cpu")
     assert proc.returncode != 0
     assert "pass --use_cpu" in proc.stderr
-    assert not (tmp_path / "rank0.json").exists()
+    assert not (tmp_path / "run_rank0.json").exists()

@@ -9,7 +9,7 @@ from acs_hf.hub import UPLOAD_IGNORE, HubPushError, push_folder_to_hub, write_mo
 
 @pytest.fixture
 def folder(tmp_path):
-    model = quantize_model(timm.create_model("resnet18", num_classes=10), QuantConfig())
+    model = quantize_model(timm.create_model("test_resnet", num_classes=10), QuantConfig())
     calibrate_quantizers(model, [torch.randn(2, 3, 32, 32)])
     save_quantized(model, tmp_path)
     (tmp_path / "checkpoint-10").mkdir()

@@ -5,6 +5,7 @@ import torch
 
 from acs_hf import LSQQuantizer
 from acs_hf.quantization import lsq_fake_quant, quant_range
+from acs_hf.quantization.reference import lsq_reference
 
 
 def close(actual, expected):
@@ -13,24 +14,11 @@ def close(actual, expected):
 
 
 def ref_fake_quant(x, s, bits, signed):
-    """LSQ forward in float64, straight from the formula."""
-    qn, qp = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    x, s = x.double(), s.double()
-    return s * torch.clamp(torch.round(x / s), -qn, qp)
+    return lsq_reference(x, s, bits, signed)[0]
 
 
 def ref_step_grad(x, s, g, bits, signed, per_channel_dim=None):
-    """d loss / d s by the LSQ formula, in float64."""
-    qn, qp = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    x, s, g = x.double(), s.double(), g.double()
-    v = x / s
-    d = torch.where(v < -qn, torch.full_like(v, -qn), torch.where(v > qp, torch.full_like(v, qp), v.round() - v))
-    if per_channel_dim is None:
-        n = x.numel()
-        return (g * d).sum().reshape(1) / math.sqrt(n * qp)
-    dims = [i for i in range(x.dim()) if i != per_channel_dim]
-    n = x.numel() // x.shape[per_channel_dim]
-    return (g * d).sum(dims) / math.sqrt(n * qp)
+    return lsq_reference(x, s, bits, signed, grad_output=g, channel_dim=per_channel_dim)[1]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -76,8 +64,8 @@ def test_per_channel_gradient_and_forward():
     g = torch.randn_like(w)
     out = lsq_fake_quant(w, s, bits, True, channel_dim=0)
     out.backward(g)
-    close(out, ref_fake_quant(w.detach(), s.detach().view(6, 1, 1, 1), bits, True))
-    close(s.grad, ref_step_grad(w.detach(), s.detach().view(6, 1, 1, 1), g, bits, True, per_channel_dim=0))
+    close(out, lsq_reference(w, s, bits, True, channel_dim=0)[0])
+    close(s.grad, ref_step_grad(w, s, g, bits, True, per_channel_dim=0))
 
 
 def test_per_channel_on_a_middle_dim():
@@ -85,7 +73,7 @@ def test_per_channel_on_a_middle_dim():
     s = (torch.rand(5) * 0.3 + 0.1).requires_grad_()
     g = torch.randn(2, 5, 7)
     lsq_fake_quant(x, s, 4, True, channel_dim=1).backward(g)
-    expected = ref_step_grad(x.detach(), s.detach().view(1, 5, 1), g, 4, True, per_channel_dim=1)
+    expected = ref_step_grad(x, s, g, 4, True, per_channel_dim=1)
     close(s.grad, expected)
 
 
@@ -112,8 +100,7 @@ def test_signedness_decided_from_data():
 
 
 def test_uninitialised_use_raises():
-    q = LSQQuantizer(4)
-    q.name = "layer1.0.conv1.input_quantizer"
+    q = LSQQuantizer(4, name="layer1.0.conv1.input_quantizer")
     with pytest.raises(RuntimeError, match="layer1.0.conv1.input_quantizer.*calibrate_quantizers"):
         q(torch.randn(3))
     q.eval()
@@ -138,7 +125,7 @@ def test_autocast_math_in_float32(dtype):
         out = q(xl)
     assert out.dtype == dtype
     # Reference: the same input, math in float32, rounded to the input dtype once at the end.
-    expected = ref_fake_quant(xl.float(), q.step.detach(), 4, True).float().to(dtype)
+    expected = ref_fake_quant(xl.float(), q.step, 4, True).float().to(dtype)
     assert torch.equal(out, expected)
 
 
@@ -207,3 +194,14 @@ def test_first_use_in_inference_mode_then_training():
     xi = x.clone().requires_grad_()
     q(xi).sum().backward()
     assert xi.grad is not None and q.step.grad is not None
+
+
+def test_fixed_step_and_observation_methods():
+    q = LSQQuantizer(4, learn_step=False)
+    assert not q.step.requires_grad
+    q.start_observing()
+    assert q.observing
+    x = torch.randn(10)
+    assert torch.equal(q(x), x)  # passes through while observing
+    q.stop_observing()
+    assert not q.observing and not q.is_initialized

@@ -7,13 +7,21 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from torch import nn
 
-from acs_hf import QuantConfig, QuantConv2d, QuantLinear, calibrate_quantizers, quantize_model
+from acs_hf import (
+    LayerQuantConfig,
+    QuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    calibrate_quantizers,
+    dequantize_model,
+    quantize_model,
+)
 from acs_hf.quantization import quant_modules, quantizers_initialized
+from acs_hf.quantization.reference import lsq_reference
 
 
 def fake_quant_ref(w, s, bits, signed=True):
-    qn, qp = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    return s * torch.clamp(torch.round(w / s), -qn, qp)
+    return lsq_reference(w, s, bits, signed)[0].float()
 
 
 @pytest.mark.parametrize(
@@ -27,7 +35,7 @@ def fake_quant_ref(w, s, bits, signed=True):
 )
 def test_quant_conv_equals_original_with_quantized_weight(conv):
     x = torch.randn(2, conv.in_channels, 9, 9)
-    q = QuantConv2d.from_float(copy.deepcopy(conv), weight_bits=4, act_bits=None)
+    q = QuantConv2d.from_float(copy.deepcopy(conv), LayerQuantConfig(weight_bits=4))
     q.weight_quantizer.init_from(q.weight)
     ref = copy.deepcopy(conv)
     with torch.no_grad():
@@ -37,14 +45,16 @@ def test_quant_conv_equals_original_with_quantized_weight(conv):
 
 def test_from_float_keeps_parameters():
     lin = nn.Linear(5, 3)
-    q = QuantLinear.from_float(lin, 4, 4)
+    q = QuantLinear.from_float(lin, LayerQuantConfig(4, 4), name="blocks.0.fc1")
     assert q.weight is lin.weight and q.bias is lin.bias
     assert q.input_quantizer is not None and q.input_quantizer.bits == 4
+    assert q.weight_quantizer.name == "blocks.0.fc1.weight_quantizer"
+    assert q.input_quantizer.name == "blocks.0.fc1.input_quantizer"
 
 
 def test_quant_linear_matches_formula():
     lin = nn.Linear(5, 3)
-    q = QuantLinear.from_float(copy.deepcopy(lin), 3, 4)
+    q = QuantLinear.from_float(copy.deepcopy(lin), LayerQuantConfig(3, 4))
     x = torch.rand(7, 5)
     calibrate_quantizers(nn.Sequential(q), [x])
     assert q.input_quantizer.signed is False  # non-negative data -> unsigned
@@ -113,7 +123,7 @@ def test_fallback_first_last_without_pretrained_cfg():
 
 
 def test_calibration_uses_mean_abs_of_all_batches():
-    lin = nn.Sequential(QuantLinear.from_float(nn.Linear(4, 2), 4, 4))
+    lin = nn.Sequential(QuantLinear.from_float(nn.Linear(4, 2), LayerQuantConfig(4, 4)))
     b1, b2 = torch.rand(3, 4), -torch.rand(5, 4)
     calibrate_quantizers(lin, [b1, b2, torch.full((2, 4), 100.0)], num_batches=2)
     iq = lin[0].input_quantizer
@@ -147,3 +157,30 @@ def test_calibrate_errors():
         calibrate_quantizers(model, [])
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model, QuantConfig())
+
+
+@pytest.mark.parametrize(
+    "module",
+    [nn.Conv2d(3, 4, 3, padding=1, groups=1), Conv2dSame(3, 4, 3, stride=2), nn.Linear(3, 4)],
+    ids=["conv", "same", "linear"],
+)
+def test_dequantize_gives_the_float_layer_back(module):
+    model = nn.Sequential(module)
+    x = torch.randn(2, 3, 7, 7) if isinstance(module, nn.Conv2d) else torch.randn(2, 3)
+    expected = module(x)
+    quantize_model(model, QuantConfig(first_last_bits=4))
+    assert isinstance(model[0], (QuantConv2d, QuantLinear))
+    dequantize_model(model)
+    assert type(model[0]) is type(module)  # Conv2dSame stays Conv2dSame
+    assert model[0].weight is module.weight  # the same Parameters
+    assert torch.equal(model[0](x), expected)
+    assert not any(n.endswith("quantizer.step") for n, _ in model.named_parameters())
+
+
+def test_quantize_model_attaches_nothing_to_the_model():
+    model = timm.create_model("test_resnet.r160_in1k", num_classes=4)
+    quantize_model(model, QuantConfig())
+    assert not hasattr(model, "quant_config")
+    first = model.get_submodule("conv1.0")
+    assert first.layer_config == LayerQuantConfig(8, 8, learn_input_step=False)
+    assert first.input_quantizer.name == "conv1.0.input_quantizer"

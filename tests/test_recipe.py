@@ -61,13 +61,13 @@ def test_demo_outputs_present_and_reloadable(demo_run):
 
 
 def test_no_argument_uses_embedded_default(recipe):
-    model_args, data_args, quant_args, acs_args, training_args = recipe.parse([])
+    model_args, data_args, quant_args, acs_args, training_args, _ = recipe.parse([])
     assert data_args.dataset_name == "digits" and model_args.fp_warmup_epochs > 0
     assert training_args.output_dir == "outputs/resnet18-w4a4-acs20"
 
 
 def test_flags_without_config_extend_the_demo(recipe):
-    model_args, data_args, quant_args, acs_args, training_args = recipe.parse(
+    model_args, data_args, quant_args, acs_args, training_args, _ = recipe.parse(
         ["--fraction", "0.5", "--output_dir", "x"]
     )
     assert acs_args.fraction == 0.5 and training_args.output_dir == "x"
@@ -75,7 +75,7 @@ def test_flags_without_config_extend_the_demo(recipe):
 
 
 def test_flags_naming_a_dataset_start_from_defaults(recipe):
-    model_args, data_args, quant_args, acs_args, training_args = recipe.parse(
+    model_args, data_args, quant_args, acs_args, training_args, _ = recipe.parse(
         ["--dataset_name", "uoft-cs/cifar100", "--model_name", "vit_tiny_patch16_224", "--weight_bits", "2"]
     )
     assert model_args.model_name == "vit_tiny_patch16_224" and quant_args.weight_bits == 2
@@ -87,9 +87,8 @@ def test_flags_naming_a_dataset_start_from_defaults(recipe):
     [
         (["--model_name", "resnet1000"], ValueError, "model_name='resnet1000' is not a timm model"),
         (["--weight_bits", "9"], ValueError, "weight_bits must be an integer in 2..8, got 9"),
-        (["--fraction", "0"], ValueError, "fraction must be in"),
+        (["--fraction", "0"], ValueError, "fraction must be a number in"),
         (["--label_column", "target"], ValueError, "label_column='target' is not a column"),
-        (["--streaming"], ValueError, "streaming datasets are not supported"),
     ],
 )
 def test_bad_arguments_fail_fast(recipe, tmp_path, argv, error, message):
@@ -110,11 +109,13 @@ def test_missing_validation_split(recipe, tmp_path):
         )
 
 
-def test_unknown_config_key(recipe, tmp_path):
+def test_unknown_config_key(recipe, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("fractionn: 0.3\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         recipe.parse([str(bad)])
+    assert exit_info.value.code == 2  # argparse's usage error
+    assert f"unknown keys in {bad}: fractionn" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -152,3 +153,127 @@ def test_resume_reuses_the_fp_warmup_model(recipe, tmp_path, monkeypatch):
     # Same teacher as the interrupted run, and the same final student.
     assert resumed["metrics"]["fp_eval_accuracy"] == first["metrics"]["fp_eval_accuracy"]
     assert resumed["metrics"]["eval_accuracy"] == pytest.approx(first["metrics"]["eval_accuracy"], abs=0.02)
+
+
+TINY_RUN = ["--model_name", "test_resnet", "--max_train_samples", "64", "--max_eval_samples", "32",
+            "--fp_warmup_epochs", "1", "--num_train_epochs", "1", "--fraction", "0.25"]  # fmt: skip
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Fails the test if the run gets as far as loading data."""
+    import acs_hf.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the bad argument was not caught before loading data")
+
+    monkeypatch.setattr(acs_hf.pipeline, "load_image_datasets", refuse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num_train_epochs", "0"], "num_train_epochs must be a finite number > 0"),
+        (["--fp_warmup_epochs", "nan"], "fp_warmup_epochs must be a finite number >= 0, got nan"),
+        (["--step_lr_scale", "inf"], "step_lr_scale must be a finite number > 0, got inf"),
+        (
+            ["--resume_from_checkpoint", "no/such/checkpoint-5"],
+            "resume_from_checkpoint='no/such/checkpoint-5' does not",
+        ),
+        (["--resume_from_checkpoint", "true"], "resume_from_checkpoint=true but .* holds no complete checkpoint"),
+        (["--teacher_cache_dir", "/proc/acs_cache"], "teacher_cache_dir='/proc/acs_cache' is not writable"),
+        (["--push_to_hub", "true", "--hub_model_id", "me/x"], "needs the network, but HF_HUB_OFFLINE is set"),
+    ],
+)
+def test_late_failures_fail_before_loading_data(recipe, tmp_path, no_data, argv, message):
+    with pytest.raises(ValueError, match=message):
+        recipe.main([DEMO, "--output_dir", str(tmp_path / "out"), *argv])
+
+
+def test_missing_tracker_fails_before_loading_data(recipe, tmp_path, no_data, monkeypatch):
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: [])
+    with pytest.raises(ValueError, match=r"report_to=\['tensorboard'\] names trackers that are not installed"):
+        recipe.main([DEMO, "--output_dir", str(tmp_path), "--report_to", "tensorboard"])
+
+
+def test_yaml_null_fraction_is_a_clear_error(recipe, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("fraction: null\n")
+    with pytest.raises(ValueError, match="fraction must be a number in \\(0, 1\\], got None"):
+        recipe.parse([str(config)])
+
+
+def test_folder_of_another_run_refused_unless_overwrite(recipe, tmp_path, no_data):
+    (tmp_path / "model.safetensors").write_bytes(b"another run")
+    with pytest.raises(ValueError, match="holds another run's results \\(model.safetensors\\)"):
+        recipe.main([DEMO, "--output_dir", str(tmp_path)])
+    with pytest.raises(AssertionError, match="not caught before loading data"):  # past the checks
+        recipe.main([DEMO, "--output_dir", str(tmp_path), "--overwrite_output_dir", "true"])
+
+
+def test_second_run_on_a_folder_refused_and_stale_lock_taken_over(recipe, tmp_path, no_data):
+    import socket
+    import subprocess
+    import sys
+
+    from acs_hf.run_checks import LOCK_NAME, RunInUseError
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "started": "now"}
+        (tmp_path / LOCK_NAME).write_text(json.dumps(lock))
+        with pytest.raises(RunInUseError, match=f"in use by another run \\(pid {holder.pid} on host"):
+            recipe.main([DEMO, "--output_dir", str(tmp_path)])
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is dead now: its lock is stale and taken over (the run then gets past the checks).
+    with pytest.raises(AssertionError, match="not caught before loading data"):
+        recipe.main([DEMO, "--output_dir", str(tmp_path)])
+    assert not (tmp_path / LOCK_NAME).exists()  # released even though the run failed
+
+
+def test_failed_push_keeps_the_model_and_exits_nonzero(recipe, tmp_path, monkeypatch):
+    import acs_hf.pipeline
+    from acs_hf.hub import HubPushError
+
+    def failing_push(directory, repo_id, **kwargs):
+        raise HubPushError(f"push to {repo_id!r} failed (simulated); the checkpoint is intact at {directory}")
+
+    monkeypatch.setattr(acs_hf.pipeline, "push_folder_to_hub", failing_push)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main([DEMO, "--output_dir", str(tmp_path), *TINY_RUN, "--push_to_hub", "true", "--hub_model_id", "me/x"])
+    assert exit_info.value.code == 1
+    summary = json.loads((tmp_path / "acs_summary.json").read_text())
+    assert "simulated" in summary["hub_error"]
+    load_quantized(tmp_path)  # the trained model is there and loads
+
+
+def test_local_folder_student_and_teacher(recipe, tmp_path):
+    """--model_name and --teacher_model_name as local timm folders (what hf-hub: ids resolve to)."""
+    import timm
+    from timm.models import save_for_hf
+
+    teacher = timm.create_model("test_resnet", num_classes=10)
+    save_for_hf(teacher, tmp_path / "teacher")
+    save_for_hf(timm.create_model("test_resnet", num_classes=10), tmp_path / "student")
+    import acs_hf.pipeline
+
+    built = acs_hf.pipeline._create_model(str(tmp_path / "teacher"), True, 10)
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), teacher.state_dict().values()))
+    out = tmp_path / "out"
+    summary = recipe.main([DEMO, "--output_dir", str(out), *TINY_RUN, "--model_name", str(tmp_path / "student"),
+                           "--teacher_model_name", str(tmp_path / "teacher")])  # fmt: skip
+    assert summary["metrics"]["eval_accuracy"] >= 0
+    assert load_quantized(out).pretrained_cfg["architecture"] == "test_resnet"
+
+
+def test_hf_hub_model_name_accepted_without_network(recipe):
+    from acs_hf.pipeline import check_model_name
+
+    check_model_name("hf-hub:timm/resnet18.a1_in1k")  # resolved by timm at creation, not here
+    with pytest.raises(ValueError, match="not a timm model"):
+        check_model_name("resnet_that_does_not_exist")

@@ -105,25 +105,57 @@ def test_missing_samples_and_teacher_are_errors(setup):
         score_dataset(student, loader, accelerator, ["ds"], N)
 
 
-def test_cache_of_other_dataset_rejected(setup, tmp_path):
+def test_cache_of_other_data_or_teacher_is_rebuilt(setup, tmp_path):
     ds, accelerator, loader, student, teacher = setup
-    cache = TeacherCache(N, directory=tmp_path)
+    cache = TeacherCache(N, directory=tmp_path, fingerprint="teacher-a")
     score_dataset(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=cache)
-    with pytest.raises(ValueError, match="covers 37 samples"):
-        TeacherCache(N + 1, directory=tmp_path)
-
-
-def test_new_run_does_not_reuse_a_stale_cache(setup, tmp_path):
-    ds, accelerator, loader, student, teacher = setup
-    score_dataset(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=TeacherCache(N, tmp_path))
-    fresh = TeacherCache(N, tmp_path, reuse=False)
+    assert TeacherCache(N, directory=tmp_path, fingerprint="teacher-a").complete
+    assert not TeacherCache(N + 1, directory=tmp_path, fingerprint="teacher-a").complete  # other N: ignored
+    fresh = TeacherCache(N, directory=tmp_path, fingerprint="teacher-b")
     assert not fresh.complete and len(fresh) == 0
     other_teacher = make_model(5)
     counter = Counter(other_teacher)
     out = score_dataset(student, loader, accelerator, ["ds"], N, teacher=other_teacher, teacher_cache=fresh)
-    assert counter.calls == 5
+    assert counter.calls == 5  # every row recomputed with the new teacher
     ref = reference(ds, student, other_teacher)
     torch.testing.assert_close(out["ds"], ref["ds"], rtol=0, atol=2e-3)
+    assert not TeacherCache(N, directory=tmp_path, fingerprint="teacher-a").complete  # old build removed
+    assert all("rank" not in p.name or fresh._tag in p.name for p in tmp_path.iterdir())
+
+
+def test_cache_grows_and_drops_padding_duplicates():
+    cache = TeacherCache(3000)
+    probs = torch.rand(3000, 4)
+    first = torch.arange(0, 1500)
+    cache.put(torch.cat([first, first[:7]]), torch.cat([probs[first], probs[:7] + 1]))  # padding repeats
+    cache.put(torch.arange(1500, 3000), probs[1500:])
+    assert len(cache) == 3000 and cache._new.shape[0] >= 3000  # grew past the first 1024-row allocation
+    got = cache.get(torch.tensor([2999, 0, 6, 1500]))
+    torch.testing.assert_close(got, probs[[2999, 0, 6, 1500]].half())  # first occurrence kept
+
+
+def test_cache_does_not_depend_on_the_process_layout(tmp_path):
+    """Two processes write a shard each; one process (any rank) later reads every row."""
+    probs = torch.rand(N, C)
+    halves = torch.arange(N).chunk(2)
+    writers = [TeacherCache(N, tmp_path, rank=r, fingerprint="x") for r in (0, 1)]
+    for cache, idx in zip(writers, halves):
+        cache.put(idx, probs[idx])
+        cache._write_shard()
+    writers[0]._write_meta()
+    alone = TeacherCache(N, tmp_path, rank=0, fingerprint="x")
+    assert alone.complete and len(alone) == N
+    torch.testing.assert_close(alone.get(torch.arange(N)), probs.half())
+
+
+def test_corrupt_cache_names_the_file(setup, tmp_path):
+    ds, accelerator, loader, student, teacher = setup
+    cache = TeacherCache(N, directory=tmp_path)
+    score_dataset(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=cache)
+    rows = next(tmp_path.glob("teacher_probs_*.npy"))
+    rows.write_bytes(rows.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{rows.name}.*delete .* to rebuild"):
+        TeacherCache(N, directory=tmp_path)
 
 
 def test_labels_only_pass_runs_no_model(setup):

@@ -12,8 +12,8 @@ from trainer_utils import (
     training_args,
 )
 
-from acs_hf import ACSArguments, ACSTrainer
-from acs_hf.trainer import CoresetSampler, subset_hash
+from acs_hf import ACSArguments, ACSTrainer, QuantConfig
+from acs_hf.sampler import CoresetSampler, subset_hash
 
 
 @pytest.mark.parametrize(
@@ -109,6 +109,15 @@ def test_teacher_frozen_and_excluded(tmp_path):
     assert set(saved) == set(trainer.model.state_dict())  # the student only
 
 
+def expected_decay(model) -> set[str]:
+    """By the rule, from module types alone: only conv/linear weights decay."""
+    return {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.weight.requires_grad
+    }
+
+
 def test_param_groups(tmp_path):
     trainer = acs_trainer(
         tmp_path, {"step_lr_scale": 0.1}, {"num_train_epochs": 1, "weight_decay": 0.05, "learning_rate": 2e-3}
@@ -122,14 +131,25 @@ def test_param_groups(tmp_path):
     assert len(step_group) == 1 and steps
     assert step_group[0]["lr"] == pytest.approx(2e-3 * 0.1) and step_group[0]["weight_decay"] == 0
     names = {id(p): n for n, p in model.named_parameters()}
-    for g in groups:
-        for p in g["params"]:
-            n = names[id(p)]
-            decayed = g["weight_decay"] > 0
-            expect = n.endswith(".weight") and ("conv" in n or n in ("fc.weight",) or "downsample.0" in n)
-            assert decayed == expect, n
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == expected_decay(model)
+    assert set(trainer.get_decay_parameter_names(model)) == expected_decay(model)
     # The first layer's input step is fixed (image input): not in the optimizer at all.
-    assert id(model.conv1.input_quantizer.step) not in {id(p) for g in groups for p in g["params"]}
+    first = model.get_submodule("conv1.0")
+    assert id(first.input_quantizer.step) not in {id(p) for g in groups for p in g["params"]}
+
+
+def test_decay_rules_on_a_vit(tmp_path):
+    """LayerNorm weights, position embeddings' neighbours (biases) and LSQ steps get no decay."""
+    import timm
+
+    from acs_hf import QATTrainer, quantize_model
+
+    model = quantize_model(timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=16), QuantConfig())
+    trainer = QATTrainer(model=model, args=training_args(tmp_path), train_dataset=tiny_dataset())
+    names = set(trainer.get_decay_parameter_names(model))
+    assert names == expected_decay(model)
+    assert any(".norm1." in n for n, _ in model.named_parameters()) and not any(".norm1." in n for n in names)
 
 
 def test_resume_mid_epoch_reproduces_run(tmp_path):
@@ -153,10 +173,21 @@ def test_resume_mid_epoch_reproduces_run(tmp_path):
         assert lb[step] == pytest.approx(la[step], rel=1e-4, abs=1e-5)
 
 
-def test_bf16_run(tmp_path):
-    trainer = acs_trainer(tmp_path, args_kwargs={"num_train_epochs": 2, "bf16": True})
-    out = trainer.train()
-    assert math.isfinite(out.training_loss)
+def test_bf16_run_matches_fp32(tmp_path):
+    """The first step (same model, same batch) gives the fp32 loss to bf16 precision, and the
+    student's convolutions really run in bf16 under the trainer's autocast."""
+
+    def first_step(bf16):
+        t = acs_trainer(tmp_path / str(bf16), args_kwargs={"num_train_epochs": 1, "bf16": bf16, "max_steps": 1})
+        dtypes = set()
+        t.model.layer1[0].conv1.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if m.training else None)
+        t.train()
+        return next(h["loss"] for h in t.state.log_history if "loss" in h), dtypes
+
+    fp32, fp32_dtypes = first_step(False)
+    bf16, bf16_dtypes = first_step(True)
+    assert fp32_dtypes == {torch.float32} and bf16_dtypes == {torch.bfloat16}
+    assert bf16 == pytest.approx(fp32, rel=3e-2) and bf16 != fp32
 
 
 def test_sampler_is_idempotent_and_fixed_length():
@@ -223,6 +254,10 @@ def test_world_size_mismatch_detected(tmp_path, monkeypatch):
         ({"kd_alpha": 1.5}, "kd_alpha"),
         ({"step_lr_scale": 0}, "step_lr_scale"),
         ({"score_batch_size": 0}, "score_batch_size"),
+        ({"step_lr_scale": float("inf")}, "step_lr_scale"),
+        ({"kd_alpha": float("nan")}, "kd_alpha"),
+        ({"fraction": None}, "fraction"),
+        ({"selection_method": "random_dynamic", "evs_schedule": "cosnie"}, "evs_schedule='cosnie'"),
     ],
 )
 def test_acs_arguments_validation(kwargs, message):
@@ -245,3 +280,124 @@ def test_kd_loss_formula(tmp_path):
     kd = -(pt * torch.log_softmax(s / 2, -1)).sum(-1).mean() * 4
     ce = torch.nn.functional.cross_entropy(s, labels)
     assert loss.item() == pytest.approx((0.7 * kd + 0.3 * ce).item(), rel=1e-4)
+
+
+def test_epoch_begin_runs_before_the_sampler_is_iterated(tmp_path):
+    """The contract ACSTrainer relies on, checked against the installed transformers."""
+    from transformers import TrainerCallback
+
+    events = []
+    trainer = acs_trainer(tmp_path, {"selection_interval": 1}, {"num_train_epochs": 2})
+
+    class Spy(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            events.append(("epoch_begin", trainer.selected_epoch))
+
+    trainer.add_callback(Spy())
+    sampler_iter = CoresetSampler.__iter__
+
+    def spying_iter(self):
+        events.append(("iter", self.epoch))
+        return sampler_iter(self)
+
+    CoresetSampler.__iter__ = spying_iter
+    try:
+        trainer.train()
+    finally:
+        CoresetSampler.__iter__ = sampler_iter
+    # Spy runs after the selection callback: by then the epoch's subset is chosen; iteration follows.
+    assert events == [("epoch_begin", 0), ("iter", 0), ("epoch_begin", 1), ("iter", 1)]
+
+
+def test_cross_entropy_only_without_teacher(tmp_path):
+    ds = tiny_dataset()
+    student, _ = models()
+    trainer = ACSTrainer(
+        model=student,
+        args=training_args(tmp_path),
+        train_dataset=ds,
+        acs_args=ACSArguments(selection_method="evs", fraction=0.25),
+        score_dataset=ds,
+    )
+    batch = ds[:6]
+    trainer.calibrate()
+    loss = trainer.compute_loss(student, batch)
+    expected = torch.nn.functional.cross_entropy(student(batch["pixel_values"]).double(), batch["labels"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_compile_kernels_through_the_trainer(tmp_path):
+    torch._dynamo.reset()
+    eager = acs_trainer(tmp_path / "e", args_kwargs={"num_train_epochs": 1, "max_steps": 2})
+    compiled = acs_trainer(
+        tmp_path / "c", args_kwargs={"num_train_epochs": 1, "max_steps": 2}, config=QuantConfig(compile_kernels=True)
+    )
+    assert all(q.compiled for q in compiled.model.modules() if hasattr(q, "compiled"))
+    eager.train()
+    compiled.train()
+
+    def losses(t):
+        return [h["loss"] for h in t.state.log_history if "loss" in h]
+
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
+
+
+def test_single_sample_last_batch_trains(tmp_path):
+    """49 samples at batch 4 on the full selector: the last batch has one sample (BatchNorm needs two)."""
+    ds = tiny_dataset(49)
+    trainer = acs_trainer(tmp_path, {"selection_method": "full", "fraction": 1.0}, {"num_train_epochs": 1}, ds=ds)
+    trainer.train()
+    assert trainer.state.global_step == 13 and len(trainer.recorder.seen[0]) == 49
+
+
+def test_interrupted_save_keeps_the_last_complete_checkpoint(tmp_path, monkeypatch):
+    """A crash after the ACS state and before the Trainer finished its save: the newest checkpoint is
+    incomplete, the previous complete one was not rotated away, and resuming from the incomplete one
+    is refused naming the complete one."""
+    from acs_hf.checkpointing import latest_complete_checkpoint
+
+    args = {"num_train_epochs": 3, "save_strategy": "epoch", "save_total_limit": 1}
+    trainer = acs_trainer(tmp_path, args_kwargs=args)
+    original = ACSTrainer._save_rng_state
+    calls = []
+
+    def crash_on_second_save(self, output_dir):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("preempted while saving")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(ACSTrainer, "_save_rng_state", crash_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    monkeypatch.setattr(ACSTrainer, "_save_rng_state", original)
+    resumed = acs_trainer(tmp_path / "b", args_kwargs=args)
+    with pytest.raises(FileNotFoundError, match="checkpoint-6 has no trainer_state.json.*checkpoint-3"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+
+
+def test_resume_on_other_data_refused(tmp_path):
+    args = {"num_train_epochs": 2, "save_strategy": "epoch"}
+    acs_trainer(tmp_path / "a", args_kwargs=args).train()
+    other = tiny_dataset(seed=1)  # same size and labels, other images
+    resumed = acs_trainer(tmp_path / "b", args_kwargs=args, ds=other)
+    with pytest.raises(ValueError, match="trained on other data"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+
+
+def test_damaged_checkpoint_files_are_named(tmp_path):
+    args = {"num_train_epochs": 2, "save_strategy": "epoch"}
+    acs_trainer(tmp_path / "a", args_kwargs=args).train()
+    ckpt = tmp_path / "a" / "checkpoint-3"
+    state = ckpt / "acs_state.json"
+    data = state.read_bytes()
+    state.write_bytes(data[:20])
+    with pytest.raises(ValueError, match="acs_state.json is corrupt.*earlier checkpoint"):
+        acs_trainer(tmp_path / "b", args_kwargs=args).train(resume_from_checkpoint=str(ckpt))
+    state.write_bytes(data)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="checkpoint-3 cannot be loaded.*damaged"):
+        acs_trainer(tmp_path / "c", args_kwargs=args).train(resume_from_checkpoint=str(ckpt))

@@ -26,10 +26,15 @@ def tiny_dataset(n: int = 48, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"pixel_values": x, "labels": labels, "index": np.arange(n)}).with_format("torch")
 
 
-def models(seed: int = 0):
+#: timm's test-sized ResNet (BasicBlock and Bottleneck, BatchNorm, deep stem): fast, and every
+#: layer type the trainer handles in ResNet-18.
+TINY_MODEL = "test_resnet"
+
+
+def models(seed: int = 0, config: QuantConfig | None = None):
     torch.manual_seed(seed)
-    teacher = timm.create_model("resnet18", num_classes=NUM_CLASSES)
-    student = quantize_model(copy.deepcopy(teacher), QuantConfig(weight_bits=4, act_bits=4))
+    teacher = timm.create_model(TINY_MODEL, num_classes=NUM_CLASSES)
+    student = quantize_model(copy.deepcopy(teacher), config or QuantConfig(weight_bits=4, act_bits=4))
     return student, teacher
 
 
@@ -90,9 +95,9 @@ def training_args(out, **kw) -> TrainingArguments:
     return TrainingArguments(**base)
 
 
-def acs_trainer(out, acs_kwargs=None, args_kwargs=None, ds=None, seed=0, cls=RecordingACSTrainer):
+def acs_trainer(out, acs_kwargs=None, args_kwargs=None, ds=None, seed=0, cls=RecordingACSTrainer, config=None):
     ds = ds if ds is not None else tiny_dataset()
-    student, teacher = models(seed)
+    student, teacher = models(seed, config)
     return cls(
         model=student,
         args=training_args(out, **(args_kwargs or {})),

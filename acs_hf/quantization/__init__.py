@@ -1,27 +1,34 @@
 """LSQ quantization of timm models: config -> quantize_model -> calibrate_quantizers -> save_quantized.
 
+Each step is a function you can call alone (torchao-style); ``dequantize_model`` undoes the swap.
 Knows nothing of data, coreset selection or transformers.
 """
 
-from .checkpoint import load_quantized, pack_codes, save_quantized, unpack_codes
-from .lsq import LSQQuantizer, lsq_fake_quant, quant_range
+from .checkpoint import WEIGHTS_NAME, load_quantized, pack_codes, save_quantized, unpack_codes
+from .lsq import LSQQuantizer, check_bits, lsq_fake_quant, quant_range
 from .model import (
     QuantConfig,
     calibrate_quantizers,
+    dequantize_model,
     find_first_last,
     quant_modules,
+    quantize_layers,
     quantize_model,
     quantizers_initialized,
 )
-from .modules import QuantConv2d, QuantLinear, QuantModule, is_quantizable
+from .modules import LayerQuantConfig, QuantConv2d, QuantLinear, QuantModule, is_quantizable
 
 __all__ = [
+    "WEIGHTS_NAME",
     "LSQQuantizer",
+    "LayerQuantConfig",
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
     "QuantModule",
     "calibrate_quantizers",
+    "check_bits",
+    "dequantize_model",
     "find_first_last",
     "is_quantizable",
     "load_quantized",
@@ -29,6 +36,7 @@ __all__ = [
     "pack_codes",
     "quant_modules",
     "quant_range",
+    "quantize_layers",
     "quantize_model",
     "quantizers_initialized",
     "save_quantized",

@@ -13,6 +13,7 @@ Both files carry the same ``checkpoint_id`` so that a directory mixing two saves
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -28,15 +29,21 @@ from torch import nn
 
 from .._io import atomic_write
 from .lsq import STEP_FLOOR, quant_range
-from .model import QuantConfig, quant_modules, quantize_model, quantizers_initialized
+from .model import QuantConfig, quant_modules, quantize_layers, quantizers_initialized
+from .modules import LayerQuantConfig
 
-__all__ = ["save_quantized", "load_quantized", "pack_codes", "unpack_codes", "QUANT_METHOD"]
+__all__ = ["save_quantized", "load_quantized", "pack_codes", "unpack_codes", "QUANT_METHOD", "WEIGHTS_NAME"]
 
 QUANT_METHOD = "lsq"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CODES_SUFFIX = ".weight_codes"
+#: ``model_args`` a checkpoint may pass to ``timm.create_model``: architecture only. Anything else
+#: (``checkpoint_path``, ``pretrained_cfg``, ...) could make loading read files of the config's choosing.
+ALLOWED_MODEL_ARGS = frozenset(
+    {"num_classes", "img_size", "in_chans", "global_pool", "patch_size", "window_size", "class_token", "output_stride"}
+)
 
 
 def _library_version() -> str:
@@ -48,6 +55,12 @@ def _library_version() -> str:
 
 def _slot_bits(bits: int) -> int:
     return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def packed_length(numel: int, bits: int) -> int:
+    """Bytes that :func:`pack_codes` writes for ``numel`` codes of ``bits`` bits."""
+    per_byte = 8 // _slot_bits(bits)
+    return -(-numel // per_byte)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -84,13 +97,21 @@ def _weight_codes(module) -> torch.Tensor:
     return (torch.round(w / s).clamp(-qn, qp) + qn).to(torch.uint8)
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike, model_args: dict | None = None) -> Path:
+def save_quantized(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    model_args: dict | None = None,
+    config: QuantConfig | None = None,
+) -> Path:
     """Save a quantized timm model as packed integer codes plus ``config.json``.
 
     Args:
         model: a timm model prepared with :func:`quantize_model` and calibrated.
         directory: where to write (created if missing; other files in it are left alone).
-        model_args: extra ``timm.create_model`` kwargs to record, if timm did not record them.
+        model_args: extra ``timm.create_model`` kwargs to record (architecture keys only, see
+            :data:`ALLOWED_MODEL_ARGS`), if timm did not record them.
+        config: the :class:`QuantConfig` the model was quantized with, recorded for reference;
+            loading needs only the per-layer table that is always written.
 
     Returns the directory. Each file is written under a temporary name and renamed into place.
     """
@@ -104,6 +125,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, model_args: d
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "architecture" not in cfg:
         raise ValueError("save_quantized needs a timm model (one with pretrained_cfg['architecture'])")
+    _check_model_args(model_args or {}, "save_quantized: model_args")
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     layers: dict[str, dict[str, Any]] = {}
@@ -123,19 +145,23 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, model_args: d
             "act_signed": iq.signed if iq is not None else None,
         }
     checkpoint_id = uuid.uuid4().hex
-    quant_cfg = getattr(model, "quant_config", None)
     quantization_config = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "library": "acs_hf",
         "library_version": _library_version(),
         "checkpoint_id": checkpoint_id,
-        "config": quant_cfg.to_dict() if quant_cfg is not None else None,
+        "config": config.to_dict() if config is not None else None,
         "layers": layers,
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "quant_method": QUANT_METHOD, "checkpoint_id": checkpoint_id}
+    metadata = {
+        "format": "pt",
+        "quant_method": QUANT_METHOD,
+        "checkpoint_id": checkpoint_id,
+        "layers_sha256": _layers_digest(layers),
+    }
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
     atomic_write(
         directory / CONFIG_NAME,
@@ -181,7 +207,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _read_tensors(path: Path, checkpoint_id: str) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, checkpoint_id: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"load_quantized: {weights} is missing")
@@ -196,51 +222,121 @@ def _read_tensors(path: Path, checkpoint_id: str) -> dict[str, torch.Tensor]:
             f"load_quantized: {weights} and {CONFIG_NAME} come from different saves "
             f"(checkpoint ids {meta.get('checkpoint_id')!r} and {checkpoint_id!r}); save again"
         )
-    return tensors
+    return tensors, meta
+
+
+def _layers_digest(layers: dict[str, Any]) -> str:
+    """Hash of the layer table, stored in the weights file: an edited config.json is caught."""
+    return hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()
+
+
+def _check_model_args(model_args: dict[str, Any], where: str) -> None:
+    bad = sorted(set(model_args) - ALLOWED_MODEL_ARGS)
+    if bad:
+        raise ValueError(
+            f"{where} has keys {bad} that are not architecture settings; accepted: {sorted(ALLOWED_MODEL_ARGS)}"
+        )
+
+
+def _layer_config(name: str, info: Any, module: nn.Module | None, where: str) -> LayerQuantConfig:
+    """Validate one entry of the checkpoint's layer table against the rebuilt architecture."""
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: layer {name!r}: entry must be an object, got {info!r}")
+    if module is None:
+        raise ValueError(f"{where}: layer {name!r} of the checkpoint does not exist in the architecture")
+    expected = (
+        "QuantConv2d" if isinstance(module, nn.Conv2d) else "QuantLinear" if isinstance(module, nn.Linear) else None
+    )
+    if info.get("type") != expected:
+        raise ValueError(
+            f"{where}: layer {name!r} is saved as {info.get('type')!r}, the architecture has {type(module).__name__}"
+        )
+    if info.get("weight_shape") != list(module.weight.shape):
+        raise ValueError(
+            f"{where}: layer {name!r} has weight_shape {info.get('weight_shape')!r}, the architecture "
+            f"{list(module.weight.shape)}"
+        )
+    try:
+        return LayerQuantConfig(
+            weight_bits=info.get("weight_bits"),
+            act_bits=info.get("act_bits"),
+            per_channel=bool(info.get("per_channel", False)),
+            act_signed=info.get("act_signed"),
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: layer {name!r}: {e}") from None
+
+
+def _weight_from_codes(name: str, packed: torch.Tensor, step: torch.Tensor, config: LayerQuantConfig, shape):
+    """``w = (code - Qn) * step``, after checking the packed length and the code range."""
+    bits, numel = config.weight_bits, math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_length(numel, bits):
+        raise ValueError(
+            f"load_quantized: layer {name!r}: {packed.numel()} packed bytes ({packed.dtype}) do not hold "
+            f"{numel} codes of {bits} bits ({packed_length(numel, bits)} bytes expected); the checkpoint is "
+            "corrupt or its config.json was edited"
+        )
+    codes = unpack_codes(packed, bits, numel).view(shape)
+    qn, qp = quant_range(bits, True)
+    if int(codes.max()) > qn + qp:
+        raise ValueError(
+            f"load_quantized: layer {name!r}: code {int(codes.max())} exceeds the {bits}-bit range 0..{qn + qp}; "
+            "the checkpoint is corrupt or its config.json was edited"
+        )
+    expected_steps = shape[0] if config.per_channel else 1
+    if step.numel() != expected_steps:
+        raise ValueError(f"load_quantized: layer {name!r} has {step.numel()} weight steps, expected {expected_steps}")
+    step = step.float().clamp_min(STEP_FLOOR)
+    if step.numel() > 1:
+        step = step.view(-1, *([1] * (len(shape) - 1)))
+    return (codes.float() - qn) * step
 
 
 def load_quantized(directory_or_hub_id: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` from a local directory or a Hub repo id.
 
-    The timm architecture is created without pretrained weights, quantized with the saved config,
-    and filled from the unpacked codes (``w = code * step``), so its logits match the saved model's.
-    Hub ids go through ``huggingface_hub.snapshot_download`` (honours ``HF_HUB_OFFLINE`` and the cache).
+    The timm architecture is created without pretrained weights, its layers are quantized as the
+    checkpoint's layer table says, and filled from the unpacked codes (``w = code * step``), so its
+    logits match the saved model's. Every table entry is checked against the architecture (type,
+    shape, bits, packed length, code range): a mismatch names the layer. Hub ids go through
+    ``huggingface_hub.snapshot_download`` (honours ``HF_HUB_OFFLINE`` and the cache).
     """
     import timm
 
     path = _resolve(directory_or_hub_id)
     cfg = _read_config(path)
     qcfg = cfg["quantization_config"]
-    tensors = _read_tensors(path, qcfg.get("checkpoint_id"))
+    tensors, meta = _read_tensors(path, qcfg.get("checkpoint_id"))
+    where = f"load_quantized: {path / CONFIG_NAME}"
 
-    model_args = {**cfg.get("model_args", {}), "num_classes": cfg.get("num_classes")}
+    model_args = cfg.get("model_args") or {}
+    if not isinstance(model_args, dict):
+        raise ValueError(f"{where}: model_args must be an object, got {model_args!r}")
+    _check_model_args(model_args, f"{where}: model_args")
     model = timm.create_model(
-        cfg["architecture"], pretrained=False, pretrained_cfg_overlay=cfg.get("pretrained_cfg"), **model_args
+        cfg["architecture"],
+        pretrained=False,
+        pretrained_cfg_overlay=cfg.get("pretrained_cfg"),
+        **{**model_args, "num_classes": cfg.get("num_classes")},
     )
-    quantize_model(model, QuantConfig(**(qcfg.get("config") or {})))
-    qmods = dict(quant_modules(model))
-    layers = qcfg.get("layers", {})
-    if set(layers) != set(qmods):
-        missing, extra = sorted(set(layers) - set(qmods)), sorted(set(qmods) - set(layers))
+    layers = qcfg.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{where}: quantization_config.layers must be a non-empty object")
+    digest = meta.get("layers_sha256")
+    if digest is not None and digest != _layers_digest(layers):
         raise ValueError(
-            f"load_quantized: quantized layers differ from the rebuilt model (in checkpoint only: "
-            f"{missing[:5]}, in model only: {extra[:5]})"
+            f"{where}: the layer table does not match the one {WEIGHTS_NAME} was saved with (config.json was "
+            "edited or mixed with another save); restore the original config.json"
         )
-    for name, info in layers.items():
-        m = qmods[name]
-        key = name + CODES_SUFFIX
-        if key not in tensors:
-            raise ValueError(f"load_quantized: {WEIGHTS_NAME} lacks {key!r}")
-        bits, shape = info["weight_bits"], info["weight_shape"]
-        if bits != m.weight_quantizer.bits or list(m.weight.shape) != shape:
-            raise ValueError(f"load_quantized: layer {name!r} does not match the rebuilt model")
-        numel = math.prod(shape)
-        codes = unpack_codes(tensors.pop(key), bits, numel).view(shape)
-        qn, _ = quant_range(bits, True)
-        step = tensors[f"{name}.weight_quantizer.step"].float().clamp_min(STEP_FLOOR)
-        if step.numel() > 1:
-            step = step.view(-1, *([1] * (len(shape) - 1)))
-        tensors[f"{name}.weight"] = (codes.float() - qn) * step
+    modules = dict(model.named_modules())
+    configs = {name: _layer_config(name, info, modules.get(name), where) for name, info in layers.items()}
+    quantize_layers(model, configs)
+    for name, config in configs.items():
+        key, step_key = name + CODES_SUFFIX, f"{name}.weight_quantizer.step"
+        if key not in tensors or step_key not in tensors:
+            raise ValueError(f"load_quantized: {WEIGHTS_NAME} lacks {key!r} or {step_key!r}")
+        shape = layers[name]["weight_shape"]
+        tensors[f"{name}.weight"] = _weight_from_codes(name, tensors.pop(key), tensors[step_key], config, shape)
     result = model.load_state_dict(tensors, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(

@@ -13,10 +13,19 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["LSQQuantizer", "lsq_fake_quant", "quant_range", "STEP_FLOOR"]
+__all__ = ["LSQQuantizer", "lsq_fake_quant", "quant_range", "check_bits", "STEP_FLOOR"]
 
 #: Smallest step the fake-quant op ever divides by (see :class:`LSQQuantizer`).
 STEP_FLOOR = 1e-8
+
+
+def check_bits(name: str, value: object, allow_none: bool = False) -> None:
+    """The one rule for every bit width: an integer in 2..8 (or None where that means "not quantized")."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+        accepted = "an integer in 2..8" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 
 def quant_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -171,6 +180,8 @@ class LSQQuantizer(nn.Module):
         num_channels: number of channels; the step is created at its final shape so that an
             optimizer built before calibration keeps pointing at the right Parameter.
         compiled: use the ``torch.compile``-fused kernels (see :func:`lsq_fake_quant`).
+        learn_step: whether the step is a trainable Parameter (``False``: calibrated, then fixed).
+        name: qualified name used in error messages (e.g. ``layer1.0.conv1.input_quantizer``).
 
     The step must stay positive. It is learnt unconstrained and clamped to :data:`STEP_FLOOR` inside
     the fake-quant op, with the gradient passed straight through that clamp: a parametrisation such
@@ -190,18 +201,19 @@ class LSQQuantizer(nn.Module):
         channel_dim: int = 0,
         num_channels: int | None = None,
         compiled: bool = False,
+        learn_step: bool = True,
+        name: str = "",
     ) -> None:
         super().__init__()
-        if not isinstance(bits, int) or not 2 <= bits <= 8:
-            raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+        check_bits("bits", bits)
         if per_channel and (num_channels is None or num_channels < 1):
             raise ValueError(f"per_channel=True needs num_channels >= 1, got {num_channels!r}")
         self.bits = bits
         self.per_channel = per_channel
         self.channel_dim = channel_dim
         self.compiled = compiled
-        self.name = ""  # qualified name, set by quantize_model for error messages
-        self.step = nn.Parameter(torch.ones(num_channels if per_channel else 1))
+        self.name = name
+        self.step = nn.Parameter(torch.ones(num_channels if per_channel else 1), requires_grad=learn_step)
         # Buffers so that Trainer checkpoints (plain state dicts) carry the calibration state.
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("signed_flag", torch.tensor(bool(signed)))
@@ -277,10 +289,18 @@ class LSQQuantizer(nn.Module):
         self._observing = True
         self._obs_abs_sum, self._obs_count, self._obs_min = 0.0, 0, math.inf
 
+    def stop_observing(self) -> None:
+        """Leave observation mode without initialising (e.g. when calibration failed)."""
+        self._observing = False
+
+    @property
+    def observing(self) -> bool:
+        return self._observing
+
     @torch.no_grad()
     def finish_observing(self) -> None:
         """Initialise the (per-tensor) step from the statistics seen since :meth:`start_observing`."""
-        self._observing = False
+        self.stop_observing()
         if self._obs_count == 0:
             raise RuntimeError(f"{self._label()}: no data reached this quantizer during calibration")
         signed = self._signed if self._signed is not None else self._obs_min < 0

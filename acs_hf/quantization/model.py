@@ -11,12 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lsq import LSQQuantizer
-from .modules import QuantConv2d, QuantLinear, QuantModule, is_quantizable
+from .lsq import LSQQuantizer, check_bits
+from .modules import LayerQuantConfig, QuantConv2d, QuantLinear, QuantModule, is_quantizable
 
 __all__ = [
     "QuantConfig",
     "quantize_model",
+    "quantize_layers",
+    "dequantize_model",
     "calibrate_quantizers",
     "quant_modules",
     "quantizers_initialized",
@@ -26,17 +28,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _check_bits(name: str, value: Any, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-        accepted = "an integer in 2..8" + (" or None" if allow_none else "")
-        raise ValueError(f"QuantConfig.{name} must be {accepted}, got {value!r}")
-
-
 @dataclass
 class QuantConfig:
-    """What to quantize and at which bit widths.
+    """What to quantize and at which bit widths. The one schema of the quantization settings: the
+    recipe's ``HfArgumentParser`` reads this dataclass directly (``--weight_bits 2`` or YAML).
 
     Args:
         weight_bits: bits of every conv/linear weight, 2..8.
@@ -52,27 +47,59 @@ class QuantConfig:
             compiler on CPU, triton on GPU); the first step pays the compile (tens of seconds).
     """
 
-    weight_bits: int = 4
-    act_bits: int | None = 4
-    first_last_bits: int | None = 8
-    per_channel_weights: bool = False
-    exclude: list[str] = field(default_factory=list)
-    compile_kernels: bool = False
+    weight_bits: int = field(default=4, metadata={"help": "Weight bits, 2..8."})
+    act_bits: int | None = field(default=4, metadata={"help": "Activation bits, 2..8; null: weights only."})
+    first_last_bits: int | None = field(
+        default=8, metadata={"help": "Bits of the first layer and the classifier; null keeps them FP."}
+    )
+    per_channel_weights: bool = field(default=False, metadata={"help": "One weight step per output channel."})
+    exclude: list[str] = field(default_factory=list, metadata={"help": "Module-name patterns kept in FP."})
+    compile_kernels: bool = field(default=False, metadata={"help": "torch.compile-fused LSQ kernels."})
 
     def __post_init__(self) -> None:
-        _check_bits("weight_bits", self.weight_bits, allow_none=False)
-        _check_bits("act_bits", self.act_bits, allow_none=True)
-        _check_bits("first_last_bits", self.first_last_bits, allow_none=True)
+        check_bits("QuantConfig.weight_bits", self.weight_bits)
+        check_bits("QuantConfig.act_bits", self.act_bits, allow_none=True)
+        check_bits("QuantConfig.first_last_bits", self.first_last_bits, allow_none=True)
         if not isinstance(self.per_channel_weights, bool):
             raise ValueError(f"QuantConfig.per_channel_weights must be a bool, got {self.per_channel_weights!r}")
         if not isinstance(self.compile_kernels, bool):
             raise ValueError(f"QuantConfig.compile_kernels must be a bool, got {self.compile_kernels!r}")
-        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
+        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude or []):
             raise ValueError(f"QuantConfig.exclude must be a list of strings, got {self.exclude!r}")
-        self.exclude = list(self.exclude)
+        self.exclude = list(self.exclude or [])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def layer_configs(self, model: nn.Module) -> dict[str, LayerQuantConfig]:
+        """The per-layer settings ``quantize_model`` applies to ``model``: first layer and
+        classifier at ``first_last_bits`` (the first layer's input step fixed after calibration:
+        its input is the image, and a learnt step would cost a whole extra conv backward), layers
+        matching ``exclude`` or of unsupported types left out."""
+        first, last = find_first_last(model)
+        out, skipped = {}, []
+        for name, module in _candidates(model):
+            if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+                continue
+            if not is_quantizable(module):
+                skipped.append(f"{name} ({type(module).__name__})")
+                continue
+            w_bits, a_bits = self.weight_bits, self.act_bits
+            if name == first or name in last:
+                if self.first_last_bits is None:
+                    continue
+                w_bits = self.first_last_bits
+                a_bits = self.first_last_bits if self.act_bits is not None else None
+            out[name] = LayerQuantConfig(
+                weight_bits=w_bits,
+                act_bits=a_bits,
+                per_channel=self.per_channel_weights,
+                compiled=self.compile_kernels,
+                learn_input_step=name != first,
+            )
+        if skipped:
+            logger.warning("Left in full precision (unsupported layer types): %s", ", ".join(skipped))
+        return out
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -106,43 +133,34 @@ def find_first_last(model: nn.Module) -> tuple[str | None, set[str]]:
 def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Swap every quantizable ``Conv2d``/``Linear`` for its LSQ version, in place; return the model.
 
-    The first layer and the classifier get ``config.first_last_bits`` (or stay FP when it is None);
-    the first layer's input step is calibrated but not learnt (its input is the image). Modules
-    matching ``config.exclude`` stay FP. The new quantizers are uninitialised: call
-    :func:`calibrate_quantizers` before training or scoring.
+    See :meth:`QuantConfig.layer_configs` for which layers get which settings. The new quantizers
+    are uninitialised: call :func:`calibrate_quantizers` before training or scoring.
     """
     config = config or QuantConfig()
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ValueError("quantize_model: the model is already quantized")
-    first, last = find_first_last(model)
-    skipped = []
-    for name, module in _candidates(model):
-        if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
-            continue
-        if not is_quantizable(module):
-            skipped.append(f"{name} ({type(module).__name__})")
-            continue
-        if name == first or name in last:
-            if config.first_last_bits is None:
-                continue
-            w_bits = config.first_last_bits
-            a_bits = config.first_last_bits if config.act_bits is not None else None
-        else:
-            w_bits, a_bits = config.weight_bits, config.act_bits
-        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        qmodule = cls.from_float(
-            module, w_bits, a_bits, per_channel=config.per_channel_weights, compiled=config.compile_kernels
-        )
-        for q in qmodule.quantizers():
-            q.name = f"{name}.{'weight' if q is qmodule.weight_quantizer else 'input'}_quantizer"
-        if name == first and qmodule.input_quantizer is not None:
-            # The first layer's input is the (8-bit) image: a learnt step would cost a whole extra
-            # conv backward (the gradient w.r.t. the image) for no benefit. Calibrated, then fixed.
-            qmodule.input_quantizer.step.requires_grad_(False)
-        model.set_submodule(name, qmodule)
-    if skipped:
-        logger.warning("Left in full precision (unsupported layer types): %s", ", ".join(skipped))
-    model.quant_config = config
+    return quantize_layers(model, config.layer_configs(model))
+
+
+def quantize_layers(model: nn.Module, layers: Mapping[str, LayerQuantConfig]) -> nn.Module:
+    """Swap the named layers for their LSQ versions with the given per-layer settings, in place."""
+    for name, layer_config in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantize_layers: the model has no layer {name!r}") from None
+        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear if isinstance(module, nn.Linear) else None
+        if cls is None:
+            raise ValueError(f"quantize_layers: {name!r} is a {type(module).__name__}, not a Conv2d or Linear")
+        model.set_submodule(name, cls.from_float(module, layer_config, name=name))
+    return model
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Undo :func:`quantize_model` in place: every quantized layer becomes its float layer again,
+    with the same (latent, unquantized) Parameters; the quantizers are dropped."""
+    for name, module in quant_modules(model):
+        model.set_submodule(name, module.to_float())
     return model
 
 
@@ -204,7 +222,7 @@ def calibrate_quantizers(
             q.finish_observing()
     finally:
         for q in act_qs:
-            q._observing = False
+            q.stop_observing()
         for m, training in modes.items():
             m.training = training
     return model

@@ -3,8 +3,8 @@
 Knows nothing of transformers, datasets or accelerate.
 """
 
-from .coreset import class_quotas, coreset_size, select_coreset
-from .schedules import SCHEDULES, evs_weight
+from .coreset import check_fraction, class_quotas, coreset_size, select_coreset
+from .schedules import SCHEDULES, check_schedule, evs_weight
 from .scores import (
     STATISTICS,
     batch_statistics,
@@ -29,6 +29,8 @@ __all__ = [
     "STATISTICS",
     "Selector",
     "batch_statistics",
+    "check_fraction",
+    "check_schedule",
     "class_quotas",
     "coreset_size",
     "create_selector",

@@ -6,19 +6,20 @@ import math
 
 import torch
 
-__all__ = ["select_coreset", "coreset_size", "class_quotas"]
+__all__ = ["select_coreset", "coreset_size", "class_quotas", "check_fraction"]
 
 
 def coreset_size(num_samples: int, fraction: float) -> int:
     """round(fraction * N), halves rounded up; at least 1 sample."""
-    _check_fraction(fraction)
+    check_fraction(fraction)
     k = math.floor(fraction * num_samples + 0.5)
     if k < 1:
         raise ValueError(f"fraction={fraction} of {num_samples} samples selects no sample")
     return k
 
 
-def _check_fraction(fraction: float) -> None:
+def check_fraction(fraction: float) -> None:
+    """The one rule for a coreset fraction: a number in (0, 1]."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
 
@@ -60,7 +61,7 @@ def select_coreset(
     Ties go to the lower index, so the result is a pure function of the inputs: every process
     of a distributed run selects the same subset. O(N log N): two stable sorts.
     """
-    _check_fraction(fraction)
+    check_fraction(fraction)
     scores, labels = scores.detach().reshape(-1).cpu(), labels.detach().reshape(-1).cpu()
     n = scores.numel()
     if n == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["evs_weight", "SCHEDULES"]
+__all__ = ["evs_weight", "check_schedule", "SCHEDULES"]
 
 SCHEDULES = {
     "cosine": lambda t, e: math.cos(math.pi * t / (2 * e)),  # the paper
@@ -13,6 +13,12 @@ SCHEDULES = {
     "evs": lambda t, e: 1.0,
     "ds": lambda t, e: 0.0,
 }
+
+
+def check_schedule(schedule: str) -> None:
+    """The one rule for a beta schedule name: a key of :data:`SCHEDULES`."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"evs_schedule={schedule!r} is unknown; accepted: {', '.join(SCHEDULES)}")
 
 
 def evs_weight(epoch: float, num_epochs: float, schedule: str = "cosine") -> float:
@@ -24,8 +30,7 @@ def evs_weight(epoch: float, num_epochs: float, schedule: str = "cosine") -> flo
         schedule: one of ``cosine`` (paper, cos(pi t / 2E)), ``cosine_half`` (reference code,
             (1 + cos(pi t / E)) / 2), ``linear`` (1 - t/E), ``evs`` (1) or ``ds`` (0).
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; accepted: {', '.join(SCHEDULES)}")
+    check_schedule(schedule)
     if not num_epochs > 0:
         raise ValueError(f"num_epochs must be > 0, got {num_epochs!r}")
     if not 0 <= epoch <= num_epochs:

@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .coreset import select_coreset
-from .schedules import SCHEDULES, evs_weight
+from .coreset import check_fraction, select_coreset
+from .schedules import check_schedule, evs_weight
 
 __all__ = [
     "Selector",
@@ -57,6 +57,8 @@ class Selector:
     name: ClassVar[str]
     #: The coreset changes at every selection round (False: chosen once for the whole run).
     dynamic: ClassVar[bool] = True
+    #: Trains on every sample in the Trainer's own order: no coreset, no scoring pass.
+    selects_all: ClassVar[bool] = False
 
     def __init__(self, class_balanced: bool = True) -> None:
         self.class_balanced = class_balanced
@@ -64,6 +66,15 @@ class Selector:
     @property
     def required_stats(self) -> tuple[str, ...]:
         return ()
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether a round needs model outputs (False: the labels are enough)."""
+        return bool(self.required_stats)
+
+    def check_fraction(self, fraction: float) -> None:
+        """Raise ``ValueError`` if this selector cannot select ``fraction`` of the data."""
+        check_fraction(fraction)
 
     def scores(self, stats: dict[str, torch.Tensor], epoch: int, num_epochs: int, generator) -> torch.Tensor:
         raise NotImplementedError
@@ -76,6 +87,7 @@ class Selector:
         fraction: float,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
+        self.check_fraction(fraction)
         missing = [k for k in ("labels", *self.required_stats) if k not in stats]
         if missing:
             raise ValueError(f"selector {self.name!r} needs statistics {missing}; got {sorted(stats)}")
@@ -112,8 +124,7 @@ class ACSSelector(Selector):
 
     def __init__(self, class_balanced: bool = True, schedule: str = "cosine") -> None:
         super().__init__(class_balanced)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown evs schedule {schedule!r}; accepted: {', '.join(SCHEDULES)}")
+        check_schedule(schedule)
         self.schedule = schedule
 
     @property
@@ -132,33 +143,18 @@ class ACSSelector(Selector):
         return {"beta": evs_weight(epoch, num_epochs, self.schedule)}
 
 
-@register_selector
-class EVSSelector(_StatSelector):
-    """Error vector score only."""
-
-    name, stat = "evs", "evs"
-
-
-@register_selector
-class DSSelector(_StatSelector):
-    """Disagreement score only."""
-
-    name, stat = "ds", "ds"
-
-
-@register_selector
-class EntropySelector(_StatSelector):
-    name, stat = "entropy", "entropy"
-
-
-@register_selector
-class MarginSelector(_StatSelector):
-    name, stat = "margin", "margin"
-
-
-@register_selector
-class LeastConfidenceSelector(_StatSelector):
-    name, stat = "least_confidence", "least_confidence"
+#: Selectors that keep the top of one statistic of the scoring pass.
+STAT_SELECTORS = {
+    "evs": "Error vector score only: ||p_q - onehot(y)||.",
+    "ds": "Disagreement score only: ||p_q - p_fp||.",
+    "entropy": "Predictive entropy of the student.",
+    "margin": "1 - (top-1 minus top-2 probability) of the student.",
+    "least_confidence": "1 - top-1 probability of the student.",
+}
+for _stat, _doc in STAT_SELECTORS.items():
+    register_selector(type(f"{_stat.title().replace('_', '')}Selector", (_StatSelector,), {
+        "name": _stat, "stat": _stat, "__doc__": _doc, "__module__": __name__,
+    }))  # fmt: skip
 
 
 def _random_scores(stats, generator) -> torch.Tensor:
@@ -209,8 +205,12 @@ class FullSelector(Selector):
 
     name = "full"
     dynamic = False
+    selects_all = True
+
+    def check_fraction(self, fraction: float) -> None:
+        if fraction != 1:
+            raise ValueError(f"selection_method='full' trains on all data and needs fraction=1, got {fraction!r}")
 
     def select(self, stats, epoch, num_epochs, fraction, generator=None):
-        if fraction != 1:
-            raise ValueError(f"selection method 'full' needs fraction=1, got {fraction!r}")
+        self.check_fraction(fraction)
         return torch.arange(stats["labels"].numel())
