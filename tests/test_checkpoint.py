@@ -136,7 +136,8 @@ def test_save_requires_calibrated_timm_model(tmp_path):
 
 
 def test_load_from_hub_cache_offline(tmp_path):
-    """A Hub id resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1 (no network)."""
+    """A Hub id resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1 (no network), in a fresh
+    interpreter that never imports transformers, accelerate or datasets."""
     model = quantized()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -156,6 +157,8 @@ def test_load_from_hub_cache_offline(tmp_path):
         x, ref = torch.load({str(tmp_path / "x.pt")!r}), torch.load({str(tmp_path / "ref.pt")!r})
         with torch.no_grad():
             assert (m(x) - ref).abs().max().item() <= 1e-4
+        import sys  # loading needs neither transformers nor accelerate (acs_hf imports lazily)
+        assert not set(("transformers", "accelerate", "datasets")) & set(sys.modules), sorted(sys.modules)
         print("OK")
         """
     )

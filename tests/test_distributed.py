@@ -17,19 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 N, K = 47, round(0.25 * 47)  # 12 samples per epoch: 3 steps of 2 x 2 on two processes, 3 of 4 on one
 
 
-def launch(out: Path, *flags: str, expect_start: bool = True) -> subprocess.CompletedProcess:
+def launch(out: Path, jobs: list[dict], *flags: str) -> subprocess.CompletedProcess:
     """Launch ddp_script.py on two processes with this interpreter's accelerate (not whatever is on PATH)."""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(SCRIPT), str(out), *flags,
+        str(SCRIPT), str(out), json.dumps(jobs), *flags,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     started = all((out / f"started_rank{r}").exists() for r in (0, 1))
     # A script that cannot import the package or crashes early is a failure, never a skip.
-    assert started or not expect_start, f"the two processes did not start:\n{proc.stderr[-4000:]}"
+    assert started, f"the two processes did not start:\n{proc.stderr[-4000:]}"
     return proc
 
 
@@ -39,15 +39,32 @@ def result(out: Path, run: str = "run", rank: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    """3 epochs on 2 processes, a checkpoint after every step (3 steps per epoch)."""
+    """One launch, four trainings of 3 epochs on 2 processes: "run" (a checkpoint after every step,
+    3 steps per epoch), "resumed" (from run's end of epoch 0), "two" (from the end of epoch 0 of a
+    1-process run made here first, with 6 steps per epoch), and last "diverged", where rank 1
+    selects another subset: it must stop the launch with an error."""
     out = tmp_path_factory.mktemp("ddp")
-    proc = launch(out, "--save_steps", "1")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+    alone = acs_trainer(
+        out / "one",
+        {"fraction": 0.25, "selection_interval": 1},
+        {"num_train_epochs": 3, "per_device_train_batch_size": 2, "save_strategy": "epoch"},
+        ds=tiny_dataset(N),
+    )
+    alone.train()
+    jobs = [
+        {"run": "run", "save_steps": 1},
+        {"run": "resumed", "resume": str(out / "run" / "checkpoint-3")},
+        {"run": "two", "resume": str(out / "one" / "checkpoint-6")},
+        {"run": "diverged", "diverge": True},
+    ]
+    proc = launch(out, jobs)
+    for job in jobs[:3]:  # the runs before the diverged one completed on both processes
+        assert all((out / f"{job['run']}_rank{r}.json").is_file() for r in (0, 1)), (job, proc.stderr[-4000:])
+    return out, [r["subset_hash"] for r in alone.history], proc
 
 
 def test_two_processes_agree_and_split_batches(two_process_run):
-    out = two_process_run
+    out, _, _ = two_process_run
     r0, r1 = result(out, rank=0), result(out, rank=1)
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["hashes"] == r1["hashes"] and len(r0["hashes"]) == 3  # identical subsets, every round
@@ -64,9 +81,7 @@ def test_two_processes_agree_and_split_batches(two_process_run):
 def test_epoch_boundary_resume_on_two_processes_selects_the_same_subsets(two_process_run):
     """Ranks score with rank 0's BatchNorm statistics, so the resumed run (which loads rank 0's
     model) scores and selects exactly as the uninterrupted one did."""
-    out = two_process_run
-    proc = launch(out, "--resume", str(out / "run" / "checkpoint-3"), "--run", "resumed")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out, _, _ = two_process_run
     resumed, full = result(out, "resumed"), result(out)
     assert resumed["hashes"] == full["hashes"]
     assert set(resumed["seen"]) == {"1", "2"} and resumed["seen"]["1"] == full["seen"]["1"]
@@ -76,7 +91,7 @@ def test_epoch_boundary_resume_on_two_processes_selects_the_same_subsets(two_pro
 def test_two_process_checkpoint_resumes_on_one_process(two_process_run, tmp_path):
     """The epoch-1 subset is the one the 2-process run chose, the remaining epochs are trained once, and
     the teacher cache written as two shards is read by one process (no teacher forward)."""
-    out = two_process_run
+    out, _, _ = two_process_run
     full = result(out)
     trainer = acs_trainer(
         tmp_path,
@@ -96,7 +111,7 @@ def test_two_process_checkpoint_resumes_on_one_process(two_process_run, tmp_path
 
 
 def test_mid_epoch_checkpoint_of_another_process_count_refused(two_process_run, tmp_path):
-    out = two_process_run
+    out, _, _ = two_process_run
     trainer = acs_trainer(tmp_path, {"fraction": 0.25, "selection_interval": 1}, {"num_train_epochs": 3},
                           ds=tiny_dataset(N))  # fmt: skip
     message = r"checkpoint-4 was saved inside an epoch by 2 process\(es\); this run has 1.*resume from .*checkpoint-3"
@@ -104,29 +119,23 @@ def test_mid_epoch_checkpoint_of_another_process_count_refused(two_process_run, 
         trainer.train(resume_from_checkpoint=str(out / "run" / "checkpoint-4"))
 
 
-def test_one_process_checkpoint_resumes_on_two_processes(tmp_path):
-    alone = acs_trainer(
-        tmp_path / "one",
-        {"fraction": 0.25, "selection_interval": 1},
-        {"num_train_epochs": 3, "per_device_train_batch_size": 2, "save_strategy": "epoch"},
-        ds=tiny_dataset(N),
-    )
-    alone.train()  # 6 steps per epoch here, 3 on two processes: step 6 is the end of epoch 0
-    proc = launch(tmp_path, "--resume", str(tmp_path / "one" / "checkpoint-6"), "--run", "two")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    two = result(tmp_path, "two")
-    assert two["hashes"]["1"] == alone.history[1]["subset_hash"]
+def test_one_process_checkpoint_resumes_on_two_processes(two_process_run):
+    """Step 6 ends epoch 0 on one process; on two, the Trainer alone would count it as 2 epochs."""
+    out, alone_hashes, _ = two_process_run
+    two = result(out, "two")
+    assert two["hashes"]["1"] == alone_hashes[1]
     assert set(two["seen"]) == {"1", "2"} and two["global_step"] == 9  # epochs 1 and 2, 3 steps each
 
 
-def test_diverged_selection_stops_the_run(tmp_path):
-    proc = launch(tmp_path, "--diverge")
+def test_diverged_selection_stops_the_run(two_process_run):
+    out, _, proc = two_process_run
     assert proc.returncode != 0
     assert "ACS selection diverged across processes: ranks [0] vs [1]" in proc.stderr
+    assert not (out / "diverged_rank0.json").exists()
 
 
 def test_two_processes_without_use_cpu_refused(tmp_path):
-    proc = launch(tmp_path, "--no_use_cpu")
+    proc = launch(tmp_path, [{"run": "run"}], "--no_use_cpu")
     assert proc.returncode != 0
     assert "pass --use_cpu" in proc.stderr
     assert not (tmp_path / "run_rank0.json").exists()

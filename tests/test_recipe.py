@@ -12,6 +12,9 @@ from acs_hf import load_quantized
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = str(RECIPES / "configs" / "digits_demo.yaml")
+#: A few-second run of the whole recipe with timm's test-sized ResNet.
+TINY_RUN = ["--model_name", "test_resnet", "--max_train_samples", "64", "--max_eval_samples", "32",
+            "--fp_warmup_epochs", "1", "--num_train_epochs", "1", "--fraction", "0.25"]  # fmt: skip
 
 
 def load_recipe():
@@ -30,8 +33,9 @@ def recipe():
 def demo_run(tmp_path_factory, recipe):
     """The default demo config, shortened to a couple of epochs, with command-line overrides."""
     out = tmp_path_factory.mktemp("demo")
-    argv = [DEMO, "--output_dir", str(out), "--num_train_epochs", "2", "--fp_warmup_epochs", "2",
-            "--selection_interval", "1", "--fraction", "0.3"]  # fmt: skip
+    argv = [DEMO, "--output_dir", str(out), "--num_train_epochs", "2", "--fp_warmup_epochs", "1",
+            "--selection_interval", "1", "--fraction", "0.3", "--max_train_samples", "300",
+            "--max_eval_samples", "120"]  # fmt: skip
     return out, recipe.main(argv)
 
 
@@ -42,7 +46,7 @@ def test_demo_outputs_present_and_reloadable(demo_run):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "acs_selection.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]  # --selection_interval 1 override applied
-    assert all(r["num_selected"] == round(0.3 * 1437) for r in records)  # --fraction 0.3 override applied
+    assert all(r["num_selected"] == round(0.3 * 300) for r in records)  # --fraction 0.3 override applied
     results = json.loads((out / "all_results.json").read_text())
     assert 0 <= results["eval_accuracy"] <= 1 and "eval_top5" in results
     model = load_quantized(out)
@@ -52,7 +56,7 @@ def test_demo_outputs_present_and_reloadable(demo_run):
     # The reloaded model reproduces the reported accuracy on the validation split.
     from acs_hf.data import digits_dataset, prepare_datasets
 
-    ds = prepare_datasets(digits_dataset(), model, image_size=32)
+    ds = prepare_datasets(digits_dataset(), model, image_size=32, max_eval_samples=120, seed=0)
     x = torch.stack([ds.eval_dataset[i]["pixel_values"] for i in range(len(ds.eval_dataset))])
     y = torch.tensor([ds.eval_dataset[i]["labels"] for i in range(len(ds.eval_dataset))])
     with torch.no_grad():
@@ -137,8 +141,7 @@ def test_paper_configs_parse(recipe, config, expected):
 
 
 def test_resume_reuses_the_fp_warmup_model(recipe, tmp_path, monkeypatch):
-    argv = [DEMO, "--output_dir", str(tmp_path), "--num_train_epochs", "2", "--fp_warmup_epochs", "1",
-            "--max_train_samples", "200", "--max_eval_samples", "100", "--save_strategy", "epoch"]  # fmt: skip
+    argv = [DEMO, "--output_dir", str(tmp_path), *TINY_RUN, "--num_train_epochs", "2", "--save_strategy", "epoch"]
     first = recipe.main(argv)
     assert (tmp_path / "fp_warmup" / "model.safetensors").is_file()
     checkpoint = sorted(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
@@ -153,10 +156,6 @@ def test_resume_reuses_the_fp_warmup_model(recipe, tmp_path, monkeypatch):
     # Same teacher as the interrupted run, and the same final student.
     assert resumed["metrics"]["fp_eval_accuracy"] == first["metrics"]["fp_eval_accuracy"]
     assert resumed["metrics"]["eval_accuracy"] == pytest.approx(first["metrics"]["eval_accuracy"], abs=0.02)
-
-
-TINY_RUN = ["--model_name", "test_resnet", "--max_train_samples", "64", "--max_eval_samples", "32",
-            "--fp_warmup_epochs", "1", "--num_train_epochs", "1", "--fraction", "0.25"]  # fmt: skip
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from acs_hf.sampler import CoresetSampler, subset_hash
     [(0.25, 4, 1, False), (0.3, 4, 2, False), (0.5, 5, 1, True), (0.2, 4, 3, False)],
 )
 def test_exact_steps_per_epoch(tmp_path, fraction, batch, accum, drop_last):
-    n, epochs = 48, 3
+    n, epochs = 48, 2
     trainer = acs_trainer(
         tmp_path,
         {"fraction": fraction, "selection_interval": 1},
