@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import json
 import logging
 import os
 from pathlib import Path
@@ -27,7 +29,7 @@ from .run_checks import output_dir_lock, preflight
 from .selection import coreset_size, create_selector
 from .trainer import ACSTrainer
 
-__all__ = ["run_acs", "check_model_name", "default_output_dir"]
+__all__ = ["run_acs", "check_model_name", "default_output_dir", "model_size_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +46,55 @@ def check_model_name(name: str) -> None:
         )
 
 
-def _create_model(name: str, pretrained: bool, num_classes: int) -> torch.nn.Module:
+def _timm_name(name: str) -> str:
+    return f"local-dir:{name}" if os.path.isdir(name) else name
+
+
+def _fixed_size(name: str) -> int | None:
+    """The input size a model is built for when it cannot take another one without being built
+    for it (ViT, DeiT, Swin: position embeddings and windows), else None. Hub ids are resolved by
+    timm at creation and treated as fixed when their config says so."""
     if os.path.isdir(name):
-        name = f"local-dir:{name}"
-    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+        config = Path(name) / "config.json"
+        cfg = json.loads(config.read_text()).get("pretrained_cfg", {}) if config.is_file() else {}
+    elif name.startswith("hf-hub:"):
+        return None
+    else:
+        found = timm.models.get_pretrained_cfg(name.split(".")[0]) if timm.is_model(name) else None
+        cfg = found.to_dict() if found is not None else {}
+    return int(cfg["input_size"][-1]) if cfg.get("fixed_input_size") and cfg.get("input_size") else None
+
+
+@functools.lru_cache(maxsize=8)
+def model_size_kwargs(name: str, image_size: int | None) -> dict[str, int]:
+    """``{"img_size": image_size}`` for a fixed-size model asked for another size, else ``{}``.
+
+    The model is built once (random weights) at that size and run on one image, so that a size it
+    cannot take fails here, before any data is loaded, with the size it was built for.
+    """
+    fixed = _fixed_size(name)
+    if image_size is None or fixed is None or fixed == image_size:
+        return {}
+    try:
+        probe = timm.create_model(_timm_name(name), pretrained=False, num_classes=2, img_size=image_size)
+        with torch.no_grad():
+            probe.eval()(torch.zeros(1, 3, image_size, image_size))
+    except Exception as e:  # timm raises assertions, type and value errors for impossible sizes
+        raise ValueError(
+            f"model_name={name!r} cannot run at image_size={image_size} ({type(e).__name__}: {e}); it was built for "
+            f"{fixed}x{fixed}: pick a size its patch and window sizes divide, or leave --image_size unset"
+        ) from e
+    return {"img_size": image_size}
+
+
+def _create_model(name: str, pretrained: bool, num_classes: int, image_size: int | None = None) -> torch.nn.Module:
+    """A timm model; fixed-size models are built at ``image_size`` (timm resamples pretrained
+    position embeddings to the new grid)."""
+    kwargs = model_size_kwargs(name, image_size)
+    model = timm.create_model(_timm_name(name), pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if kwargs:  # its data config (transforms, saved config.json) follows the size it was built for
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, image_size, image_size)}
+    return model
 
 
 def default_output_dir(model_args: ModelArguments, quant_args: QuantConfig, acs_args: ACSArguments) -> str:
@@ -116,9 +163,9 @@ def run_acs(
     script.
     """
     run_args = run_args or RunArguments()
-    check_model_name(model_args.model_name)
-    if model_args.teacher_model_name:
-        check_model_name(model_args.teacher_model_name)
+    for name in filter(None, (model_args.model_name, model_args.teacher_model_name)):
+        check_model_name(name)
+        model_size_kwargs(name, model_args.image_size)  # a size the model cannot take fails now
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the packed folder ourselves
     if push and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (the repo to create or update)")
@@ -155,7 +202,7 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
     image_column, label_column = detect_columns(raw["train"], data_args.image_column, data_args.label_column)
     names = class_names(raw["train"], label_column)
     torch.manual_seed(training_args.seed)
-    fp_model = _create_model(model_args.model_name, model_args.pretrained, len(names))
+    fp_model = _create_model(model_args.model_name, model_args.pretrained, len(names), model_args.image_size)
     ds = prepare_datasets(
         raw,
         fp_model,
@@ -183,7 +230,7 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
                 atomic_write(warm, lambda tmp: save_file(state, tmp))
 
     if model_args.teacher_model_name:
-        teacher = _create_model(model_args.teacher_model_name, True, len(names))
+        teacher = _create_model(model_args.teacher_model_name, True, len(names), model_args.image_size)
     else:
         teacher = copy.deepcopy(fp_model)
     student = quantize_model(copy.deepcopy(fp_model), qconfig)
@@ -201,7 +248,10 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
     trainer.save_metrics("train", train_result.metrics)
     out = Path(training_args.output_dir)
     if trainer.is_world_process_zero():  # the trained model is safe before evaluation, card or push can fail
-        save_quantized(trainer.accelerator.unwrap_model(trainer.model), out, config=qconfig)
+        model_kwargs = model_size_kwargs(model_args.model_name, model_args.image_size)  # rebuilt at this size
+        save_quantized(
+            trainer.accelerator.unwrap_model(trainer.model), out, model_args=dict(model_kwargs), config=qconfig
+        )
     metrics = trainer.evaluate()
     fp_metrics = _fp_trainer(teacher, ds, training_args, compute_metrics, report_to=[]).evaluate(
         metric_key_prefix="fp_eval"

@@ -276,3 +276,14 @@ def test_hf_hub_model_name_accepted_without_network(recipe):
     check_model_name("hf-hub:timm/resnet18.a1_in1k")  # resolved by timm at creation, not here
     with pytest.raises(ValueError, match="not a timm model"):
         check_model_name("resnet_that_does_not_exist")
+
+
+def test_empty_coreset_fails_before_the_warmup(recipe, tmp_path, monkeypatch):
+    import acs_hf.pipeline
+
+    def no_warmup(*args, **kwargs):
+        raise AssertionError("the empty coreset was not caught before the FP warm-up")
+
+    monkeypatch.setattr(acs_hf.pipeline, "_warmup", no_warmup)
+    with pytest.raises(ValueError, match="fraction=0.001 of 64 samples selects no sample"):
+        recipe.main([DEMO, "--output_dir", str(tmp_path), *TINY_RUN, "--fraction", "0.001"])

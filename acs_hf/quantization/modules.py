@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import Conv2dSame, pad_same
+from timm.layers import Linear as TimmLinear
 from torch import nn
 
 from .lsq import LSQQuantizer, check_bits
@@ -172,7 +173,8 @@ def is_quantizable(module: nn.Module) -> bool:
     """True for the layers the quantized modules reproduce exactly.
 
     That is any ``nn.Conv2d`` or ``nn.Linear`` whose class keeps the stock forward (timm's static
-    padding and depthwise convs are plain ``nn.Conv2d``), plus timm's ``Conv2dSame``. Subclasses
+    padding and depthwise convs are plain ``nn.Conv2d``), plus timm's ``Conv2dSame`` and its
+    ``Linear`` (a TorchScript-friendly ``nn.Linear``, e.g. MobileNetV3's classifier). Subclasses
     that transform the weight in their forward (e.g. weight standardisation) are not, and stay FP.
     """
     if isinstance(module, QuantModule):
@@ -180,5 +182,5 @@ def is_quantizable(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return type(module).forward is nn.Conv2d.forward or type(module) is Conv2dSame
     if isinstance(module, nn.Linear):
-        return type(module).forward is nn.Linear.forward
+        return type(module).forward is nn.Linear.forward or type(module) is TimmLinear
     return False
