@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import acs_hf.pipeline
-from acs_hf import QuantLinear, load_quantized
+from acs_hf import QuantConv2d, QuantLinear, load_quantized
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = str(RECIPES / "configs" / "digits_demo.yaml")
@@ -59,6 +59,8 @@ def test_family_through_the_recipe(recipe, tmp_path, monkeypatch, model_name):
         assert (reloaded(x) - trained(x)).abs().max().item() <= 1e-4
     linears = [m for m in reloaded.modules() if isinstance(m, nn.Linear)]
     assert linears and all(isinstance(m, QuantLinear) for m in linears)  # every Linear quantized (ViT: qkv, mlp, head)
+    convs = [m for m in reloaded.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(isinstance(m, QuantConv2d) for m in convs)  # every conv (ViT: the patch embedding)
 
 
 def test_fixed_size_model_refused_at_an_impossible_size_before_data(recipe, tmp_path, monkeypatch):

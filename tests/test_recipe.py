@@ -287,3 +287,18 @@ def test_empty_coreset_fails_before_the_warmup(recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(acs_hf.pipeline, "_warmup", no_warmup)
     with pytest.raises(ValueError, match="fraction=0.001 of 64 samples selects no sample"):
         recipe.main([DEMO, "--output_dir", str(tmp_path), *TINY_RUN, "--fraction", "0.001"])
+
+
+def test_truncated_fp_warmup_model_is_named(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from acs_hf.pipeline import _load_warmup
+
+    model = timm.create_model("test_resnet", num_classes=3)
+    path = tmp_path / "fp_warmup" / "model.safetensors"
+    path.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match=f"FP warm-up model {path} is unreadable.*delete it"):
+        _load_warmup(model, path)
