@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ._io import atomic_save_npy, atomic_write_bytes
+from ._io import atomic_save_npy, atomic_write_json
 from .sampler import subset_hash
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def save_acs_state(trainer: ACSTrainer, checkpoint_dir: str | os.PathLike) -> No
     selector_subset = trainer.selector.state_dict().get("subset")
     if selector_subset is not None:
         atomic_save_npy(ckpt / SELECTOR_STATE_NAME, selector_subset.numpy())
-    atomic_write_bytes(ckpt / STATE_NAME, json.dumps(state, indent=2).encode())
+    atomic_write_json(ckpt / STATE_NAME, state)
 
 
 def _read_state(ckpt: Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from .qat_trainer import ImageClassificationTrainer
 from .quantization import WEIGHTS_NAME, QuantConfig, quantize_model, save_quantized
 from .reporting import PLOT_NAME, RECORD_NAME
 from .run_checks import output_dir_lock, preflight
-from .selection import coreset_size, create_selector
+from .selection import coreset_size
 from .trainer import ACSTrainer
 
 __all__ = ["run_acs", "check_model_name", "default_output_dir", "model_size_kwargs"]
@@ -214,7 +214,7 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
         skip_bad_images=data_args.skip_bad_images,
         seed=training_args.seed,
     )
-    if not create_selector(acs_args.selection_method).selects_all:
+    if not acs_args.create_selector().selects_all:
         coreset_size(len(ds.train_dataset), acs_args.fraction)  # a coreset of 0 samples fails here, not mid-run
     compute_metrics = make_compute_metrics(k=min(5, len(names)))
     if model_args.fp_warmup_epochs > 0:

@@ -33,8 +33,10 @@ def _batchnorm_eval_if_single(model: nn.Module, batch_size: int):
     """A batch of one sample has no batch statistics: BatchNorm would raise ("Expected more than 1
     value per channel"). Such a batch (the last of an epoch, e.g. 165 samples at batch 32 on 2
     processes) trains with the running statistics instead."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    if batch_size != 1 or not norms:
+    norms = []
+    if batch_size == 1:  # every step passes here: scan the model only for the rare single-sample batch
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if not norms:
         yield
         return
     for m in norms:

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._io import atomic_save_npy, atomic_write_bytes
+from ._io import atomic_save_npy, atomic_write_json
 from .selection import batch_statistics
 
 __all__ = ["TeacherCache", "score_dataset", "default_forward", "INDEX_KEY"]
@@ -167,7 +167,7 @@ class TeacherCache:
             if self._tag not in stale.name:
                 stale.unlink(missing_ok=True)  # another teacher or dataset: never reused
         meta = {"num_samples": self.num_samples, "fingerprint": self.fingerprint, "shards": shards}
-        atomic_write_bytes(self.directory / self.META_NAME, json.dumps(meta).encode())
+        atomic_write_json(self.directory / self.META_NAME, meta)
 
     def _open(self) -> None:
         meta_path = self.directory / self.META_NAME

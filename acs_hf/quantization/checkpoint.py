@@ -30,7 +30,7 @@ from torch import nn
 from .._io import atomic_write
 from .lsq import STEP_FLOOR, quant_range
 from .model import QuantConfig, quant_modules, quantize_layers, quantizers_initialized
-from .modules import LayerQuantConfig
+from .modules import LayerQuantConfig, quant_class_for
 
 __all__ = ["save_quantized", "load_quantized", "pack_codes", "unpack_codes", "QUANT_METHOD", "WEIGHTS_NAME"]
 
@@ -91,10 +91,14 @@ def _weight_codes(module) -> torch.Tensor:
     wq = module.weight_quantizer
     qn, qp = wq.qrange
     w = module.weight.detach().float().cpu()
-    s = wq.step.detach().float().cpu().clamp_min(STEP_FLOOR)
-    if s.numel() > 1:
-        s = s.view(-1, *([1] * (w.dim() - 1)))
+    s = _broadcast_step(wq.step.detach().cpu(), w.dim())
     return (torch.round(w / s).clamp(-qn, qp) + qn).to(torch.uint8)
+
+
+def _broadcast_step(step: torch.Tensor, ndim: int) -> torch.Tensor:
+    """float32 step(s), floored as in the fake-quant op, shaped to broadcast over an ``ndim`` weight."""
+    step = step.float().clamp_min(STEP_FLOOR)
+    return step.view(-1, *([1] * (ndim - 1))) if step.numel() > 1 else step
 
 
 def save_quantized(
@@ -244,10 +248,8 @@ def _layer_config(name: str, info: Any, module: nn.Module | None, where: str) ->
         raise ValueError(f"{where}: layer {name!r}: entry must be an object, got {info!r}")
     if module is None:
         raise ValueError(f"{where}: layer {name!r} of the checkpoint does not exist in the architecture")
-    expected = (
-        "QuantConv2d" if isinstance(module, nn.Conv2d) else "QuantLinear" if isinstance(module, nn.Linear) else None
-    )
-    if info.get("type") != expected:
+    cls = quant_class_for(module)
+    if cls is None or info.get("type") != cls.__name__:
         raise ValueError(
             f"{where}: layer {name!r} is saved as {info.get('type')!r}, the architecture has {type(module).__name__}"
         )
@@ -286,10 +288,7 @@ def _weight_from_codes(name: str, packed: torch.Tensor, step: torch.Tensor, conf
     expected_steps = shape[0] if config.per_channel else 1
     if step.numel() != expected_steps:
         raise ValueError(f"load_quantized: layer {name!r} has {step.numel()} weight steps, expected {expected_steps}")
-    step = step.float().clamp_min(STEP_FLOOR)
-    if step.numel() > 1:
-        step = step.view(-1, *([1] * (len(shape) - 1)))
-    return (codes.float() - qn) * step
+    return (codes.float() - qn) * _broadcast_step(step, len(shape))
 
 
 def load_quantized(directory_or_hub_id: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:

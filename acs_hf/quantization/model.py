@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .lsq import LSQQuantizer, check_bits
-from .modules import LayerQuantConfig, QuantConv2d, QuantLinear, QuantModule, is_quantizable
+from .modules import LayerQuantConfig, QuantModule, is_quantizable, quant_class_for
 
 __all__ = [
     "QuantConfig",
@@ -149,7 +149,7 @@ def quantize_layers(model: nn.Module, layers: Mapping[str, LayerQuantConfig]) ->
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"quantize_layers: the model has no layer {name!r}") from None
-        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear if isinstance(module, nn.Linear) else None
+        cls = quant_class_for(module)
         if cls is None:
             raise ValueError(f"quantize_layers: {name!r} is a {type(module).__name__}, not a Conv2d or Linear")
         model.set_submodule(name, cls.from_float(module, layer_config, name=name))

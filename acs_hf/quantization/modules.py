@@ -13,7 +13,7 @@ from torch import nn
 
 from .lsq import LSQQuantizer, check_bits
 
-__all__ = ["LayerQuantConfig", "QuantConv2d", "QuantLinear", "QuantModule", "is_quantizable"]
+__all__ = ["LayerQuantConfig", "QuantConv2d", "QuantLinear", "QuantModule", "is_quantizable", "quant_class_for"]
 
 
 @dataclass(frozen=True)
@@ -184,3 +184,10 @@ def is_quantizable(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return type(module).forward is nn.Linear.forward or type(module) is TimmLinear
     return False
+
+
+def quant_class_for(module: nn.Module) -> type[QuantModule] | None:
+    """The quantized class that replaces ``module`` (``None`` for anything but Conv2d / Linear)."""
+    if isinstance(module, nn.Conv2d):
+        return QuantConv2d
+    return QuantLinear if isinstance(module, nn.Linear) else None
