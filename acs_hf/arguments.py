@@ -162,6 +162,19 @@ class DataArguments:
         default=False, metadata={"help": "Drop (and count) images that cannot be decoded instead of failing."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory."})
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes for the --skip_bad_images check (default: every core for 20,000 rows or more). It runs "
+            "once per node, on the local main process, and datasets caches it for the other ranks and resumes."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or unset, got {value!r}")
 
 
 @dataclass

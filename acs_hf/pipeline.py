@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 
 from ._io import atomic_write, atomic_write_json
 from .arguments import ACSArguments, DataArguments, ModelArguments, RunArguments
-from .data import DIGITS, class_names, detect_columns, load_image_datasets, prepare_datasets
+from .data import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
 from .hub import HubPushError, push_folder_to_hub, write_model_card
 from .metrics import make_compute_metrics, preprocess_logits_for_metrics
 from .qat_trainer import ImageClassificationTrainer
@@ -29,7 +29,7 @@ from .run_checks import output_dir_lock, preflight
 from .selection import coreset_size
 from .trainer import ACSTrainer
 
-__all__ = ["run_acs", "check_model_name", "default_output_dir", "model_size_kwargs"]
+__all__ = ["run_acs", "prepare_run_data", "check_model_name", "default_output_dir", "model_size_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,30 +190,46 @@ def _load_warmup(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
+def prepare_run_data(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> tuple[ImageDatasets, torch.nn.Module]:
+    """Load and prepare the data and build the FP model, on each node's main process first.
+
+    The other processes of the node wait, then find the main one's work in the ``datasets`` and
+    Hub caches (downloads, arrow files, the ``--skip_bad_images`` check), instead of repeating it
+    at the same time on the same files.
+    """
+    with training_args.main_process_first(local=True, desc="dataset preparation"):
+        raw = load_image_datasets(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            data_args.train_dir,
+            data_args.validation_dir,
+            cache_dir=data_args.cache_dir,
+            seed=training_args.seed,
+        )
+        image_column, label_column = detect_columns(raw["train"], data_args.image_column, data_args.label_column)
+        names = class_names(raw["train"], label_column)
+        torch.manual_seed(training_args.seed)
+        fp_model = _create_model(model_args.model_name, model_args.pretrained, len(names), model_args.image_size)
+        ds = prepare_datasets(
+            raw,
+            fp_model,
+            image_column,
+            label_column,
+            image_size=model_args.image_size,
+            max_train_samples=data_args.max_train_samples,
+            max_eval_samples=data_args.max_eval_samples,
+            skip_bad_images=data_args.skip_bad_images,
+            seed=training_args.seed,
+            num_proc=data_args.preprocessing_num_workers,
+        )
+    return ds, fp_model
+
+
 def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) -> tuple[dict[str, Any], ACSTrainer]:
-    raw = load_image_datasets(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        data_args.train_dir,
-        data_args.validation_dir,
-        cache_dir=data_args.cache_dir,
-        seed=training_args.seed,
-    )
-    image_column, label_column = detect_columns(raw["train"], data_args.image_column, data_args.label_column)
-    names = class_names(raw["train"], label_column)
-    torch.manual_seed(training_args.seed)
-    fp_model = _create_model(model_args.model_name, model_args.pretrained, len(names), model_args.image_size)
-    ds = prepare_datasets(
-        raw,
-        fp_model,
-        image_column,
-        label_column,
-        image_size=model_args.image_size,
-        max_train_samples=data_args.max_train_samples,
-        max_eval_samples=data_args.max_eval_samples,
-        skip_bad_images=data_args.skip_bad_images,
-        seed=training_args.seed,
-    )
+    ds, fp_model = prepare_run_data(model_args, data_args, training_args)
+    names = list(ds.id2label.values())
     if not acs_args.create_selector().selects_all:
         coreset_size(len(ds.train_dataset), acs_args.fraction)  # a coreset of 0 samples fails here, not mid-run
     compute_metrics = make_compute_metrics(k=min(5, len(names)))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class TeacherCache:
         self._new: torch.Tensor | None = None  # rows computed by this process, growing
         self._new_index: list[torch.Tensor] = []
         self._size = 0
+        self._reserved: int | None = None
         self.complete = False
         if self.directory is not None and (self.directory / self.META_NAME).is_file():
             self._open()
@@ -95,6 +97,11 @@ class TeacherCache:
         return sum(b.shape[0] * b.shape[1] * 2 for b in self._blocks) + (
             0 if self._new is None else self._size * self._new.shape[1] * 2
         )
+
+    def reserve(self, rows: int) -> None:
+        """Allocate room for ``rows`` new entries at the first :meth:`put` (growing by doubling
+        would hold up to 3x the cache in memory while it copies)."""
+        self._reserved = max(int(rows), 1)
 
     def get(self, indices: torch.Tensor) -> torch.Tensor | None:
         """float16 probabilities [B, C] when every index is cached, else None."""
@@ -124,7 +131,8 @@ class TeacherCache:
         uniq, first = np.unique(indices.numpy(), return_index=True)
         indices, probs = torch.from_numpy(uniq), probs[torch.from_numpy(first)]
         if self._new is None:
-            self._new = torch.empty(max(1024, len(indices)), probs.shape[1], dtype=torch.float16)
+            rows = max(self._reserved or 1024, len(indices))
+            self._new = torch.empty(rows, probs.shape[1], dtype=torch.float16)
         needed = self._size + len(indices)
         if needed > self._new.shape[0]:
             grown = torch.empty(max(needed, 2 * self._new.shape[0]), probs.shape[1], dtype=torch.float16)
@@ -226,6 +234,7 @@ def score_dataset(
     teacher_cache: TeacherCache | None = None,
     forward_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor] = default_forward,
     desc: str = "Scoring",
+    timings: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sample statistics of the whole training set, identical on every process.
 
@@ -239,6 +248,10 @@ def score_dataset(
         teacher: FP model for ``ds``; with ``teacher_cache`` it runs only for rows not cached yet.
         teacher_cache: see :class:`TeacherCache`; finalised at the end of this pass.
         forward_fn: ``(model, batch) -> logits``.
+        timings: if given, filled with this process's seconds spent waiting for batches
+            (``data_seconds``), in the student and its statistics (``student_seconds``), in the
+            teacher or its cache (``teacher_seconds``) and in the gather (``gather_seconds``).
+            On a GPU the first three are host-side times (kernels run asynchronously).
 
     Returns a dict of float32 ``[N]`` CPU tensors, one per statistic, plus ``labels`` (int64).
     Models run in eval mode under ``torch.inference_mode`` and the accelerator's autocast; their
@@ -253,12 +266,24 @@ def score_dataset(
     device = accelerator.device
     local: dict[str, list[torch.Tensor]] = {k: [] for k in (*stats, "labels", INDEX_KEY)}
     teacher_calls = 0
+    spent = dict.fromkeys(("data_seconds", "student_seconds", "teacher_seconds", "gather_seconds"), 0.0)
+    clock = time.perf_counter()
+
+    def lap(key: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        spent[key] += now - clock
+        clock = now
+
+    if needs_teacher and teacher_cache is not None and not teacher_cache.complete:
+        teacher_cache.reserve(_rows_per_process(dataloader, accelerator))
     try:
         for m, _ in modes:
             m.eval()
         bar = tqdm(dataloader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
         with torch.inference_mode():
             for batch in bar:
+                lap("data_seconds")
                 labels, index = batch["labels"].to(device), batch[INDEX_KEY].to(device)
                 local["labels"].append(labels.long())
                 local[INDEX_KEY].append(index.long())
@@ -266,6 +291,7 @@ def score_dataset(
                     continue
                 with accelerator.autocast():
                     logits = forward_fn(student, batch)
+                lap("student_seconds")
                 p_t = None
                 if needs_teacher:
                     p_t = teacher_cache.get(index) if teacher_cache is not None else None
@@ -278,15 +304,30 @@ def score_dataset(
                             teacher_cache.put(index, p_t)
                             p_t = p_t.half()  # every round then sees the same cached values
                     p_t = p_t.to(device)
+                    lap("teacher_seconds")
                 for name, value in batch_statistics(stats, logits, labels, p_t).items():
                     local[name].append(value.float())
+                lap("student_seconds")
     finally:
         for m, training in modes:
             m.train(training)
     if teacher_cache is not None and needs_teacher:
         teacher_cache.finalize(accelerator.wait_for_everyone, accelerator.is_main_process)
+        lap("teacher_seconds")
     logger.debug("scoring pass: %d teacher forwards on process %d", teacher_calls, accelerator.process_index)
-    return _gather(local, num_samples, accelerator)
+    out = _gather(local, num_samples, accelerator)
+    lap("gather_seconds")
+    if timings is not None:
+        timings.update(spent)
+    return out
+
+
+def _rows_per_process(dataloader, accelerator: Accelerator) -> int:
+    """Rows this process will score: its batches times the per-process batch size (accelerate's
+    prepared loaders report the global one), so the teacher cache is allocated once."""
+    batch_size = getattr(dataloader, "total_batch_size", None)
+    batch_size = batch_size // accelerator.num_processes if batch_size else (dataloader.batch_size or 1)
+    return len(dataloader) * batch_size
 
 
 def _gather(local: dict[str, list[torch.Tensor]], num_samples: int, accelerator: Accelerator) -> dict:

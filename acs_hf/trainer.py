@@ -66,7 +66,9 @@ class ACSTrainer(QATTrainer):
         teacher_model: frozen FP model for distillation and the DS score.
         score_dataset: the training set under the eval transform, same order and length as
             ``train_dataset``, yielding ``pixel_values``, ``labels`` and ``index``. Needed by every
-            selector that scores (all but ``full``); also used for calibration.
+            selector that scores (all but ``full``); also used for calibration. When it has a
+            ``labels`` attribute (an ``[N]`` integer array, as ``acs_hf.data`` views have), the
+            label-only selectors (``random_*``) read it and decode no image.
         report_selection: add a :class:`~acs_hf.reporting.SelectionReporter` (JSONL, subsets, plot).
         data_fingerprint: identifies the training set as indexed (``acs_hf.data`` computes one from
             the ``datasets`` fingerprint, N and the labels); a resume on other data is refused.
@@ -168,29 +170,37 @@ class ACSTrainer(QATTrainer):
 
     def select(self, epoch: int, num_epochs: float) -> torch.Tensor:
         """Score every training sample, select the coreset for ``epoch`` and hand it to the sampler."""
-        model = self.accelerator.unwrap_model(self.model)
-        if self.selector.needs_model:
-            self._sync_buffers(model)
         start = time.perf_counter()
-        stats = score_dataset(
-            model,
-            self._score_dataloader(),
-            self.accelerator,
-            self.selector.required_stats,
-            self.num_samples,
-            teacher=self.teacher_model,
-            teacher_cache=self._get_teacher_cache(),
-            desc=f"ACS scoring (epoch {epoch})",
-        )
+        timings: dict[str, float] = {}
+        labels = self._dataset_labels() if not self.selector.required_stats else None
+        if labels is not None:  # label-only selectors (random_*): no image is decoded
+            stats = {"labels": labels}
+        else:
+            model = self.accelerator.unwrap_model(self.model)
+            if self.selector.needs_model:
+                self._sync_buffers(model)
+            stats = score_dataset(
+                model,
+                self._score_dataloader(),
+                self.accelerator,
+                self.selector.required_stats,
+                self.num_samples,
+                teacher=self.teacher_model,
+                teacher_cache=self._get_teacher_cache(),
+                desc=f"ACS scoring (epoch {epoch})",
+                timings=timings,
+            )
         scoring_seconds = time.perf_counter() - start
         generator = selection_generator(self.acs_args.selection_seed, epoch)
         subset = self.selector.select(stats, epoch, max(num_epochs, 1), self.acs_args.fraction, generator)
+        timings["select_seconds"] = time.perf_counter() - start - scoring_seconds
         self._check_same_subset(subset)
         previous, self.subset = self.subset, subset
         self.selected_epoch = epoch
         self.selection_round += 1
         self._coreset_sampler.set_subset(subset)
         record = self._record(epoch, num_epochs, subset, previous, stats, scoring_seconds)
+        record.update({k: round(v, 3) for k, v in timings.items()})
         self.history.append(record)
         for callback in self.callback_handler.callbacks:
             if hasattr(callback, "on_selection"):
@@ -203,6 +213,14 @@ class ACSTrainer(QATTrainer):
             self.selection_round, epoch, subset.numel(), self.num_samples, record["subset_hash"], scoring_seconds,
         )  # fmt: skip
         return subset
+
+    def _dataset_labels(self) -> torch.Tensor | None:
+        """Every training label without touching an image, when the score dataset offers them as
+        a ``labels`` array of length N (``acs_hf.data.ImageView`` does); else None."""
+        labels = getattr(self.score_dataset, "labels", None)
+        if labels is None or len(labels) != self.num_samples:
+            return None
+        return torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
     def _sync_buffers(self, model: nn.Module) -> None:
         """Every process scores with rank 0's buffers. DDP syncs them only at the start of each

@@ -2,10 +2,12 @@
 
 Usage: ddp_script.py OUT_DIR JOBS_JSON [--no_use_cpu]
 
-JOBS_JSON is a list of trainings run one after the other in the same two processes (one launch,
-several runs): ``{"run": NAME, "save_steps": K?, "resume": CHECKPOINT?, "diverge": bool?}``; with
-``diverge`` rank 1 selects another subset than rank 0. Writes started_rank<r>
-first (the launch worked), then <run>_rank<r>.json with what each process saw.
+JOBS_JSON is a list of jobs run one after the other in the same two processes (one launch,
+several runs): trainings ``{"run": NAME, "save_steps": K?, "resume": CHECKPOINT?, "diverge": bool?}``
+(with ``diverge`` rank 1 selects another subset than rank 0), or ``{"run": NAME, "prepare": DIR}``,
+which prepares the parquet dataset in DIR with ``--skip_bad_images`` as run_acs does, logging every
+image check to <run>_checks/. Writes started_rank<r> first (the launch worked), then
+<run>_rank<r>.json with what each process saw.
 """
 
 import json
@@ -23,8 +25,36 @@ rank = int(os.environ.get("RANK", "0"))
 out.mkdir(parents=True, exist_ok=True)
 (out / f"started_rank{rank}").write_text("1")
 
+
+def prepare(job: dict) -> dict:
+    from transformers import TrainingArguments
+
+    import acs_hf.data
+    from acs_hf.arguments import DataArguments, ModelArguments
+    from acs_hf.pipeline import prepare_run_data
+
+    checks = out / f"{job['run']}_checks"
+    checks.mkdir(exist_ok=True)
+    decodable = acs_hf.data._decodable
+
+    def logged_decodable(value, _checks=str(checks), _decodable=decodable):
+        with open(os.path.join(_checks, str(os.getpid())), "a") as f:
+            f.write("1\n")
+        return _decodable(value)
+
+    acs_hf.data._decodable = logged_decodable
+    data_args = DataArguments(dataset_name=job["prepare"], skip_bad_images=True, cache_dir=str(out / "hf_cache"))
+    model_args = ModelArguments(model_name="test_resnet", pretrained=False, image_size=16)
+    args = TrainingArguments(output_dir=str(out / job["run"]), use_cpu=True, report_to=[])
+    ds, _ = prepare_run_data(model_args, data_args, args)
+    return {"num_skipped": ds.num_skipped, "train_rows": len(ds.train_dataset), "fingerprint": ds.fingerprint}
+
+
 trainer = None
 for job in jobs:
+    if "prepare" in job:
+        (out / f"{job['run']}_rank{rank}.json").write_text(json.dumps(prepare(job)))
+        continue
     save = {"save_strategy": "steps", "save_steps": job["save_steps"]} if job.get("save_steps") else {}
     trainer = acs_trainer(
         out / job["run"],

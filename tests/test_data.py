@@ -136,3 +136,25 @@ def test_bad_image_named_or_skipped(tmp_path, model):
     assert [skipped.score_dataset[i]["index"] for i in range(5)] == list(range(5))
     labels = np.array([skipped.score_dataset[i]["labels"] for i in range(5)])
     assert labels.tolist() == [r for i, r in enumerate(rows["label"]) if i != 4]
+
+
+def test_column_values_match_row_by_row_reads():
+    """The arrow path gives what reading every row does, through shuffle, select and filter maps."""
+    from acs_hf.data import column_values
+
+    ds = Dataset.from_dict({"label": [7, 3, 9, 1, 4, 4, 8], "x": list(range(7))})
+    views = [ds, ds.shuffle(seed=3), ds.shuffle(seed=3).select([5, 0, 2]), ds.filter(lambda r: r["x"] % 2 == 0)]
+    for view in views:
+        assert column_values(view, "label").tolist() == [view[i]["label"] for i in range(len(view))]
+
+
+def test_views_keep_the_table_and_offer_labels(model):
+    """Selecting and filtering keep an index map (no copy of the image bytes), and ``labels``
+    equals the labels the rows yield."""
+    ds = prepare_datasets(digits_dataset(), model, image_size=16, max_train_samples=200, skip_bad_images=True)
+    assert ds.train_dataset.dataset._indices is not None  # not flattened into a new table
+    expected = [ds.score_dataset[i]["labels"] for i in range(len(ds.score_dataset))]
+    assert ds.score_dataset.labels.tolist() == expected and ds.score_dataset.labels.dtype == np.int64
+    batch = ds.score_dataset.__getitems__([3, 1])
+    assert [b["index"] for b in batch] == [3, 1]
+    assert torch.equal(batch[0]["pixel_values"], ds.score_dataset[3]["pixel_values"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from trainer_utils import acs_trainer, tiny_dataset
+from trainer_utils import acs_trainer, tiny_dataset, write_parquet_dataset
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,16 +51,28 @@ def two_process_run(tmp_path_factory):
         ds=tiny_dataset(N),
     )
     alone.train()
+    write_parquet_dataset(out / "parquet", {"train": 30, "validation": 9}, bad_rows={"train": [4], "validation": [2]})
     jobs = [
+        {"run": "prepared", "prepare": str(out / "parquet")},
         {"run": "run", "save_steps": 1},
         {"run": "resumed", "resume": str(out / "run" / "checkpoint-3")},
         {"run": "two", "resume": str(out / "one" / "checkpoint-6")},
         {"run": "diverged", "diverge": True},
     ]
     proc = launch(out, jobs)
-    for job in jobs[:3]:  # the runs before the diverged one completed on both processes
+    for job in jobs[:4]:  # the runs before the diverged one completed on both processes
         assert all((out / f"{job['run']}_rank{r}.json").is_file() for r in (0, 1)), (job, proc.stderr[-4000:])
     return out, [r["subset_hash"] for r in alone.history], proc
+
+
+def test_two_processes_prepare_the_data_once(two_process_run):
+    """The local main process loads the parquet dataset and checks every image; rank 1 waits, then
+    reuses the cached filter: 39 checks in all (30 + 9 rows), not 78, and the same data."""
+    out, _, _ = two_process_run
+    r0, r1 = result(out, "prepared", 0), result(out, "prepared", 1)
+    assert r0 == r1 == {"num_skipped": 2, "train_rows": 29, "fingerprint": r0["fingerprint"]}
+    checks = [len(p.read_text().splitlines()) for p in (out / "prepared_checks").iterdir()]
+    assert sum(checks) == 30 + 9 and len(checks) == 1  # one process checked every image once
 
 
 def test_two_processes_agree_and_split_batches(two_process_run):

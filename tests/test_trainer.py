@@ -78,6 +78,35 @@ def test_random_dynamic_changes_every_round(tmp_path):
     assert len({r["subset_hash"] for r in trainer.history}) == 3
 
 
+class LabelledView(torch.utils.data.Dataset):
+    """A score view that offers its labels, as acs_hf.data's views do."""
+
+    def __init__(self, ds):
+        self.ds, self.labels = ds, np.asarray(ds["labels"])
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+@pytest.mark.parametrize("method", ["random_dynamic", "random_static"])
+def test_label_only_selectors_decode_no_image(tmp_path, method):
+    """With a score view that offers ``labels``, random selection never runs the scoring loader
+    and picks the subsets that the pass over the loader picks."""
+    ds = tiny_dataset()
+    acs = {"selection_method": method, "selection_interval": 1}
+    through_loader = acs_trainer(tmp_path / "a", acs, {"num_train_epochs": 3}, ds=ds)
+    through_loader.train()
+    from_labels = acs_trainer(tmp_path / "b", acs, {"num_train_epochs": 3}, ds=ds)
+    from_labels.score_dataset = LabelledView(ds)
+    from_labels._score_dataloader = lambda: pytest.fail("the scoring loader ran for a label-only selector")
+    from_labels.train()
+    assert [r["subset_hash"] for r in from_labels.history] == [r["subset_hash"] for r in through_loader.history]
+    assert "data_seconds" in through_loader.history[0] and "data_seconds" not in from_labels.history[0]
+
+
 def test_full_equals_plain_trainer_order(tmp_path):
     ds = tiny_dataset()
     acs = acs_trainer(tmp_path / "acs", {"selection_method": "full", "fraction": 1.0}, {"num_train_epochs": 2}, ds=ds)

@@ -26,6 +26,31 @@ def tiny_dataset(n: int = 48, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"pixel_values": x, "labels": labels, "index": np.arange(n)}).with_format("torch")
 
 
+def write_parquet_dataset(root, splits: dict[str, int], num_classes: int = 3, bad_rows: dict | None = None) -> None:
+    """A local dataset stored as the Hub stores image datasets: ``data/<split>-00000-of-00001.parquet``
+    with an ``image`` (PNG bytes) and a ClassLabel ``label`` column. ``bad_rows`` maps a split to
+    row numbers whose bytes are not an image."""
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"c{i}" for i in range(num_classes)])}
+    )
+    data = Path(root) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for split, n in splits.items():
+        images = []
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.new("RGB", (12, 10), color=(40 * (i % num_classes), i % 255, 0)).save(buf, format="PNG")
+            bad = i in (bad_rows or {}).get(split, ())
+            images.append({"bytes": b"not an image" if bad else buf.getvalue(), "path": None})
+        ds = datasets.Dataset.from_dict({"image": images, "label": [i % num_classes for i in range(n)]}, features)
+        ds.to_parquet(str(data / f"{split}-00000-of-00001.parquet"))
+
+
 #: timm's test-sized ResNet (BasicBlock and Bottleneck, BatchNorm, deep stem): fast, and every
 #: layer type the trainer handles in ResNet-18.
 TINY_MODEL = "test_resnet"
