@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 RECORD_NAME = "acs_selection.jsonl"
 PLOT_NAME = "acs_selection.png"
 SUBSET_DIR = "selection"
+MAX_STACKED_CLASSES = 20  # beyond this the per-class share is drawn as an image
 
 
 class SelectionReporter(TrainerCallback):
@@ -75,11 +76,16 @@ def plot_selection_history(history: list[dict[str, Any]], path: Path) -> Path:
     width = max(len(r["class_counts"]) for r in history)
     counts = np.array([r["class_counts"] + [0] * (width - len(r["class_counts"])) for r in history], dtype=float)
     share = counts / counts.sum(1, keepdims=True)
-    bottom = np.zeros(len(history))
-    for c in range(share.shape[1]):
-        axes[2].bar(range(len(history)), share[:, c], bottom=bottom, width=0.8)
-        bottom += share[:, c]
-    axes[2].set(title="Per-class share of the subset", xlabel="round", ylim=(0, 1))
+    if share.shape[1] <= MAX_STACKED_CLASSES:
+        bottom = np.zeros(len(history))
+        for c in range(share.shape[1]):
+            axes[2].bar(range(len(history)), share[:, c], bottom=bottom, width=0.8)
+            bottom += share[:, c]
+        axes[2].set(title="Per-class share of the subset", xlabel="round", ylim=(0, 1))
+    else:  # one bar per class and round would take seconds to draw at ImageNet's 1,000 classes
+        image = axes[2].imshow(share.T, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis")
+        fig.colorbar(image, ax=axes[2], label="share of the subset")
+        axes[2].set(title="Per-class share of the subset", xlabel="round", ylabel="class")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     return path
