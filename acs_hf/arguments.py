@@ -80,6 +80,14 @@ class ACSArguments(QATArguments):
             "caching; 'memory' keeps it in RAM)."
         },
     )
+    score_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cache the decoded scoring view (uint8 at the score resolution) in a temporary folder here, "
+            "so that scoring rounds after the first decode no image. Same scores; removed when training ends. "
+            "Needs N x H x W x 3 bytes of local disk (ImageNet at 224: 193 GB across all processes)."
+        },
+    )
     selection_seed: int = field(default=0, metadata={"help": "Seed of the random selectors."})
 
     def __post_init__(self) -> None:

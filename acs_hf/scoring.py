@@ -250,7 +250,8 @@ def score_dataset(
         forward_fn: ``(model, batch) -> logits``.
         timings: if given, filled with this process's seconds spent waiting for batches
             (``data_seconds``), in the student and its statistics (``student_seconds``), in the
-            teacher or its cache (``teacher_seconds``) and in the gather (``gather_seconds``).
+            teacher or its cache (``teacher_seconds``), waiting for the other processes to finish
+            (``wait_seconds``) and in the gather (``gather_seconds``).
             On a GPU the first three are host-side times (kernels run asynchronously).
 
     Returns a dict of float32 ``[N]`` CPU tensors, one per statistic, plus ``labels`` (int64).
@@ -266,7 +267,7 @@ def score_dataset(
     device = accelerator.device
     local: dict[str, list[torch.Tensor]] = {k: [] for k in (*stats, "labels", INDEX_KEY)}
     teacher_calls = 0
-    spent = dict.fromkeys(("data_seconds", "student_seconds", "teacher_seconds", "gather_seconds"), 0.0)
+    spent = dict.fromkeys(("data_seconds", "student_seconds", "teacher_seconds", "wait_seconds", "gather_seconds"), 0.0)
     clock = time.perf_counter()
 
     def lap(key: str) -> None:
@@ -315,6 +316,9 @@ def score_dataset(
         teacher_cache.finalize(accelerator.wait_for_everyone, accelerator.is_main_process)
         lap("teacher_seconds")
     logger.debug("scoring pass: %d teacher forwards on process %d", teacher_calls, accelerator.process_index)
+    if accelerator.num_processes > 1:  # time the wait for the slowest process apart from the gather itself
+        accelerator.wait_for_everyone()
+        lap("wait_seconds")
     out = _gather(local, num_samples, accelerator)
     lap("gather_seconds")
     if timings is not None:

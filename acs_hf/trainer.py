@@ -29,11 +29,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import ACSArguments
 from .checkpointing import check_resume_layout, load_acs_state, save_acs_state
+from .data import ImageView
 from .qat_trainer import QATTrainer
 from .reporting import SelectionReporter
 from .sampler import CoresetSampler, subset_hash
 from .scoring import TeacherCache, score_dataset
 from .selection import coreset_size, selection_generator
+from .view_cache import ScoreViewCache, split_transform
 
 __all__ = ["ACSTrainer"]
 
@@ -107,6 +109,13 @@ class ACSTrainer(QATTrainer):
                 f"score_dataset has {len(score_dataset)} examples, train_dataset {self.num_samples}; "
                 "they must be the same examples in the same order"
             )
+        if acs_args.score_cache_dir and self.selector.required_stats:  # refused now, not at the first round
+            if not isinstance(score_dataset, ImageView):
+                raise ValueError(
+                    f"score_cache_dir={acs_args.score_cache_dir!r} needs a score_dataset from acs_hf.data "
+                    f"(ImageView), got {type(score_dataset).__name__}; unset score_cache_dir for other datasets"
+                )
+            split_transform(score_dataset.transform)
         if "ds" in self.selector.required_stats and teacher_model is None:
             raise ValueError(
                 f"selection_method={acs_args.selection_method!r} (schedule {acs_args.evs_schedule!r}) uses the "
@@ -123,6 +132,7 @@ class ACSTrainer(QATTrainer):
         self._coreset_sampler: CoresetSampler | None = None
         self._score_loader: DataLoader | None = None
         self._teacher_cache: TeacherCache | None = None
+        self._score_view_cache: ScoreViewCache | None = None
         self.selection_round = 0
         self.selected_epoch: int | None = None
         self.subset: torch.Tensor | None = None
@@ -146,10 +156,22 @@ class ACSTrainer(QATTrainer):
     def calibration_batch_size(self) -> int:
         return self.acs_args.score_batch_size or self.args.per_device_eval_batch_size
 
+    def train(self, *args: Any, **kwargs: Any):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._score_view_cache is not None:  # decoded pixels are temporary, whatever happened
+                self._score_view_cache.close()
+                self._score_view_cache, self._score_loader = None, None
+
     def _score_dataloader(self) -> DataLoader:
         if self._score_loader is None:
+            dataset = self.score_dataset
+            if self.acs_args.score_cache_dir:
+                tag = f"rank{self.accelerator.process_index}"
+                dataset = self._score_view_cache = ScoreViewCache(dataset, self.acs_args.score_cache_dir, tag=tag)
             loader = DataLoader(
-                self.score_dataset,
+                dataset,
                 batch_size=self.calibration_batch_size,
                 shuffle=False,
                 collate_fn=self.data_collator,
@@ -191,6 +213,17 @@ class ACSTrainer(QATTrainer):
                 timings=timings,
             )
         scoring_seconds = time.perf_counter() - start
+        if (
+            self.selection_round == 0
+            and self.selector.dynamic
+            and not self.acs_args.score_cache_dir
+            and timings.get("data_seconds", 0.0) > 0.5 * scoring_seconds
+        ):
+            logger.info(
+                "ACS scoring waited %.1f of %.1f s for images; --score_cache_dir DIR decodes them only in the first "
+                "round (see ACSArguments.score_cache_dir for the disk it needs)",
+                timings["data_seconds"], scoring_seconds,
+            )  # fmt: skip
         generator = selection_generator(self.acs_args.selection_seed, epoch)
         subset = self.selector.select(stats, epoch, max(num_epochs, 1), self.acs_args.fraction, generator)
         timings["select_seconds"] = time.perf_counter() - start - scoring_seconds

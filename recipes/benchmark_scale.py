@@ -207,7 +207,7 @@ def run_size(n: int, args, work: Path) -> dict:
     cache_mb = trainer._teacher_cache.nbytes / 2**20 if trainer._teacher_cache is not None else 0.0
     rounds = []
     for i, record in enumerate(trainer.history):
-        part = {k: record.get(k, 0.0) for k in ("data_seconds", "student_seconds", *OUTSIDE[:3])}
+        part = {k: record.get(k, 0.0) for k in ("data_seconds", "student_seconds", "wait_seconds", *OUTSIDE[:3])}
         part.update(
             record_seconds=reporter.seconds[i] if i < len(reporter.seconds) else 0.0,
             sampler_seconds=sampler_seconds,
@@ -260,7 +260,7 @@ def launch_distributed(args, n: int, work: Path) -> list[dict]:
 
 
 def print_table(results: list[dict]) -> None:
-    parts = ("data_seconds", "student_seconds", *OUTSIDE, "outside_forward_seconds")
+    parts = ("data_seconds", "student_seconds", "wait_seconds", *OUTSIDE, "outside_forward_seconds")
     print(
         f"\n{'part (last round, s)':28s}" + "".join(f"{r['n']:>11d}{'x' + str(r['world_size']):>4s}" for r in results)
     )

@@ -10,6 +10,8 @@ shared machine slows both sides of a pair alike instead of biasing one of them.
 Keys (targets in brackets):
     qat_over_fp_step        W4A4 ResNet-18 train step over the FP one, fused LSQ kernels [<= 1.25]
     qat_over_fp_step_eager  the same with the plain (unfused) PyTorch kernels
+    qat_over_fp_step_compiled_model  torch.compile over the whole quantized model (LSQ op traced)
+                            over torch.compile over the FP model [GPU: <= 1.4, stretch 1.25]
     checkpoint_compression  fp32 state-dict bytes over packed 4-bit checkpoint bytes [>= 7]
     checkpoint_compression_2bit                   ... over packed 2-bit bytes [>= 12]
     select_seconds_1m       select_coreset on 1.28M scores, 1000 classes
@@ -21,6 +23,12 @@ Keys (targets in brackets):
 The wall-clock runs use synthetic class-dependent images held in memory (so data loading does not
 dominate), R = 10 epochs and f = 0.1 as in the paper; --quick trains on fewer samples
 (--wallclock_samples) for the same 10 epochs, i.e. one selection round.
+
+--data jpeg replaces the in-memory runs by the real data path (recipes/jpeg_speed.py): 500x375
+JPEGs in a datasets Image column, timm transforms in --num_workers DataLoader workers, keys
+decode_images_per_s_per_worker, train_images_per_s, score_images_per_s_first/_later,
+score_round_speedup_after_first (decoded score-view cache; target >= 2 on CPU) and
+acs_over_full_wallclock against ideal_acs_over_full with decoding in the cost model.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import copy
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -54,6 +63,9 @@ from acs_hf import (
 )
 from acs_hf.quantization import WEIGHTS_NAME
 from acs_hf.scoring import TeacherCache, score_dataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from jpeg_speed import bench_jpeg  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -103,6 +115,19 @@ def bench_qat_step(args, device: torch.device) -> dict:
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     fp = timm.create_model("resnet18", num_classes=1000).to(device).to(memory_format=fmt).train()
     results = {}
+    if "compiled_model" not in args.skip:
+        # The whole graph compiled: each activation's fake quant can fuse with the BN and ReLU before it.
+        qat = quantize_model(copy.deepcopy(fp), QuantConfig(4, 4, 8))
+        calibrate_quantizers(qat, [x[:32]])
+        fp_c, qat_c = torch.compile(copy.deepcopy(fp)), torch.compile(qat.train())
+        fp_step, qat_step = make_train_step(fp_c, x, y, args.bf16), make_train_step(qat_c, x, y, args.bf16)
+        for _ in range(args.warmup):  # the compilation itself
+            fp_step()
+            qat_step()
+        r = ab_pairs(fp_step, qat_step, args.pairs, device)
+        results["qat_over_fp_step_compiled_model"] = r["ratio"]
+        results["fp_compiled_train_images_per_s"] = args.batch_size / r["a_seconds"]
+        results["qat_compiled_model_train_images_per_s"] = args.batch_size / r["b_seconds"]
     for compiled in (False, True):
         qat = quantize_model(copy.deepcopy(fp), QuantConfig(4, 4, 8, compile_kernels=compiled))
         calibrate_quantizers(qat, [x[:32]])
@@ -260,6 +285,8 @@ def bench_scoring(args, device: torch.device) -> dict:
 
 TARGETS = {
     "qat_over_fp_step": ("<=", 1.25),
+    "qat_over_fp_step_compiled_model": ("<=", 1.4),
+    "score_round_speedup_after_first": (">=", 2.0),
     "checkpoint_compression": (">=", 7.0),
     "checkpoint_compression_2bit": (">=", 12.0),
     "scoring_over_inference": (">=", 0.85),
@@ -296,8 +323,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--wallclock_pairs", type=int, default=None, help="ACS/full run pairs (default 2 quick, 3)")
     parser.add_argument("--num_workers", type=int, default=0, help="data workers of the wall-clock/scoring runs")
     parser.add_argument("--compile_in_runs", action="store_true", help="fused LSQ kernels in the wall-clock runs")
+    parser.add_argument("--data", choices=["synthetic", "jpeg"], default="synthetic", help="see the module docstring")
+    parser.add_argument("--jpeg_dir", default=None, help="--data jpeg: JPEG set cache (default: temp)")
+    parser.add_argument("--jpeg_samples", type=int, default=None, help="--data jpeg: training images (256 quick, 1024)")
+    parser.add_argument("--jpeg_model", default=None, help="--data jpeg: timm model (default resnet18 on cuda)")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["step", "checkpoint", "select", "scoring", "wallclock"]
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["step", "compiled_model", "checkpoint", "select", "scoring", "wallclock", "jpeg"],
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -306,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.wallclock_samples = args.wallclock_samples or (320 if args.quick else 2000)
     args.wallclock_pairs = args.wallclock_pairs or (2 if args.quick else 3)
     args.warmup = 2
+    args.jpeg_samples = args.jpeg_samples or (256 if args.quick else 1024)
+    args.jpeg_model = args.jpeg_model or ("resnet18" if args.device == "cuda" else "mobilenetv3_small_050")
     device = torch.device(args.device)
 
     started = time.perf_counter()
@@ -316,7 +352,12 @@ def main(argv: list[str] | None = None) -> dict:
         "select": bench_select,
         "scoring": lambda: bench_scoring(args, device),
         "wallclock": lambda: bench_wallclock(args, device),
+        "jpeg": lambda: bench_jpeg(args, device),
     }
+    if args.data == "jpeg":  # the real data path replaces the in-memory runs
+        args.skip += ["scoring", "wallclock"]
+    else:
+        args.skip += ["jpeg"]
     errors = {}
     for name, bench in benches.items():
         if name not in args.skip:
@@ -340,6 +381,11 @@ def main(argv: list[str] | None = None) -> dict:
         "pairs": args.pairs,
         "wallclock_samples": args.wallclock_samples,
         "wallclock_batch_size": args.wallclock_batch_size,
+        "num_workers": args.num_workers,
+        "data": args.data,
+        "jpeg_model": args.jpeg_model if args.data == "jpeg" else None,
+        "software": {m.__name__: m.__version__ for m in (torch, transformers, timm)},
+        "command": " ".join(sys.argv),
         "seconds": time.perf_counter() - started,
     }
     print_table(results)
