@@ -294,14 +294,14 @@ TARGETS = {
 }
 
 
-def print_table(results: dict) -> None:
+def print_table(results: dict, data: str = "synthetic") -> None:
     print(f"\n{'metric':34s} {'value':>12s}  target")
     print("-" * 60)
     for key, value in results.items():
         if not isinstance(value, float):
             continue
         target = ""
-        if key in TARGETS:
+        if key in TARGETS and not (data == "jpeg" and key == "acs_over_full_wallclock"):  # R=5 there: no target
             op, bound = TARGETS[key]
             ok = value <= bound if op == "<=" else value >= bound
             target = f"{op} {bound:g}  {'met' if ok else 'MISSED'}"
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(sys.argv),
         "seconds": time.perf_counter() - started,
     }
-    print_table(results)
+    print_table(results, args.data)
     args.output_json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.output_json, results)  # never a half-written JSON
     print(f"\nwrote {args.output_json}")

@@ -184,3 +184,38 @@ def test_quantize_model_attaches_nothing_to_the_model():
     first = model.get_submodule("conv1.0")
     assert first.layer_config == LayerQuantConfig(8, 8, learn_input_step=False)
     assert first.input_quantizer.name == "conv1.0.input_quantizer"
+
+
+def test_whole_model_compiles_into_one_graph_with_eager_values():
+    """torch.compile over a quantized model traces the LSQ op into the model's graph (no break,
+    so each fake quant can fuse with its neighbours) and keeps the eager values and gradients.
+
+    The gradient check uses a net without max pooling: quantized activations tie exactly, and
+    where they tie Inductor's max-pool backward may route the gradient to another (equally valid)
+    input than eager does."""
+    torch.manual_seed(0)
+    resnet = quantize_model(timm.create_model("test_resnet", num_classes=4), QuantConfig(4, 4, 8))
+    x = torch.randn(4, 3, 32, 32)
+    calibrate_quantizers(resnet, [x])
+    explained = torch._dynamo.explain(resnet.train())(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+    model = quantize_model(net, QuantConfig(4, 4, 8))
+    x = torch.randn(8, 3, 16, 16)
+    calibrate_quantizers(model, [x])
+    model.train()
+    results = []
+    for m in (model, torch.compile(model)):
+        model.zero_grad(set_to_none=True)
+        out = m(x)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (out_e, grads_e), (out_c, grads_c) = results
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    assert grads_c.keys() == grads_e.keys() and sum(".step" in n for n in grads_e) >= 5  # steps learn too
+    for name, grad in grads_e.items():
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -100,7 +100,9 @@ class _LSQFakeQuant(torch.autograd.Function):
         dims = _layout(x, step.numel(), channel_dim)
         x2 = _as_matrix(x, dims, step.numel())
         s = step.float().clamp_min(STEP_FLOOR).view(-1, 1)
-        lo, hi = _bounds(qn, qp, x.device)
+        # Traced into a compiled model, the bounds become graph constants (and the cache is skipped).
+        bounds = _bounds.__wrapped__ if torch.compiler.is_compiling() else _bounds
+        lo, hi = bounds(qn, qp, x.device)
         ctx.save_for_backward(x2, s, lo, hi)
         ctx.grad_scale, ctx.compiled, ctx.dims, ctx.shape = grad_scale, compiled, dims, x.shape
         # Autocast off and detached (non-view) inputs: the math stays float32 and torch.compile

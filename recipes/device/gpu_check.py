@@ -60,7 +60,8 @@ for m in (model, compiled_model):
     xi = x.clone().requires_grad_()
     out = m(xi)
     out.square().mean().backward()
-    steps = [q.step.grad.clone() for q in model.modules() if isinstance(q, LSQQuantizer)]
+    quantizers = [q for q in model.modules() if isinstance(q, LSQQuantizer) and q.step.requires_grad]
+    steps = [q.step.grad.clone() if q.step.grad is not None else torch.zeros_like(q.step) for q in quantizers]
     grads.append((out.detach(), xi.grad, steps))
 (out_e, gx_e, gs_e), (out_c, gx_c, gs_c) = grads
 
