@@ -89,6 +89,13 @@ class ACSArguments(QATArguments):
         },
     )
     selection_seed: int = field(default=0, metadata={"help": "Seed of the random selectors."})
+    selection_temperature: float = field(
+        default=1.0,
+        metadata={"help": "acs_gumbel: sampling temperature on the standardised ACS score (0: top-k, inf: uniform)."},
+    )
+    selection_share: float = field(
+        default=0.5, metadata={"help": "acs_mixed: share of each quota taken by ACS top-k; the rest is random."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,8 +111,12 @@ class ACSArguments(QATArguments):
             raise ValueError(
                 f"selection_method={self.selection_method!r} is unknown; accepted: {', '.join(list_selectors())}"
             )
-        kwargs = {"schedule": self.evs_schedule} if self.selection_method == "acs" else {}
-        if self.selection_method != "acs":
+        kwargs = {
+            "acs": {"schedule": self.evs_schedule},
+            "acs_gumbel": {"schedule": self.evs_schedule, "temperature": self.selection_temperature},
+            "acs_mixed": {"schedule": self.evs_schedule, "share": self.selection_share},
+        }.get(self.selection_method, {})
+        if "schedule" not in kwargs:
             check_schedule(self.evs_schedule)  # a typo must not pass silently because acs is not used
         return create_selector(self.selection_method, class_balanced=self.class_balanced, **kwargs)
 

@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 
 from acs_hf import ACSArguments, ACSTrainer, QuantConfig, quantize_model
 from acs_hf.data import load_image_datasets, prepare_datasets
+from acs_hf.view_cache import ScoreViewCache
 
 NUM_CLASSES = 10
 JPEG_SIZE = (500, 375)  # ImageNet's typical width x height
@@ -135,8 +136,14 @@ def bench_jpeg(args, device: torch.device) -> dict:
     if args.channels_last:
         fp = fp.to(memory_format=torch.channels_last)
     probe = min(n, 128)
+    with tempfile.TemporaryDirectory() as pixels:
+        cache = ScoreViewCache(ds.score_dataset, pixels)
+        _rate(cache, probe)  # fills the cache
+        cached_rate = _rate(cache, probe)
+        cache.close()
     results = {
         "decode_images_per_s_per_worker": _rate(ds.score_dataset, probe),
+        "cached_view_images_per_s_per_worker": cached_rate,
         "decode_train_images_per_s_per_worker": _rate(ds.train_dataset, probe),
         "jpeg_kb_mean": float(np.mean([len(r["bytes"]) for r in ds.score_dataset.dataset[:probe]["image"]]) / 1024),
     }

@@ -314,3 +314,74 @@ def test_every_selector_contract(name):
         assert subset.tolist() == list(range(203))
     assert set(selector.required_stats) <= set(stats)
     assert selector.needs_model == bool(selector.required_stats)
+
+
+# ---------------------------------------------------------------- soft selectors and their limits
+def inclusion_frequency(selector, stats, fraction, draws):
+    hits = torch.zeros(stats["labels"].numel())
+    for d in range(draws):
+        hits[selector.select(stats, 2, 10, fraction, selection_generator(d, 2))] += 1
+    return hits / draws
+
+
+@pytest.mark.parametrize("name, kwargs", [("acs_gumbel", {"temperature": 0}), ("acs_mixed", {"share": 1})])
+def test_soft_selectors_at_their_top_k_limit_are_acs(name, kwargs):
+    stats = stats_for(n=203, classes=5)
+    for balanced in (True, False):
+        for epoch in (0, 4, 9):
+            want = create_selector("acs", class_balanced=balanced).select(stats, epoch, 10, 0.3)
+            got = create_selector(name, class_balanced=balanced, **kwargs).select(
+                stats, epoch, 10, 0.3, selection_generator(1, epoch)
+            )
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name, kwargs", [("acs_gumbel", {"temperature": math.inf}), ("acs_mixed", {"share": 0})])
+def test_soft_selectors_at_their_random_limit_are_uniform(name, kwargs):
+    """Strongly skewed scores, yet every sample is kept with probability f (here 0.25) within
+    5 binomial standard deviations over 2000 draws, in each class."""
+    n, draws = 40, 2000
+    stats = {"labels": torch.arange(n) % 2, "evs": torch.linspace(0, 1, n) ** 4, "ds": torch.linspace(1, 0, n) ** 4}
+    freq = inclusion_frequency(create_selector(name, **kwargs), stats, 0.25, draws)
+    assert (freq - 0.25).abs().max() < 5 * math.sqrt(0.25 * 0.75 / draws)
+
+
+def test_gumbel_draws_with_softmax_probabilities():
+    """One sample out of 8 (no class balance): the Gumbel-max draw picks sample i with probability
+    softmax(z / T)_i, z the standardised ACS score (here epoch 0: EVS alone)."""
+    n, draws, temperature = 8, 4000, 0.7
+    evs = torch.tensor([0.1, 0.5, 0.9, 0.2, 0.3, 1.3, 0.0, 0.6])
+    stats = {"labels": torch.zeros(n, dtype=torch.long), "evs": evs, "ds": torch.zeros(n)}
+    selector = create_selector("acs_gumbel", class_balanced=False, temperature=temperature)
+    hits = torch.zeros(n)
+    for d in range(draws):
+        hits[selector.select(stats, 0, 10, 1 / n, selection_generator(d, 0))] += 1
+    z = (evs.double() - evs.double().mean()) / evs.double().std(unbiased=False)
+    p = torch.softmax(z / temperature, 0)
+    assert ((hits / draws - p).abs() < 5 * torch.sqrt(p * (1 - p) / draws)).all()
+
+
+def test_mixed_keeps_the_top_share_and_fills_at_random():
+    """share 0.5, 25 per class, quota 10: the 5 best of each class always, 5 of its other 20 at random."""
+    n = 50
+    stats = {"labels": torch.arange(n) % 2, "evs": torch.arange(n, dtype=torch.float), "ds": torch.zeros(n)}
+    selector = create_selector("acs_mixed", share=0.5)
+    freq = inclusion_frequency(selector, stats, 0.4, 1500)
+    top = torch.cat([torch.arange(n)[stats["labels"] == c][-5:] for c in (0, 1)])
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[top] = False
+    assert (freq[top] == 1).all()
+    assert (freq[rest] - 5 / 20).abs().max() < 5 * math.sqrt(0.25 * 0.75 / 1500)
+
+
+def test_soft_selector_arguments():
+    from acs_hf import ACSArguments
+
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        create_selector("acs_gumbel", temperature=-1)
+    with pytest.raises(ValueError, match="share must be a number in \\[0, 1\\]"):
+        ACSArguments(selection_method="acs_mixed", selection_share=1.5)
+    selector = ACSArguments(selection_method="acs_gumbel", selection_temperature=0.25).create_selector()
+    assert selector.temperature == 0.25 and selector.describe(0, 10)["temperature"] == 0.25
+    with pytest.raises(ValueError, match="explicit torch.Generator"):
+        selector.select(stats_for(n=20, classes=2), 0, 10, 0.5)

@@ -8,11 +8,12 @@ always given) and maps them to a sorted LongTensor of dataset indices with
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 
-from .coreset import check_fraction, select_coreset
+from .coreset import check_fraction, class_quotas, coreset_size, select_coreset
 from .schedules import check_schedule, evs_weight
 
 __all__ = [
@@ -141,6 +142,87 @@ class ACSSelector(Selector):
 
     def describe(self, epoch, num_epochs):
         return {"beta": evs_weight(epoch, num_epochs, self.schedule)}
+
+
+def _gumbel(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        raise ValueError("sampling selectors need an explicit torch.Generator (see selection_generator)")
+    u = torch.rand(n, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
+    return -torch.log(-torch.log(u))
+
+
+@register_selector
+class ACSGumbelSelector(ACSSelector):
+    """ACS sampled instead of cut: the coreset is drawn without replacement, each sample with
+    probability proportional to ``exp(z / temperature)``, ``z`` the round's ACS score standardised
+    (zero mean, unit deviation, so one temperature means the same on every round and dataset).
+    Gumbel top-k: keep the top of ``z / temperature + Gumbel noise``, class-balanced and of exact
+    size like ``acs``. ``temperature=0`` is the paper's top-k (``acs``), ``inf`` a uniform draw
+    (``random_dynamic``); hard top-k over-weights outliers at small fractions, sampling keeps some
+    of the easier data (cf. InfoBatch, ICLR 2024; RS2, ICLR 2024)."""
+
+    name = "acs_gumbel"
+
+    def __init__(self, class_balanced: bool = True, schedule: str = "cosine", temperature: float = 1.0) -> None:
+        super().__init__(class_balanced, schedule)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0 (0: top-k, inf: uniform), got {temperature!r}")
+        self.temperature = float(temperature)
+
+    def scores(self, stats, epoch, num_epochs, generator):
+        score = super().scores(stats, epoch, num_epochs, generator).double()
+        if self.temperature == 0:
+            return score
+        noise = _gumbel(score.numel(), generator)
+        if math.isinf(self.temperature):
+            return noise
+        z = (score - score.mean()) / score.std(unbiased=False).clamp_min(1e-12)
+        return z / self.temperature + noise
+
+    def describe(self, epoch, num_epochs):
+        return {**super().describe(epoch, num_epochs), "temperature": self.temperature}
+
+
+@register_selector
+class ACSMixedSelector(ACSSelector):
+    """A share of the budget by ACS top-k, the rest drawn uniformly from the remaining samples.
+
+    Per class (class-balanced) or overall: of a quota ``q`` the ``round(share * q)`` highest ACS
+    scores are kept, and ``q - round(share * q)`` samples are drawn at random from the others, so
+    the size is exact. ``share=1`` is ``acs``, ``share=0`` a uniform draw (``random_dynamic``).
+    """
+
+    name = "acs_mixed"
+
+    def __init__(self, class_balanced: bool = True, schedule: str = "cosine", share: float = 0.5) -> None:
+        super().__init__(class_balanced, schedule)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"share must be a number in [0, 1], got {share!r}")
+        self.share = float(share)
+
+    def select(self, stats, epoch, num_epochs, fraction, generator=None):
+        self.check_fraction(fraction)
+        if "labels" not in stats or any(k not in stats for k in self.required_stats):
+            return super().select(stats, epoch, num_epochs, fraction, generator)  # raises, naming what is missing
+        score = self.scores(stats, epoch, num_epochs, generator).double()
+        labels = stats["labels"].long().cpu()
+        n = score.numel()
+        groups = labels if self.class_balanced else torch.zeros(n, dtype=torch.long)
+        counts = torch.bincount(groups)
+        quotas = class_quotas(counts, fraction) if self.class_balanced else torch.tensor([coreset_size(n, fraction)])
+        kept = torch.floor(quotas.double() * self.share + 0.5).long()  # round half up, like coreset_size
+        # Rank inside each group by descending score (ties: lower index), as select_coreset does.
+        by_score = torch.sort(score, descending=True, stable=True).indices
+        order = by_score[torch.sort(groups[by_score], stable=True).indices]
+        rank = torch.empty(n, dtype=torch.long)
+        rank[order] = torch.arange(n) - (torch.cumsum(counts, 0) - counts)[groups[order]]
+        keys = _gumbel(n, generator) if self.share < 1 else torch.zeros(n, dtype=torch.float64)
+        top = rank < kept[groups]  # kept first; the rest of each quota goes to the largest random keys
+        keys = torch.where(top, torch.finfo(torch.float64).max, keys)
+        return select_coreset(keys, labels, fraction, self.class_balanced)
+
+    def describe(self, epoch, num_epochs):
+        return {**super().describe(epoch, num_epochs), "share": self.share}
 
 
 #: Selectors that keep the top of one statistic of the scoring pass.
