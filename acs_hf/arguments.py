@@ -10,6 +10,10 @@ from .selection import SCHEDULES, Selector, check_schedule, create_selector, lis
 __all__ = ["QATArguments", "ACSArguments", "ModelArguments", "DataArguments", "RunArguments"]
 
 
+#: Resize interpolations timm's transforms accept.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming", "random")
+
+
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -189,11 +193,62 @@ class DataArguments:
         },
     )
 
+    # timm's augmentation controls (timm train.py's names, underscored); defaults are timm's.
+    hflip: float = field(default=0.5, metadata={"help": "Horizontal flip probability (0 for digits, text, scans)."})
+    vflip: float = field(default=0.0, metadata={"help": "Vertical flip probability."})
+    scale: list[float] = field(
+        default_factory=lambda: [0.08, 1.0], metadata={"help": "Random-resized-crop area range (two numbers)."}
+    )
+    ratio: list[float] = field(
+        default_factory=lambda: [3 / 4, 4 / 3], metadata={"help": "Random-resized-crop aspect range (two numbers)."}
+    )
+    color_jitter: float = field(default=0.4, metadata={"help": "Colour jitter strength (0: none)."})
+    auto_augment: str | None = field(
+        default=None, metadata={"help": "timm AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5-inc1."}
+    )
+    reprob: float = field(default=0.0, metadata={"help": "Random erasing probability."})
+    interpolation: str | None = field(
+        default=None, metadata={"help": "Resize interpolation: " + ", ".join(INTERPOLATIONS) + " (default: model's)."}
+    )
+    crop_pct: float | None = field(
+        default=None, metadata={"help": "Eval centre-crop share of the resized image, in (0, 1] (default: model's)."}
+    )
+
     def __post_init__(self) -> None:
         for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or unset, got {value!r}")
+        for name in ("hflip", "vflip", "reprob"):
+            if not (_finite(getattr(self, name)) and 0 <= getattr(self, name) <= 1):
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
+        if not (_finite(self.color_jitter) and self.color_jitter >= 0):
+            raise ValueError(f"color_jitter must be a number >= 0, got {self.color_jitter!r}")
+        for name, upper in (("scale", 1.0), ("ratio", math.inf)):
+            lo_hi = list(getattr(self, name))
+            if len(lo_hi) != 2 or not all(_finite(v) and v > 0 for v in lo_hi) or not lo_hi[0] <= lo_hi[1] <= upper:
+                raise ValueError(
+                    f"{name} must be two numbers 0 < low <= high{' <= 1' if upper == 1 else ''}, got {lo_hi!r}"
+                )
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+        if self.crop_pct is not None and not (_finite(self.crop_pct) and 0 < self.crop_pct <= 1):
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        if self.auto_augment:
+            from timm.data import create_transform
+
+            try:  # timm parses the policy string; a typo fails here, not in a loader worker
+                create_transform(32, is_training=True, auto_augment=self.auto_augment)
+            except Exception as e:  # timm raises assertions and value errors for bad policies
+                raise ValueError(f"auto_augment={self.auto_augment!r} is not a timm policy ({e})") from e
+
+    def augmentation(self) -> dict:
+        """Keyword arguments for :func:`acs_hf.data.prepare_datasets` ``augmentation``."""
+        return {
+            "hflip": self.hflip, "vflip": self.vflip, "scale": tuple(self.scale), "ratio": tuple(self.ratio),
+            "color_jitter": self.color_jitter, "auto_augment": self.auto_augment, "re_prob": self.reprob,
+            "interpolation": self.interpolation, "crop_pct": self.crop_pct,
+        }  # fmt: skip
 
 
 @dataclass

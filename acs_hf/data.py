@@ -135,13 +135,20 @@ def class_names(ds: Dataset, label_column: str) -> list[str]:
     return [str(i) for i in range(int(column_values(ds, label_column).max()) + 1)]
 
 
-def timm_transforms(model, image_size: int | None = None) -> tuple[Any, Any]:
-    """(train, eval) transforms from timm's ``resolve_data_config`` + ``create_transform``."""
+def timm_transforms(model, image_size: int | None = None, augmentation: dict | None = None) -> tuple[Any, Any]:
+    """(train, eval) transforms from timm's ``resolve_data_config`` + ``create_transform``.
+
+    ``augmentation`` takes ``create_transform``'s training keywords (``hflip``, ``vflip``,
+    ``scale``, ``ratio``, ``color_jitter``, ``auto_augment``, ``re_prob``) plus ``interpolation``
+    and ``crop_pct``, which override the model's data config; ``None`` values keep the defaults.
+    """
     from timm.data import create_transform, resolve_data_config
 
+    augmentation = {k: v for k, v in (augmentation or {}).items() if v is not None}
     overrides = {"input_size": (3, image_size, image_size)} if image_size else {}
+    overrides.update({k: augmentation.pop(k) for k in ("interpolation", "crop_pct") if k in augmentation})
     config = resolve_data_config(overrides, model=model)
-    return create_transform(**config, is_training=True), create_transform(**config, is_training=False)
+    return create_transform(**config, is_training=True, **augmentation), create_transform(**config, is_training=False)
 
 
 def _decode(value: Any, split: str, row: int):
@@ -257,6 +264,7 @@ def prepare_datasets(
     skip_bad_images: bool = False,
     seed: int = 0,
     num_proc: int | None = None,
+    augmentation: dict | None = None,
 ) -> ImageDatasets:
     """Select and check the splits and view them through timm transforms (module docstring).
 
@@ -265,6 +273,7 @@ def prepare_datasets(
     (default: every core for splits of 20,000 rows or more); on a dataset stored on disk (Hub,
     image folder, parquet) ``datasets`` caches the result, so other processes of the run and a
     resumed run reuse it: call this on the local main process first (``run_acs`` does).
+    ``augmentation``: timm's training augmentation controls (see :func:`timm_transforms`).
     """
     if num_proc is not None and num_proc < 1:
         raise ValueError(f"num_proc must be >= 1 or None (automatic), got {num_proc}")
@@ -300,7 +309,7 @@ def prepare_datasets(
     train_labels = column_values(train, label_column)
     _check_labels(train_labels, len(names), "train", label_column)
     _check_labels(column_values(val, label_column), len(names), "validation", label_column)
-    train_tf, eval_tf = timm_transforms(model, image_size)
+    train_tf, eval_tf = timm_transforms(model, image_size, augmentation)
     return ImageDatasets(
         train_dataset=ImageView(train, train_tf, image_column, label_column, "train"),
         score_dataset=ImageView(train, eval_tf, image_column, label_column, "train"),

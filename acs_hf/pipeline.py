@@ -223,6 +223,7 @@ def prepare_run_data(
             skip_bad_images=data_args.skip_bad_images,
             seed=training_args.seed,
             num_proc=data_args.preprocessing_num_workers,
+            augmentation=data_args.augmentation(),
         )
     return ds, fp_model
 

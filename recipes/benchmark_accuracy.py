@@ -1,13 +1,21 @@
 #!/usr/bin/env python
-"""Accuracy of coreset QAT against the baselines: one FP model, then QAT per (bits, fraction, method,
-seed) cell with the same epochs, optimizer and schedule; only the training data differs.
+"""Accuracy of coreset QAT against the baselines, as paired comparisons with 95% intervals.
 
-    python recipes/benchmark_accuracy.py --dataset digits --bits 2 4 --fractions 0.1 0.3 --seeds 0 1 2
+For every seed s one FP model is trained (seed s); then every method at seed s starts from that FP
+model, the same calibration and the same data-order generator, with the same epochs, optimizer and
+schedule: only the training data differs. Each cell reports the mean and standard deviation over
+seeds and, against ``random_dynamic`` and ``random_static``, the mean paired difference with its
+95% t-interval; the verdict ("better", "worse", "no difference established") comes from the
+interval, never from the means.
 
-Writes ``<output_dir>/accuracy.json`` (every run, and mean/std per cell), ``accuracy.md`` (a table)
-and ``accuracy.png`` (top-1 against fraction, one line per method, like the paper's figures).
-``--dataset`` takes ``digits`` (offline), a Hub dataset id or a local image folder with
-``train``/``validation`` sub-folders.
+    python recipes/benchmark_accuracy.py                          # digits, W2A2 + W4A4, f 0.1 + 0.3, 5 seeds
+    python recipes/benchmark_accuracy.py --dataset_name uoft-cs/cifar100 --model_name resnet18 --image_size 32
+    python recipes/benchmark_accuracy.py --train_dir data/train --validation_dir data/val
+
+Writes ``<output_dir>/accuracy.json`` (every run; per cell the means and, per random baseline,
+``diff_mean``, ``ci95_low``, ``ci95_high`` and the verdict; the command, seeds and software
+versions), ``accuracy.md`` (the tables) and ``accuracy.png`` (top-1 and paired differences against
+fraction). Finished runs are logged to ``runs.jsonl``: an interrupted benchmark resumes there.
 """
 
 from __future__ import annotations
@@ -16,13 +24,19 @@ import argparse
 import copy
 import json
 import logging
+import math
+import os
+import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import timm
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
+from scipy import stats as scipy_stats
 from transformers import TrainingArguments
 
 from acs_hf import (
@@ -39,7 +53,8 @@ from acs_hf.data import load_image_datasets, prepare_datasets
 from acs_hf.metrics import make_compute_metrics, preprocess_logits_for_metrics
 
 #: Compared by default; any registered selector can be passed with --methods.
-DEFAULT_METHODS = ["acs", "random_dynamic", "random_static", "evs", "ds", "full"]
+DEFAULT_METHODS = ["acs", "acs_gumbel", "acs_mixed", "random_dynamic", "random_static", "full"]
+BASELINES = ("random_dynamic", "random_static")
 
 
 def selects_all(method: str) -> bool:
@@ -64,19 +79,30 @@ def training_args(out: Path, epochs: float, lr: float, seed: int, batch_size: in
     )
 
 
-def train_fp(ds, args) -> tuple[torch.nn.Module, float]:
-    torch.manual_seed(0)
+def train_fp(ds, args, seed: int) -> tuple[torch.nn.Module, float]:
+    """The FP model of seed ``seed``, trained once and kept in ``<output_dir>/fp/`` for resumes."""
+    torch.manual_seed(seed)
     model = timm.create_model(args.model_name, num_classes=len(ds.id2label))
+    saved = args.output_dir / "fp" / f"seed{seed}.safetensors"
+    if saved.is_file():
+        model.load_state_dict(load_file(saved))
+        return model, json.loads(saved.with_suffix(".json").read_text())["accuracy"]
     trainer = ImageClassificationTrainer(
         model=model,
-        args=training_args(args.output_dir / "fp", args.fp_epochs, args.fp_lr, 0, args.batch_size),
+        args=training_args(args.output_dir / "fp", args.fp_epochs, args.fp_lr, seed, args.batch_size),
         train_dataset=ds.train_dataset,
         eval_dataset=ds.eval_dataset,
         compute_metrics=make_compute_metrics(k=5),
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
     trainer.train()
-    return model, trainer.evaluate()["eval_accuracy"]
+    accuracy = trainer.evaluate()["eval_accuracy"]
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".tmp")  # then renamed: a resume never loads a half-written model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, saved)
+    atomic_write_json(saved.with_suffix(".json"), {"accuracy": accuracy})
+    return model, accuracy
 
 
 def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -> dict:
@@ -87,6 +113,8 @@ def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -
         fraction=1.0 if selects_all(method) else fraction,
         selection_interval=args.selection_interval,
         selection_seed=seed,
+        selection_temperature=args.temperature,
+        selection_share=args.share,
         teacher_cache_dir="memory",
     )
     trainer = ACSTrainer(
@@ -112,73 +140,127 @@ def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -
     return {"accuracy": trainer.evaluate()["eval_accuracy"], "seconds": seconds}
 
 
+def paired(diffs: list[float]) -> dict:
+    """Mean paired difference with its two-sided 95% t-interval and the verdict it supports."""
+    n = len(diffs)
+    mean = statistics.mean(diffs)
+    if n < 2:
+        return {"diff_mean": mean, "ci95_low": None, "ci95_high": None, "pairs": n, "verdict": "too few seeds"}
+    half = scipy_stats.t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    low, high = mean - half, mean + half
+    verdict = "better" if low > 0 else "worse" if high < 0 else "no difference established"
+    return {"diff_mean": mean, "ci95_low": low, "ci95_high": high, "pairs": n, "verdict": verdict}
+
+
 def summarize(runs: list[dict]) -> list[dict]:
-    cells: dict[tuple, list[dict]] = {}
-    for r in runs:
-        cells.setdefault((r["bits"], r["fraction"], r["method"]), []).append(r)
+    by_key = {(r["bits"], r["fraction"], r["method"], r["seed"]): r["accuracy"] * 100 for r in runs}
+    cells: dict[tuple, dict[int, float]] = {}
+    for (bits, fraction, method, seed), acc in by_key.items():
+        cells.setdefault((bits, fraction, method), {})[seed] = acc
     out = []
-    for (bits, fraction, method), rs in sorted(cells.items()):
-        acc = [r["accuracy"] * 100 for r in rs]
-        out.append({
-            "bits": bits, "fraction": fraction, "method": method, "seeds": len(rs),
-            "top1_mean": statistics.mean(acc), "top1_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "seconds_mean": statistics.mean(r["seconds"] for r in rs),
-        })  # fmt: skip
+    for (bits, fraction, method), accs in sorted(cells.items()):
+        values = list(accs.values())
+        cell = {
+            "bits": bits, "fraction": fraction, "method": method, "seeds": sorted(accs),
+            "top1_mean": statistics.mean(values), "top1_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seconds_mean": statistics.mean(
+                r["seconds"] for r in runs if (r["bits"], r["fraction"], r["method"]) == (bits, fraction, method)
+            ),
+        }  # fmt: skip
+        if method not in BASELINES and not selects_all(method):
+            for base in BASELINES:
+                pairs = [
+                    (acc, by_key[(bits, fraction, base, s)])
+                    for s, acc in accs.items()
+                    if (bits, fraction, base, s) in by_key
+                ]
+                if pairs:
+                    cell[f"vs_{base}"] = paired([a - b for a, b in pairs])
+        out.append(cell)
     return out
 
 
+def _interval(c: dict | None) -> str:
+    if not c or c.get("ci95_low") is None:
+        return ""
+    return f"{c['diff_mean']:+.2f} [{c['ci95_low']:+.2f}, {c['ci95_high']:+.2f}] {c['verdict']}"
+
+
 def markdown(cells: list[dict], fractions: list[float], fp_accuracy: float) -> str:
-    lines = [f"FP model top-1: {fp_accuracy * 100:.2f}", ""]
+    lines = [f"FP models top-1 (mean over seeds): {fp_accuracy * 100:.2f}", ""]
+    methods = DEFAULT_METHODS + sorted({c["method"] for c in cells} - set(DEFAULT_METHODS))
     for bits in sorted({c["bits"] for c in cells}):
-        lines += [f"W{bits}A{bits} top-1 (mean ± std over seeds; seconds per run)", ""]
-        lines.append("| method | " + " | ".join(f"f = {f}" for f in fractions) + " |")
-        lines.append("|---|" + "---|" * len(fractions))
-        for method in DEFAULT_METHODS + sorted({c["method"] for c in cells} - set(DEFAULT_METHODS)):
-            row = []
-            for f in fractions:
-                c = next((c for c in cells if c["bits"] == bits and c["method"] == method
-                          and (c["fraction"] == f or selects_all(method))), None)  # fmt: skip
-                row.append(f"{c['top1_mean']:.2f} ± {c['top1_std']:.2f} ({c['seconds_mean']:.0f}s)" if c else "")
-            if any(row):
-                lines.append(f"| {method} | " + " | ".join(row) + " |")
+        lines += [f"W{bits}A{bits}: top-1 mean ± std over seeds; paired difference vs each random baseline, "
+                  "mean [95% interval] and verdict", ""]  # fmt: skip
+        lines.append("| method | f | top-1 | vs random_dynamic | vs random_static |")
+        lines.append("|---|---|---|---|---|")
+        for method in methods:
+            for f in [1.0] if selects_all(method) else fractions:
+                c = next((c for c in cells if (c["bits"], c["fraction"], c["method"]) == (bits, f, method)), None)
+                if c is None:
+                    continue
+                lines.append(
+                    f"| {method} | {f:g} | {c['top1_mean']:.2f} ± {c['top1_std']:.2f} | "
+                    f"{_interval(c.get('vs_random_dynamic'))} | {_interval(c.get('vs_random_static'))} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
 
 def plot(cells: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Top-1 against fraction (mean ± std) and, below, the paired difference against
+    random_dynamic with its 95% interval, one column per bit width."""
+    from matplotlib.figure import Figure
 
     all_bits = sorted({c["bits"] for c in cells})
-    fig, axes = plt.subplots(1, len(all_bits), figsize=(6 * len(all_bits), 4), squeeze=False)
-    for ax, bits in zip(axes[0], all_bits):
+    fig = Figure(figsize=(6 * len(all_bits), 7.5))
+    axes = fig.subplots(2, len(all_bits), squeeze=False)
+    for col, bits in enumerate(all_bits):
+        top, bottom = axes[0][col], axes[1][col]
         for method in sorted({c["method"] for c in cells}):
             cs = sorted((c for c in cells if c["bits"] == bits and c["method"] == method), key=lambda c: c["fraction"])
             if not cs:
                 continue
             if selects_all(method):
-                ax.axhline(cs[0]["top1_mean"], color="k", linestyle="--", label="full data")
+                top.axhline(cs[0]["top1_mean"], color="k", linestyle="--", label="full data")
                 continue
-            ax.errorbar([c["fraction"] for c in cs], [c["top1_mean"] for c in cs], yerr=[c["top1_std"] for c in cs],
-                        marker="o", capsize=3, label=method)  # fmt: skip
-        ax.set(title=f"W{bits}A{bits}", xlabel="fraction of training data per round", ylabel="top-1 (%)")
-        ax.legend(fontsize=8)
+            xs = [c["fraction"] for c in cs]
+            top.errorbar(xs, [c["top1_mean"] for c in cs], yerr=[c["top1_std"] for c in cs], marker="o", capsize=3,
+                         label=method)  # fmt: skip
+            diffs = [c.get("vs_random_dynamic") for c in cs]
+            if all(d and d["ci95_low"] is not None for d in diffs):
+                mean = [d["diff_mean"] for d in diffs]
+                err = [
+                    [m - d["ci95_low"] for m, d in zip(mean, diffs)],
+                    [d["ci95_high"] - m for m, d in zip(mean, diffs)],
+                ]
+                bottom.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=method)
+        top.set(title=f"W{bits}A{bits}", xlabel="fraction of training data per round", ylabel="top-1 (%)")
+        top.legend(fontsize=8)
+        bottom.axhline(0, color="k", linewidth=0.8)
+        bottom.set(xlabel="fraction", ylabel="top-1 minus random_dynamic (points, 95% CI)")
+        if bottom.lines[1:]:
+            bottom.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--dataset_name", default="digits", help="digits (offline), a Hub id or a local dataset folder")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--train_dir", default=None, help="local image folder of the training split")
+    parser.add_argument("--validation_dir", default=None, help="local image folder of the validation split")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--model_name", default="resnet18")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list_selectors())
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--temperature", type=float, default=1.0, help="acs_gumbel's temperature")
+    parser.add_argument("--share", type=float, default=0.5, help="acs_mixed's top-k share")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=float, default=12)
     parser.add_argument("--selection_interval", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -190,42 +272,50 @@ def main(argv: list[str] | None = None) -> dict:
     for f in args.fractions:
         if not 0 < f < 1:
             parser.error(f"--fractions must lie in (0, 1), got {f}")
+    for b in BASELINES:
+        if b not in args.methods:
+            parser.error(f"--methods must include the baseline {b} (the paired intervals are taken against it)")
+    ACSArguments(selection_method="acs_gumbel", selection_temperature=args.temperature, selection_share=args.share)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.set_verbosity_error()
 
-    path = Path(args.dataset)
-    if path.is_dir():
-        raw = load_image_datasets(train_dir=str(path / "train"), validation_dir=str(path / "validation"))
-    else:
-        raw = load_image_datasets(args.dataset)
+    dataset = None if args.train_dir else args.dataset_name
+    raw = load_image_datasets(dataset, args.dataset_config_name, args.train_dir, args.validation_dir)
     probe = timm.create_model(args.model_name, num_classes=2)
-    ds = prepare_datasets(raw, probe, image_size=args.image_size)
+    ds = prepare_datasets(raw, probe, image_size=args.image_size, max_train_samples=args.max_train_samples,
+                          max_eval_samples=args.max_eval_samples)  # fmt: skip
     started = time.perf_counter()
-    fp, fp_accuracy = train_fp(ds, args)
-    print(f"FP model: top-1 {fp_accuracy * 100:.2f} ({time.perf_counter() - started:.0f}s)", flush=True)
-    # Each finished run is appended to runs.jsonl at once: an interrupted benchmark resumes where it stopped.
     args.output_dir.mkdir(parents=True, exist_ok=True)
     log = args.output_dir / "runs.jsonl"
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     done = {(r["bits"], r["fraction"], r["method"], r["seed"]) for r in runs}
     if done:
         print(f"resuming: {len(done)} runs already in {log}", flush=True)
-    for bits in args.bits:
-        for method in args.methods:
-            for fraction in [1.0] if selects_all(method) else args.fractions:
-                for seed in args.seeds:
+    fp_accuracies = {}
+    for seed in args.seeds:
+        fp, fp_accuracies[seed] = train_fp(ds, args, seed)
+        print(f"seed {seed}: FP model top-1 {fp_accuracies[seed] * 100:.2f}", flush=True)
+        for bits in args.bits:
+            for method in args.methods:
+                for fraction in [1.0] if selects_all(method) else args.fractions:
                     if (bits, fraction, method, seed) in done:
                         continue
                     r = run_cell(fp, ds, args, bits, fraction, method, seed)
                     runs.append({"bits": bits, "fraction": fraction, "method": method, "seed": seed, **r})
-                    with open(log, "a") as f:
+                    with open(log, "a") as f:  # each finished run at once: a resume starts after it
                         f.write(json.dumps(runs[-1]) + "\n")
                     print(f"W{bits} {method:15s} f={fraction:<4} seed={seed}: top-1 {r['accuracy'] * 100:6.2f} "
                           f"({r['seconds']:.0f}s)", flush=True)  # fmt: skip
-    cells = summarize(runs)
-    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "fp_accuracy": fp_accuracy, "runs": runs, "cells": cells,
-              "total_seconds": time.perf_counter() - started}  # fmt: skip
+    cells = summarize([r for r in runs if r["seed"] in args.seeds])
+    fp_accuracy = statistics.mean(fp_accuracies.values())
+    result = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "software": {"python": platform.python_version(),
+                     **{m.__name__: m.__version__ for m in (torch, transformers, timm)}},
+        "fp_accuracy": fp_accuracy, "fp_accuracy_per_seed": fp_accuracies,
+        "runs": runs, "cells": cells, "total_seconds": time.perf_counter() - started,
+    }  # fmt: skip
     atomic_write_json(args.output_dir / "accuracy.json", result)  # never a half-written JSON
     table = markdown(cells, args.fractions, fp_accuracy)
     (args.output_dir / "accuracy.md").write_text(table)

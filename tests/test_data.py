@@ -158,3 +158,50 @@ def test_views_keep_the_table_and_offer_labels(model):
     batch = ds.score_dataset.__getitems__([3, 1])
     assert [b["index"] for b in batch] == [3, 1]
     assert torch.equal(batch[0]["pixel_values"], ds.score_dataset[3]["pixel_values"])
+
+
+def _steps(transform) -> dict:
+    return {type(t).__name__: t for t in transform.transforms}
+
+
+def test_augmentation_controls_reach_timm_transforms(model):
+    """timm train.py's controls, underscored, go to create_transform; the defaults are timm's."""
+    from timm.data import create_transform, resolve_data_config
+
+    from acs_hf.arguments import DataArguments
+
+    default = prepare_datasets(digits_dataset(), model, image_size=32, augmentation=DataArguments().augmentation())
+    timm_default = create_transform(**resolve_data_config({"input_size": (3, 32, 32)}, model=model), is_training=True)
+    assert repr(default.train_dataset.transform) == repr(timm_default)  # today's behaviour kept
+    args = DataArguments(hflip=0.0, vflip=1.0, scale=[0.5, 1.0], ratio=[0.9, 1.1], color_jitter=0.0, reprob=0.25,
+                         interpolation="bilinear", crop_pct=0.5)  # fmt: skip
+    ds = prepare_datasets(digits_dataset(), model, image_size=32, augmentation=args.augmentation())
+    train, evaluation = _steps(ds.train_dataset.transform), _steps(ds.eval_dataset.transform)
+    assert "RandomHorizontalFlip" not in train and train["RandomVerticalFlip"].p == 1.0
+    crop = train["RandomResizedCropAndInterpolation"]
+    assert crop.scale == (0.5, 1.0) and crop.ratio == (0.9, 1.1)
+    assert "ColorJitter" not in train or train["ColorJitter"].brightness is None  # jitter 0: identity
+    assert train["RandomErasing"].probability == 0.25
+    assert evaluation["Resize"].size == 64 and str(evaluation["Resize"].interpolation) == "InterpolationMode.BILINEAR"
+    x = ds.train_dataset[0]["pixel_values"]
+    assert x.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hflip": 1.5}, "hflip must be a probability"),
+        ({"scale": [0.5]}, "scale must be two numbers"),
+        ({"scale": [0.9, 0.5]}, "scale must be two numbers 0 < low <= high <= 1"),
+        ({"ratio": [0, 1]}, "ratio must be two numbers"),
+        ({"interpolation": "cubic"}, "interpolation='cubic' is not one of bilinear"),
+        ({"crop_pct": 1.5}, "crop_pct must be in \\(0, 1\\]"),
+        ({"auto_augment": "bogus"}, "auto_augment='bogus' is not a timm policy"),
+        ({"color_jitter": -1}, "color_jitter must be a number >= 0"),
+    ],
+)
+def test_augmentation_arguments_validated(kwargs, message):
+    from acs_hf.arguments import DataArguments
+
+    with pytest.raises(ValueError, match=message):
+        DataArguments(**kwargs)
