@@ -222,6 +222,8 @@ class ImageDatasets:
     id2label: dict[int, str]
     label2id: dict[str, int]
     num_skipped: int = 0
+    #: The dataset's name of the split evaluated on (``validation``, ``test``, ...).
+    eval_split: str = "validation"
     #: Identifies the training set as indexed (datasets fingerprint, N, labels): a resume or a
     #: teacher cache on other data is refused (see ``ACSTrainer(data_fingerprint=...)``).
     fingerprint: str | None = None
@@ -278,6 +280,7 @@ def prepare_datasets(
     if num_proc is not None and num_proc < 1:
         raise ValueError(f"num_proc must be >= 1 or None (automatic), got {num_proc}")
     train, val = raw["train"], raw["validation"]
+    eval_split = str(val.split) if getattr(val, "split", None) else "validation"
     image_column, label_column = detect_columns(train, image_column, label_column)
     names = class_names(train, label_column)
     for n, what in ((max_train_samples, "max_train_samples"), (max_eval_samples, "max_eval_samples")):
@@ -317,5 +320,6 @@ def prepare_datasets(
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
         num_skipped=skipped,
+        eval_split=eval_split,
         fingerprint=_fingerprint(train, train_labels),
     )

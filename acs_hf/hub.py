@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ._io import atomic_write_bytes
 from .quantization.checkpoint import WEIGHTS_NAME
 
-__all__ = ["write_model_card", "push_folder_to_hub", "HubPushError", "UPLOAD_IGNORE"]
+__all__ = ["write_model_card", "base_model_id", "push_folder_to_hub", "HubPushError", "UPLOAD_IGNORE"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,30 @@ class HubPushError(RuntimeError):
     """The upload failed; the local folder is untouched (its path is in the message)."""
 
 
+TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def base_model_id(model_name: str, pretrained: bool = True) -> str | None:
+    """The Hub id of the weights a student started from, for the card's ``base_model``: timm names
+    map to timm's Hub repos (``resnet18.tv_in1k`` -> ``timm/resnet18.tv_in1k``), ``hf-hub:org/x``
+    to ``org/x``, a local folder to the ``hf_hub_id`` its config names. None when the model was
+    not pretrained or no Hub id is known."""
+    if not pretrained:
+        return None
+    if model_name.startswith("hf-hub:"):
+        return model_name.removeprefix("hf-hub:").split("@")[0]
+    if os.path.isdir(model_name):
+        config = Path(model_name) / "config.json"
+        cfg = json.loads(config.read_text()).get("pretrained_cfg", {}) if config.is_file() else {}
+        return cfg.get("hf_hub_id") or None
+    import timm
+
+    found = timm.models.get_pretrained_cfg(model_name) if timm.is_model(model_name) else None
+    return getattr(found, "hf_hub_id", None) or None
 
 
 def write_model_card(
@@ -39,63 +62,79 @@ def write_model_card(
     fp32_bytes: int,
     checkpoint_bytes: int,
     plot_name: str | None = None,
+    base_model: str | None = None,
+    eval_split: str = "validation",
+    image_size: int | None = None,
+    repo_id: str | None = None,
 ) -> Path:
-    """Write ``README.md`` with Hub metadata (library_name timm, tags, datasets, metrics) and a
-    results table, the selection settings, the size against fp32 and the selection plot."""
+    """Render ``README.md`` from ``templates/model_card.md`` with ``huggingface_hub.ModelCard``.
+
+    Metadata: ``base_model`` (a Hub id, see :func:`base_model_id`) with ``base_model_relation:
+    quantized``, ``model-index`` with the quantized model's top-1 and top-5 on ``dataset_name`` /
+    ``eval_split``, and tags for the bit widths (``4-bit``, ``w4a4``) and the method.
+    ``results`` keys ``top-1 (quantized)`` / ``top-5 (quantized)`` are fractions in [0, 1].
+    """
     directory = Path(directory)
+    wb, ab = quant_config.get("weight_bits"), quant_config.get("act_bits")
+    scheme = f"w{wb}a{ab}" if ab is not None else f"w{wb}"
+    eval_results = [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            dataset_split=eval_split,
+            metric_type=metric,
+            metric_name=label,
+            metric_value=round(value * 100, 2),
+        )  # fmt: skip
+        for key, metric, label in (
+            ("top-1 (quantized)", "accuracy", "top-1 accuracy"),
+            ("top-5 (quantized)", "top_5_accuracy", "top-5 accuracy"),
+        )
+        if (value := results.get(key)) is not None
+    ]
+    name = f"{Path(model_name.split(':')[-1]).name}-{scheme}-acs"
     data = ModelCardData(
         library_name="timm",
         license="apache-2.0",
-        tags=["image-classification", "timm", "quantization", "lsq", "coreset", "acs_hf"],
+        tags=[
+            "image-classification",
+            "timm",
+            "quantized",
+            f"{wb}-bit",
+            scheme,
+            "lsq",
+            "qat",
+            "acs",
+            "coreset",
+            "acs_hf",
+        ],  # fmt: skip
         datasets=[dataset_name],
         metrics=["accuracy"],
-        base_model=model_name if "/" in model_name else None,
+        base_model=base_model,
+        base_model_relation="quantized" if base_model else None,
         pipeline_tag="image-classification",
+        model_name=name if eval_results else None,
+        eval_results=eval_results or None,
     )
-    wb, ab = quant_config.get("weight_bits"), quant_config.get("act_bits")
-    title = f"{model_name} W{wb}A{ab if ab is not None else '32'} (LSQ, ACS coreset QAT)"
-    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in results.items())
-    settings = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in acs_settings.items())
-    qrows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in quant_config.items())
-    plot = f"\n## Selection history\n\n![selection history]({plot_name})\n" if plot_name else ""
-    body = f"""
-# {title}
-
-Quantization-aware training with learned step sizes (LSQ) on adaptively selected coresets
-([ACS, Huang et al., TMLR 2024](https://arxiv.org/abs/2306.07215)), trained with acs_hf on
-`{dataset_name}`. Weights are stored as packed integer codes plus step sizes.
-
-## Results
-
-| metric | value |
-|---|---|
-{rows}
-
-## Size
-
-Packed integer checkpoint: {checkpoint_bytes / 2**20:.2f} MiB, against {fp32_bytes / 2**20:.2f} MiB in fp32
-({fp32_bytes / max(checkpoint_bytes, 1):.1f}x smaller).
-
-## Quantization
-
-| setting | value |
-|---|---|
-{qrows}
-
-## Coreset selection
-
-| setting | value |
-|---|---|
-{settings}
-{plot}
-## Usage
-
-```python
-import acs_hf
-model = acs_hf.load_quantized("<this repo id or local folder>")
-```
-"""
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    card = ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATE),
+        title=f"{model_name} {scheme.upper()} (LSQ, ACS coreset QAT)",
+        dataset_name=dataset_name,
+        base_model=base_model,
+        weight_bits=wb,
+        results={k: _fmt(v) for k, v in results.items()},
+        eval_split=eval_split,
+        checkpoint_mib=f"{checkpoint_bytes / 2**20:.2f}",
+        fp32_mib=f"{fp32_bytes / 2**20:.2f}",
+        compression=f"{fp32_bytes / max(checkpoint_bytes, 1):.1f}",
+        quant_config={k: _fmt(v) for k, v in quant_config.items()},
+        acs_settings={k: _fmt(v) for k, v in acs_settings.items()},
+        plot_name=plot_name,
+        repo_id=repo_id or "<this repo id or local folder>",
+        image_size=image_size or 224,
+    )
     path = directory / "README.md"
     atomic_write_bytes(path, str(card).encode())
     return path

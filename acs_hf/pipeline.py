@@ -20,7 +20,7 @@ from transformers import TrainingArguments
 from ._io import atomic_write, atomic_write_json
 from .arguments import ACSArguments, DataArguments, ModelArguments, RunArguments
 from .data import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
-from .hub import HubPushError, push_folder_to_hub, write_model_card
+from .hub import HubPushError, base_model_id, push_folder_to_hub, write_model_card
 from .metrics import make_compute_metrics, preprocess_logits_for_metrics
 from .qat_trainer import ImageClassificationTrainer
 from .quantization import WEIGHTS_NAME, QuantConfig, quantize_model, save_quantized
@@ -301,6 +301,10 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
             fp32_bytes=fp32_bytes,
             checkpoint_bytes=ckpt_bytes,
             plot_name=plot,
+            base_model=base_model_id(model_args.model_name, model_args.pretrained),
+            eval_split=ds.eval_split,
+            image_size=model_args.image_size or fp_model.pretrained_cfg.get("input_size", (3, 224, 224))[-1],
+            repo_id=training_args.hub_model_id,
         )
         summary.update(
             checkpoint=str(out),

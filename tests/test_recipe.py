@@ -302,3 +302,60 @@ def test_truncated_fp_warmup_model_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match=f"FP warm-up model {path} is unreadable.*delete it"):
         _load_warmup(model, path)
+
+
+def write_hub_schema(root: Path, schema: str) -> None:
+    """Small local parquet datasets with the exact features and splits of two Hub datasets:
+    ``ILSVRC/imagenet-1k`` (image, label with 1000 classes; train/validation/test, test labels -1)
+    and ``uoft-cs/cifar100`` (img, fine_label, coarse_label; train/test)."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    def png(i: int) -> dict:
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 16), color=(30 * (i % 4), 7 * i % 255, 90)).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    if schema == "imagenet":
+        features = datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"n{i:08d}" for i in range(1000)])}
+        )
+        splits = {"train": 48, "validation": 16, "test": 8}
+        rows = lambda split, i: {"image": png(i), "label": -1 if split == "test" else i % 4}  # noqa: E731
+    else:
+        features = datasets.Features({
+            "img": datasets.Image(),
+            "fine_label": datasets.ClassLabel(names=[f"fine{i}" for i in range(100)]),
+            "coarse_label": datasets.ClassLabel(names=[f"coarse{i}" for i in range(20)]),
+        })  # fmt: skip
+        splits = {"train": 48, "test": 16}
+        rows = lambda split, i: {"img": png(i), "fine_label": i % 4, "coarse_label": 19 - i % 4}  # noqa: E731
+    (root / "data").mkdir(parents=True)
+    for split, n in splits.items():
+        table = [rows(split, i) for i in range(n)]
+        ds = datasets.Dataset.from_list(table, features=features)
+        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+
+
+@pytest.mark.parametrize("schema, columns, eval_split", [("imagenet", ("image", "label"), "validation"),
+                                                         ("cifar100", ("img", "fine_label"), "test")])  # fmt: skip
+def test_hub_dataset_schemas_end_to_end(recipe, tmp_path, schema, columns, eval_split):
+    """The recipe on local copies of the Hub schemas: columns detected, the labelled held-out split
+    chosen (never ImageNet's unlabelled test split), trained, saved, carded."""
+    from acs_hf.data import detect_columns, load_image_datasets
+
+    data = tmp_path / schema
+    write_hub_schema(data, schema)
+    raw = load_image_datasets(str(data), cache_dir=str(tmp_path / "cache"))
+    assert detect_columns(raw["train"]) == columns
+    assert len(raw["validation"]) == 16 and raw["validation"].split == eval_split
+    out = tmp_path / "out"
+    argv = ["--dataset_name", str(data), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out),
+            "--image_size", "16", *TINY_RUN, "--max_train_samples", "48"]  # fmt: skip
+    summary = recipe.main(argv)
+    model = load_quantized(out)
+    assert model.num_classes == (1000 if schema == "imagenet" else 100)
+    assert 0 <= summary["metrics"]["eval_accuracy"] <= 1
+    assert ModelCard.load(out / "README.md").data.datasets == [str(data)]
