@@ -72,7 +72,6 @@ class TeacherCache:
         self.row_of = torch.full((num_samples,), -1, dtype=torch.long)
         self._blocks: list[torch.Tensor] = []  # memory-mapped shards, then this round's rows
         self._new: torch.Tensor | None = None  # rows computed by this process, growing
-        self._new_index: list[torch.Tensor] = []
         self._size = 0
         self._reserved: int | None = None
         self.complete = False
@@ -141,7 +140,6 @@ class TeacherCache:
         self._new[self._size : needed] = probs
         self.block_of[indices] = len(self._blocks)
         self.row_of[indices] = torch.arange(self._size, needed)
-        self._new_index.append(indices)
         self._size = needed
 
     def finalize(self, barrier: Callable[[], None] = lambda: None, is_main_process: bool = True) -> None:
@@ -164,7 +162,11 @@ class TeacherCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         rows_path, index_path = self._shard_paths(self.rank)
         rows = self._new[: self._size] if self._new is not None else torch.empty(0, 0, dtype=torch.float16)
-        index = torch.cat(self._new_index) if self._new_index else torch.empty(0, dtype=torch.long)
+        # Each new row's dataset index, from the lookup tables (no per-batch list: many small
+        # allocations kept between large temporaries fragment the heap, ~3x the cache in RSS).
+        mine = self.block_of == len(self._blocks)
+        index = torch.empty(self._size, dtype=torch.long)
+        index[self.row_of[mine]] = mine.nonzero().flatten()
         atomic_save_npy(rows_path, rows.numpy())
         atomic_save_npy(index_path, index.numpy())
 
@@ -219,7 +221,7 @@ class TeacherCache:
                 "delete it to rebuild"
             )
         self.block_of, self.row_of, self._blocks = block_of, row_of, blocks
-        self._new, self._new_index, self._size = None, [], 0
+        self._new, self._size = None, 0
         self.complete = True
 
 

@@ -254,6 +254,7 @@ def launch_distributed(args, n: int, work: Path) -> list[dict]:
         __file__, "--worker_size", str(n), "--worker_out", str(work), "--data_dir", args.data_dir,
         "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
     ]  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
     subprocess.run(cmd, check=True, env=env)
     return [json.loads((work / f"worker_{n}_rank{r}.json").read_text()) for r in range(args.processes)]
@@ -299,8 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
             results.append(run_size(n, args, Path(work)))
             print(f"[N={n}: {time.perf_counter() - t:.1f}s]", flush=True)
         distributed = None
-        if args.processes > 1:
-            ranks = launch_distributed(args, args.distributed_size, Path(work))
+        if args.processes > 1:  # its own folder: the single-process run's teacher cache must not be reused
+            ranks = launch_distributed(args, args.distributed_size, Path(work) / "distributed")
             distributed = ranks[0]
             distributed["max_outside_forward_seconds_over_ranks"] = max(
                 r["rounds"][-1]["outside_forward_seconds"] for r in ranks
