@@ -8,6 +8,8 @@ harmless).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: Batch key holding each example's index in the (full) training set.
 INDEX_KEY = "index"
+#: Batches between two returns of freed heap memory to the OS (see :func:`release_freed_memory`).
+TRIM_EVERY = 32
 
 
 def default_forward(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -310,6 +314,8 @@ def score_dataset(
                     lap("teacher_seconds")
                 for name, value in batch_statistics(stats, logits, labels, p_t).items():
                     local[name].append(value.float())
+                if len(local["labels"]) % TRIM_EVERY == 0:
+                    release_freed_memory()
                 lap("student_seconds")
     finally:
         for m, training in modes:
@@ -322,10 +328,33 @@ def score_dataset(
         accelerator.wait_for_everyone()
         lap("wait_seconds")
     out = _gather(local, num_samples, accelerator)
+    release_freed_memory()
     lap("gather_seconds")
     if timings is not None:
         timings.update(spent)
     return out
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc only (Linux); elsewhere nothing to do
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``).
+
+    A scoring pass allocates and frees large ``[batch, classes]`` temporaries thousands of times;
+    once glibc's adaptive mmap threshold has risen above their size they come from the heap, and
+    the small tensors kept between them (per-batch statistics, batches from loader workers) pin
+    the freed space: without trimming, resident memory grew by 8 KB per sample at 1,000 classes
+    (2.5 GB per round at ImageNet size) beyond the teacher cache.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _rows_per_process(dataloader, accelerator: Accelerator) -> int:
