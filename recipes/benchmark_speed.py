@@ -48,7 +48,6 @@ import timm
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import TrainingArguments
 
 from acs_hf import (
     ACSArguments,
@@ -65,7 +64,7 @@ from acs_hf.quantization import WEIGHTS_NAME
 from acs_hf.scoring import TeacherCache, score_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from jpeg_speed import bench_jpeg  # noqa: E402
+from jpeg_speed import bench_jpeg, run_args  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -191,22 +190,7 @@ class SyntheticImages(torch.utils.data.Dataset):
 
 def _trainer(method: str, fp, ds, args, out: str, epochs: int) -> ACSTrainer:
     student = quantize_model(copy.deepcopy(fp), QuantConfig(4, 4, 8, compile_kernels=args.compile_in_runs))
-    targs = TrainingArguments(
-        output_dir=out,
-        num_train_epochs=epochs,
-        per_device_train_batch_size=args.wallclock_batch_size,
-        per_device_eval_batch_size=args.wallclock_batch_size * 2,
-        learning_rate=1e-4,
-        save_strategy="no",
-        logging_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=args.device == "cpu",
-        bf16=args.bf16,
-        dataloader_num_workers=args.num_workers,
-        dataloader_pin_memory=args.device == "cuda",
-        seed=0,
-    )
+    targs = run_args(args, out, epochs)
     acs = ACSArguments(
         selection_method=method,
         fraction=1.0 if create_selector(method).selects_all else 0.1,

@@ -73,9 +73,9 @@ def _rate(view, rows: int) -> float:
     return rows / (time.perf_counter() - start)
 
 
-def _trainer(method, fp, ds, args, out, epochs, interval, score_cache_dir=None) -> ACSTrainer:
-    student = quantize_model(copy.deepcopy(fp), QuantConfig(4, 4, 8, compile_kernels=args.compile_in_runs))
-    targs = TrainingArguments(
+def run_args(args, out: str, epochs: int) -> TrainingArguments:
+    """TrainingArguments of the benchmark's wall-clock runs (shared with benchmark_speed.py)."""
+    return TrainingArguments(
         output_dir=out,
         num_train_epochs=epochs,
         per_device_train_batch_size=args.wallclock_batch_size,
@@ -91,6 +91,11 @@ def _trainer(method, fp, ds, args, out, epochs, interval, score_cache_dir=None) 
         dataloader_pin_memory=args.device == "cuda",
         seed=0,
     )
+
+
+def _trainer(method, fp, ds, args, out, epochs, interval, score_cache_dir=None) -> ACSTrainer:
+    student = quantize_model(copy.deepcopy(fp), QuantConfig(4, 4, 8, compile_kernels=args.compile_in_runs))
+    targs = run_args(args, out, epochs)
     acs = ACSArguments(
         selection_method=method,
         fraction=1.0 if method == "full" else 0.1,
