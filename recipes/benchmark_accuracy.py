@@ -227,14 +227,13 @@ def plot(cells: list[dict], path: Path) -> None:
             xs = [c["fraction"] for c in cs]
             top.errorbar(xs, [c["top1_mean"] for c in cs], yerr=[c["top1_std"] for c in cs], marker="o", capsize=3,
                          label=method)  # fmt: skip
-            diffs = [c.get("vs_random_dynamic") for c in cs]
-            if all(d and d["ci95_low"] is not None for d in diffs):
-                mean = [d["diff_mean"] for d in diffs]
-                err = [
-                    [m - d["ci95_low"] for m, d in zip(mean, diffs)],
-                    [d["ci95_high"] - m for m, d in zip(mean, diffs)],
-                ]
-                bottom.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=method)
+            points = [(c["fraction"], c["vs_random_dynamic"]) for c in cs
+                      if c.get("vs_random_dynamic", {}).get("ci95_low") is not None]  # fmt: skip
+            if points:
+                mean = [d["diff_mean"] for _, d in points]
+                err = [[m - d["ci95_low"] for m, (_, d) in zip(mean, points)],
+                       [d["ci95_high"] - m for m, (_, d) in zip(mean, points)]]  # fmt: skip
+                bottom.errorbar([f for f, _ in points], mean, yerr=err, marker="o", capsize=3, label=method)
         top.set(title=f"W{bits}A{bits}", xlabel="fraction of training data per round", ylabel="top-1 (%)")
         top.legend(fontsize=8)
         bottom.axhline(0, color="k", linewidth=0.8)
@@ -306,7 +305,12 @@ def main(argv: list[str] | None = None) -> dict:
                         f.write(json.dumps(runs[-1]) + "\n")
                     print(f"W{bits} {method:15s} f={fraction:<4} seed={seed}: top-1 {r['accuracy'] * 100:6.2f} "
                           f"({r['seconds']:.0f}s)", flush=True)  # fmt: skip
-    cells = summarize([r for r in runs if r["seed"] in args.seeds])
+    # This invocation's grid only: runs.jsonl may hold other cells (another --bits/--fractions run).
+    cells = summarize([
+        r for r in runs
+        if r["seed"] in args.seeds and r["bits"] in args.bits and r["method"] in args.methods
+        and (r["fraction"] in args.fractions or selects_all(r["method"]))
+    ])  # fmt: skip
     fp_accuracy = statistics.mean(fp_accuracies.values())
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
