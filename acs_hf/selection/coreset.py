@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["select_coreset", "coreset_size", "class_quotas", "check_fraction"]
+__all__ = ["select_coreset", "coreset_size", "class_quotas", "check_fraction", "rank_within_class"]
 
 
 def coreset_size(num_samples: int, fraction: float) -> int:
@@ -79,15 +79,21 @@ def select_coreset(
     if labels.is_floating_point() or (labels < 0).any():
         raise ValueError("select_coreset: labels must be non-negative integer class ids")
     labels = labels.long()
-    # Descending score; the stable sort keeps ascending index among equal scores.
-    by_score = torch.sort(scores, descending=True, stable=True).indices
     if not class_balanced:
+        by_score = torch.sort(scores, descending=True, stable=True).indices
         return torch.sort(by_score[: coreset_size(n, fraction)]).values
     counts = torch.bincount(labels)
-    quotas = class_quotas(counts, fraction)
-    # Group by class, keeping the score order inside each class.
+    order, rank = rank_within_class(scores, labels, counts)
+    return torch.sort(order[rank < class_quotas(counts, fraction)[labels[order]]]).values
+
+
+def rank_within_class(
+    scores: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, rank)``: sample indices grouped by class, by descending score inside each class
+    (ties: lower index first), and each one's 0-based rank inside its class. ``counts`` is
+    ``bincount(labels)``. Two stable sorts, O(N log N)."""
+    by_score = torch.sort(scores, descending=True, stable=True).indices
     order = by_score[torch.sort(labels[by_score], stable=True).indices]
-    cls = labels[order]
     starts = torch.cumsum(counts, 0) - counts
-    rank_in_class = torch.arange(n) - starts[cls]
-    return torch.sort(order[rank_in_class < quotas[cls]]).values
+    return order, torch.arange(order.numel()) - starts[labels[order]]

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .coreset import check_fraction, class_quotas, coreset_size, select_coreset
+from .coreset import check_fraction, class_quotas, coreset_size, rank_within_class, select_coreset
 from .schedules import check_schedule, evs_weight
 
 __all__ = [
@@ -211,11 +211,10 @@ class ACSMixedSelector(ACSSelector):
         counts = torch.bincount(groups)
         quotas = class_quotas(counts, fraction) if self.class_balanced else torch.tensor([coreset_size(n, fraction)])
         kept = torch.floor(quotas.double() * self.share + 0.5).long()  # round half up, like coreset_size
-        # Rank inside each group by descending score (ties: lower index), as select_coreset does.
-        by_score = torch.sort(score, descending=True, stable=True).indices
-        order = by_score[torch.sort(groups[by_score], stable=True).indices]
+        # Rank inside each group by descending score (ties: lower index), as select_coreset ranks.
+        order, rank_sorted = rank_within_class(score, groups, counts)
         rank = torch.empty(n, dtype=torch.long)
-        rank[order] = torch.arange(n) - (torch.cumsum(counts, 0) - counts)[groups[order]]
+        rank[order] = rank_sorted
         keys = _gumbel(n, generator) if self.share < 1 else torch.zeros(n, dtype=torch.float64)
         top = rank < kept[groups]  # kept first; the rest of each quota goes to the largest random keys
         keys = torch.where(top, torch.finfo(torch.float64).max, keys)
