@@ -1,12 +1,18 @@
 """acs_hf: quantization-aware training on adaptively selected coresets, on the Hugging Face stack.
 
 Names are imported on first use, so ``import acs_hf; acs_hf.load_quantized(...)`` never imports
-transformers or accelerate; ``acs_hf.ACSTrainer`` does.
+transformers or accelerate; ``acs_hf.ACSTrainer`` does. ``import acs_hf`` also teaches
+transformers to load acs_hf checkpoints (``from_pretrained``, ``pipeline``), see
+:mod:`acs_hf.hf_quantizer`.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -80,6 +86,46 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
+
+
+_TRANSFORMERS_REGISTRY = "transformers.quantizers.auto"
+
+
+def _register_with_transformers() -> None:
+    try:
+        importlib.import_module("acs_hf.hf_quantizer")
+    except Exception as e:  # never break the user's transformers import; loading will say what failed
+        logging.getLogger(__name__).warning("acs_hf could not register its quantizer with transformers: %s", e)
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Registers acs_hf's quantizer right after transformers imports its quantizer registry.
+
+    Importing transformers here would cost every ``import acs_hf`` seconds (torch and
+    transformers); waiting for the registry's own import costs nothing and still registers before
+    any ``from_pretrained`` can consult it.
+    """
+
+    def find_spec(self, name, path, target=None):
+        if name != _TRANSFORMERS_REGISTRY:
+            return None
+        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from finding us again
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                _register_with_transformers()
+
+            spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if _TRANSFORMERS_REGISTRY in sys.modules:
+    _register_with_transformers()
+elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterImport())
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports

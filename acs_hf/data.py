@@ -34,6 +34,7 @@ __all__ = [
     "class_names",
     "prepare_datasets",
     "timm_transforms",
+    "data_config",
     "DIGITS",
 ]
 
@@ -135,20 +136,32 @@ def class_names(ds: Dataset, label_column: str) -> list[str]:
     return [str(i) for i in range(int(column_values(ds, label_column).max()) + 1)]
 
 
+def data_config(model, image_size: int | None = None, augmentation: dict | None = None) -> dict[str, Any]:
+    """timm's data config of ``model`` (``input_size``, ``interpolation``, ``mean``, ``std``,
+    ``crop_pct``, ``crop_mode``) at ``image_size``, with ``augmentation``'s ``interpolation`` and
+    ``crop_pct`` overrides: the eval preprocessing, which checkpoints record for their loaders."""
+    from timm.data import resolve_data_config
+
+    overrides = {"input_size": (3, image_size, image_size)} if image_size else {}
+    overrides.update({k: v for k, v in (augmentation or {}).items() if k in _DATA_KEYS and v is not None})
+    return resolve_data_config(overrides, model=model)
+
+
+_DATA_KEYS = ("interpolation", "crop_pct")
+
+
 def timm_transforms(model, image_size: int | None = None, augmentation: dict | None = None) -> tuple[Any, Any]:
-    """(train, eval) transforms from timm's ``resolve_data_config`` + ``create_transform``.
+    """(train, eval) transforms from :func:`data_config` + timm's ``create_transform``.
 
     ``augmentation`` takes ``create_transform``'s training keywords (``hflip``, ``vflip``,
     ``scale``, ``ratio``, ``color_jitter``, ``auto_augment``, ``re_prob``) plus ``interpolation``
     and ``crop_pct``, which override the model's data config; ``None`` values keep the defaults.
     """
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import create_transform
 
-    augmentation = {k: v for k, v in (augmentation or {}).items() if v is not None}
-    overrides = {"input_size": (3, image_size, image_size)} if image_size else {}
-    overrides.update({k: augmentation.pop(k) for k in ("interpolation", "crop_pct") if k in augmentation})
-    config = resolve_data_config(overrides, model=model)
-    return create_transform(**config, is_training=True, **augmentation), create_transform(**config, is_training=False)
+    config = data_config(model, image_size, augmentation)
+    train_only = {k: v for k, v in (augmentation or {}).items() if k not in _DATA_KEYS and v is not None}
+    return create_transform(**config, is_training=True, **train_only), create_transform(**config, is_training=False)
 
 
 def _decode(value: Any, split: str, row: int):
@@ -227,6 +240,8 @@ class ImageDatasets:
     #: Identifies the training set as indexed (datasets fingerprint, N, labels): a resume or a
     #: teacher cache on other data is refused (see ``ACSTrainer(data_fingerprint=...)``).
     fingerprint: str | None = None
+    #: The eval preprocessing (see :func:`data_config`), recorded in saved checkpoints.
+    data_config: dict[str, Any] | None = None
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, split: str, label_column: str) -> None:
@@ -322,4 +337,5 @@ def prepare_datasets(
         num_skipped=skipped,
         eval_split=eval_split,
         fingerprint=_fingerprint(train, train_labels),
+        data_config=data_config(model, image_size, augmentation),
     )

@@ -35,18 +35,21 @@ def _fmt(v: Any) -> str:
 def base_model_id(model_name: str, pretrained: bool = True) -> str | None:
     """The Hub id of the weights a student started from, for the card's ``base_model``: timm names
     map to timm's Hub repos (``resnet18.tv_in1k`` -> ``timm/resnet18.tv_in1k``), ``hf-hub:org/x``
-    to ``org/x``, a local folder to the ``hf_hub_id`` its config names. None when the model was
-    not pretrained or no Hub id is known."""
+    to ``org/x``, a local folder to the ``hf_hub_id`` its config names, a transformers Hub id
+    (``org/name``, not a timm name) to itself. None when the model was not pretrained or no Hub
+    id is known."""
     if not pretrained:
         return None
+    import timm
+
     if model_name.startswith("hf-hub:"):
         return model_name.removeprefix("hf-hub:").split("@")[0]
     if os.path.isdir(model_name):
         config = Path(model_name) / "config.json"
         cfg = json.loads(config.read_text()).get("pretrained_cfg", {}) if config.is_file() else {}
         return cfg.get("hf_hub_id") or None
-    import timm
-
+    if "/" in model_name and not timm.is_model(model_name):
+        return model_name.split("@")[0]
     found = timm.models.get_pretrained_cfg(model_name) if timm.is_model(model_name) else None
     return getattr(found, "hf_hub_id", None) or None
 
@@ -66,6 +69,7 @@ def write_model_card(
     eval_split: str = "validation",
     image_size: int | None = None,
     repo_id: str | None = None,
+    library: str = "timm",
 ) -> Path:
     """Render ``README.md`` from ``templates/model_card.md`` with ``huggingface_hub.ModelCard``.
 
@@ -73,7 +77,10 @@ def write_model_card(
     quantized``, ``model-index`` with the quantized model's top-1 and top-5 on ``dataset_name`` /
     ``eval_split``, and tags for the bit widths (``4-bit``, ``w4a4``) and the method.
     ``results`` keys ``top-1 (quantized)`` / ``top-5 (quantized)`` are fractions in [0, 1].
+    ``library``: ``timm`` or ``transformers``, the library of the student's architecture.
     """
+    if library not in ("timm", "transformers"):
+        raise ValueError(f"library must be 'timm' or 'transformers', got {library!r}")
     directory = Path(directory)
     wb, ab = quant_config.get("weight_bits"), quant_config.get("act_bits")
     scheme = f"w{wb}a{ab}" if ab is not None else f"w{wb}"
@@ -95,11 +102,11 @@ def write_model_card(
     ]
     name = f"{Path(model_name.split(':')[-1]).name}-{scheme}-acs"
     data = ModelCardData(
-        library_name="timm",
+        library_name=library,
         license="apache-2.0",
         tags=[
             "image-classification",
-            "timm",
+            library,
             "quantized",
             f"{wb}-bit",
             scheme,
@@ -134,6 +141,7 @@ def write_model_card(
         plot_name=plot_name,
         repo_id=repo_id or "<this repo id or local folder>",
         image_size=image_size or 224,
+        library=library,
     )
     path = directory / "README.md"
     atomic_write_bytes(path, str(card).encode())

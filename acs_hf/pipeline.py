@@ -5,23 +5,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 
 from ._io import atomic_write, atomic_write_json
 from .arguments import ACSArguments, DataArguments, ModelArguments, RunArguments
 from .data import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
 from .hub import HubPushError, base_model_id, push_folder_to_hub, write_model_card
 from .metrics import make_compute_metrics, preprocess_logits_for_metrics
+from .models import check_model_name, create_model, image_processor_for, is_transformers_name, model_size_kwargs
 from .qat_trainer import ImageClassificationTrainer
 from .quantization import WEIGHTS_NAME, QuantConfig, quantize_model, save_quantized
 from .reporting import PLOT_NAME, RECORD_NAME
@@ -29,72 +27,9 @@ from .run_checks import output_dir_lock, preflight
 from .selection import coreset_size
 from .trainer import ACSTrainer
 
-__all__ = ["run_acs", "prepare_run_data", "check_model_name", "default_output_dir", "model_size_kwargs"]
+__all__ = ["run_acs", "prepare_run_data", "default_output_dir", "save_student"]
 
 logger = logging.getLogger(__name__)
-
-
-def check_model_name(name: str) -> None:
-    """Fail fast on a model id timm cannot build (before any data is loaded)."""
-    if name.startswith(("hf-hub:", "local-dir:")) or os.path.isdir(name):
-        return
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ValueError(
-            f"model_name={name!r} is not a timm model; use a timm id (e.g. {', '.join(close) or 'resnet18'}), "
-            "an 'hf-hub:<repo>' id or a local folder"
-        )
-
-
-def _timm_name(name: str) -> str:
-    return f"local-dir:{name}" if os.path.isdir(name) else name
-
-
-def _fixed_size(name: str) -> int | None:
-    """The input size a model is built for when it cannot take another one without being built
-    for it (ViT, DeiT, Swin: position embeddings and windows), else None. Hub ids are resolved by
-    timm at creation and treated as fixed when their config says so."""
-    if os.path.isdir(name):
-        config = Path(name) / "config.json"
-        cfg = json.loads(config.read_text()).get("pretrained_cfg", {}) if config.is_file() else {}
-    elif name.startswith("hf-hub:"):
-        return None
-    else:
-        found = timm.models.get_pretrained_cfg(name.split(".")[0]) if timm.is_model(name) else None
-        cfg = found.to_dict() if found is not None else {}
-    return int(cfg["input_size"][-1]) if cfg.get("fixed_input_size") and cfg.get("input_size") else None
-
-
-@functools.lru_cache(maxsize=8)
-def model_size_kwargs(name: str, image_size: int | None) -> dict[str, int]:
-    """``{"img_size": image_size}`` for a fixed-size model asked for another size, else ``{}``.
-
-    The model is built once (random weights) at that size and run on one image, so that a size it
-    cannot take fails here, before any data is loaded, with the size it was built for.
-    """
-    fixed = _fixed_size(name)
-    if image_size is None or fixed is None or fixed == image_size:
-        return {}
-    try:
-        probe = timm.create_model(_timm_name(name), pretrained=False, num_classes=2, img_size=image_size)
-        with torch.no_grad():
-            probe.eval()(torch.zeros(1, 3, image_size, image_size))
-    except Exception as e:  # timm raises assertions, type and value errors for impossible sizes
-        raise ValueError(
-            f"model_name={name!r} cannot run at image_size={image_size} ({type(e).__name__}: {e}); it was built for "
-            f"{fixed}x{fixed}: pick a size its patch and window sizes divide, or leave --image_size unset"
-        ) from e
-    return {"img_size": image_size}
-
-
-def _create_model(name: str, pretrained: bool, num_classes: int, image_size: int | None = None) -> torch.nn.Module:
-    """A timm model; fixed-size models are built at ``image_size`` (timm resamples pretrained
-    position embeddings to the new grid)."""
-    kwargs = model_size_kwargs(name, image_size)
-    model = timm.create_model(_timm_name(name), pretrained=pretrained, num_classes=num_classes, **kwargs)
-    if kwargs:  # its data config (transforms, saved config.json) follows the size it was built for
-        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, image_size, image_size)}
-    return model
 
 
 def default_output_dir(model_args: ModelArguments, quant_args: QuantConfig, acs_args: ACSArguments) -> str:
@@ -211,7 +146,9 @@ def prepare_run_data(
         image_column, label_column = detect_columns(raw["train"], data_args.image_column, data_args.label_column)
         names = class_names(raw["train"], label_column)
         torch.manual_seed(training_args.seed)
-        fp_model = _create_model(model_args.model_name, model_args.pretrained, len(names), model_args.image_size)
+        fp_model = create_model(
+            model_args.model_name, model_args.pretrained, len(names), model_args.image_size, dict(enumerate(names))
+        )
         ds = prepare_datasets(
             raw,
             fp_model,
@@ -226,6 +163,31 @@ def prepare_run_data(
             augmentation=data_args.augmentation(),
         )
     return ds, fp_model
+
+
+def save_student(
+    student: torch.nn.Module, out: Path, model_args: ModelArguments, qconfig: QuantConfig, ds: ImageDatasets
+) -> None:
+    """Save the quantized student so that ``acs_hf.load_quantized`` (timm students) and, after
+    ``import acs_hf``, transformers' ``from_pretrained`` / ``pipeline`` load it: timm's config with
+    the run's eval preprocessing and class names, or a transformers config plus the image
+    processor that preprocesses as the run did."""
+    if isinstance(student, PreTrainedModel):
+        config = student.config.to_dict()
+        config["architectures"] = [type(student).__name__]
+        save_quantized(student, out, config=qconfig, model_config=config)
+        processor = image_processor_for(model_args.model_name, ds.data_config, model_args.image_size)
+        processor.save_pretrained(out)
+        return
+    model_kwargs = model_size_kwargs(model_args.model_name, model_args.image_size)  # rebuilt at this size
+    save_quantized(
+        student,
+        out,
+        model_args=dict(model_kwargs),
+        config=qconfig,
+        data_config=ds.data_config,
+        label_names=list(ds.id2label.values()),
+    )
 
 
 def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) -> tuple[dict[str, Any], ACSTrainer]:
@@ -247,7 +209,9 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
                 atomic_write(warm, lambda tmp: save_file(state, tmp))
 
     if model_args.teacher_model_name:
-        teacher = _create_model(model_args.teacher_model_name, True, len(names), model_args.image_size)
+        teacher = create_model(
+            model_args.teacher_model_name, True, len(names), model_args.image_size, dict(enumerate(names))
+        )
     else:
         teacher = copy.deepcopy(fp_model)
     student = quantize_model(copy.deepcopy(fp_model), qconfig)
@@ -265,10 +229,7 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
     trainer.save_metrics("train", train_result.metrics)
     out = Path(training_args.output_dir)
     if trainer.is_world_process_zero():  # the trained model is safe before evaluation, card or push can fail
-        model_kwargs = model_size_kwargs(model_args.model_name, model_args.image_size)  # rebuilt at this size
-        save_quantized(
-            trainer.accelerator.unwrap_model(trainer.model), out, model_args=dict(model_kwargs), config=qconfig
-        )
+        save_student(trainer.accelerator.unwrap_model(trainer.model), out, model_args, qconfig, ds)
     metrics = trainer.evaluate()
     fp_metrics = _fp_trainer(teacher, ds, training_args, compute_metrics, report_to=[]).evaluate(
         metric_key_prefix="fp_eval"
@@ -302,6 +263,7 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
             checkpoint_bytes=ckpt_bytes,
             plot_name=plot,
             base_model=base_model_id(model_args.model_name, model_args.pretrained),
+            library="transformers" if is_transformers_name(model_args.model_name) else "timm",
             eval_split=ds.eval_split,
             image_size=model_args.image_size or fp_model.pretrained_cfg.get("input_size", (3, 224, 224))[-1],
             repo_id=training_args.hub_model_id,

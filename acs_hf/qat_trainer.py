@@ -22,6 +22,7 @@ from transformers import Trainer
 
 from .arguments import QATArguments
 from .quantization import LSQQuantizer, calibrate_quantizers, quantizers_initialized
+from .scoring import default_forward
 
 __all__ = ["ImageClassificationTrainer", "QATTrainer"]
 
@@ -75,8 +76,9 @@ class ImageClassificationTrainer(Trainer):
 
     @staticmethod
     def forward_logits(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """Logits of ``model`` for a batch (timm: ``model(pixel_values)``)."""
-        return model(inputs["pixel_values"])
+        """Logits of ``model`` for a batch: timm's ``model(pixel_values)`` or a transformers
+        model's ``.logits`` (see :func:`acs_hf.scoring.default_forward`)."""
+        return default_forward(model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with _batchnorm_eval_if_single(model, len(inputs["labels"])):

@@ -39,8 +39,10 @@ TRIM_EVERY = 32
 
 
 def default_forward(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Logits of a timm-style model for a batch dict with ``pixel_values``."""
-    return model(batch["pixel_values"])
+    """Logits for a batch dict with ``pixel_values``: a timm model's output, or the ``.logits`` of
+    a transformers model's output."""
+    out = model(batch["pixel_values"])
+    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 class TeacherCache:

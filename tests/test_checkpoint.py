@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import acs_hf.quantization.checkpoint as ckpt
 from acs_hf import QuantConfig, calibrate_quantizers, load_quantized, quantize_model, save_quantized
@@ -67,7 +69,8 @@ def test_save_load_round_trip(tmp_path, name, kwargs, config):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architecture"] == name and cfg["num_classes"] == 10
     qc = cfg["quantization_config"]
-    assert qc["quant_method"] == "lsq"
+    assert qc["quant_method"] == "acs_hf_lsq" and qc["format_version"] == 2
+    assert "num_classes" not in cfg["model_args"]  # transformers' TimmWrapper passes it on its own
     assert qc["config"]["weight_bits"] == config.weight_bits
     layer = next(iter(qc["layers"].values()))
     assert {"weight_bits", "act_bits", "weight_signed", "act_signed", "per_channel"} <= set(layer)
@@ -112,7 +115,7 @@ def test_corrupt_and_foreign_checkpoints_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown quant_method 'gptq'"):
         load_quantized(tmp_path)
 
-    cfg["quantization_config"]["quant_method"] = "lsq"
+    cfg["quantization_config"]["quant_method"] = "acs_hf_lsq"
     cfg["quantization_config"]["checkpoint_id"] = "another-save"
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="different saves"):
@@ -192,7 +195,6 @@ def test_edited_bits_rejected_naming_the_layer(tmp_path):
 
 def test_packed_length_and_code_range_checked(tmp_path):
     """Without the layer digest (an older or hand-made file), the codes themselves are checked."""
-    from safetensors.torch import load_file, save_file
 
     saved(tmp_path)
     weights = tmp_path / "model.safetensors"
@@ -214,7 +216,7 @@ def test_packed_length_and_code_range_checked(tmp_path):
     with pytest.raises(ValueError, match=f"layer '{name}'.*packed bytes"):
         load_quantized(tmp_path)
     _edit_config(tmp_path, set_bits(3))  # same byte layout, but codes above 7 cannot be 3-bit
-    codes = unpack_codes(tensors[name + ".weight_codes"], 4, 10**9)
+    codes = unpack_codes(tensors[name + ".weight"], 4, 10**9)
     assert int(codes.max()) > 7  # a calibrated 4-bit layer uses the upper codes
     with pytest.raises(ValueError, match=f"layer '{name}'.*exceeds the 3-bit range"):
         load_quantized(tmp_path)
@@ -249,5 +251,30 @@ def test_format_version_and_map_location(tmp_path):
     model = load_quantized(tmp_path, map_location="meta")
     assert next(model.parameters()).device.type == "meta"
     _edit_config(tmp_path, lambda cfg: cfg["quantization_config"].update(format_version=99))
-    with pytest.raises(ValueError, match="format_version 99.*reads 1"):
+    with pytest.raises(ValueError, match="format_version 99.*reads 2"):
+        load_quantized(tmp_path)
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Format 1 (quant_method 'lsq', codes under '<layer>.weight_codes') converted by hand from a
+    format 2 save loads to the same logits."""
+    model = quantized()
+    save_quantized(model, tmp_path)
+    weights, cfg_path = tmp_path / "model.safetensors", tmp_path / "config.json"
+    with safe_open(weights, framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(weights)
+    cfg = json.loads(cfg_path.read_text())
+    layers = cfg["quantization_config"]["layers"]
+    for name in layers:
+        tensors[name + ".weight_codes"] = tensors.pop(name + ".weight")
+    save_file(tensors, weights, metadata={**meta, "quant_method": "lsq"})
+    cfg["quantization_config"].update(quant_method="lsq", format_version=1)
+    cfg_path.write_text(json.dumps(cfg))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path)(x), model.eval()(x))
+    cfg["quantization_config"]["format_version"] = 2  # 'lsq' is format 1 only
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="format_version 2 with quant_method 'lsq'"):
         load_quantized(tmp_path)

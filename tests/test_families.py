@@ -1,7 +1,6 @@
 """Every timm family through the whole recipe at a small image size: FP warm-up, scoring,
 selection, QAT, evaluation, save, and a reload whose logits equal the trained model's."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -27,14 +26,6 @@ FAMILIES = {
     "Swin": "swin_tiny_patch4_window7_224",
 }
 IMAGE_SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location("run_acs", RECIPES / "run_acs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("model_name", FAMILIES.values(), ids=FAMILIES.keys())
@@ -73,9 +64,9 @@ def test_fixed_size_model_refused_at_an_impossible_size_before_data(recipe, tmp_
 
 
 def test_cnn_sizes_pass_through_and_vit_pos_embed_follows():
-    assert acs_hf.pipeline.model_size_kwargs("resnet18", 32) == {}
-    assert acs_hf.pipeline.model_size_kwargs("deit_tiny_patch16_224", 224) == {}
-    assert acs_hf.pipeline.model_size_kwargs("deit_tiny_patch16_224", 64) == {"img_size": 64}
-    model = acs_hf.pipeline._create_model("deit_tiny_patch16_224", False, 10, 64)
+    assert acs_hf.models.model_size_kwargs("resnet18", 32) == {}
+    assert acs_hf.models.model_size_kwargs("deit_tiny_patch16_224", 224) == {}
+    assert acs_hf.models.model_size_kwargs("deit_tiny_patch16_224", 64) == {"img_size": 64}
+    model = acs_hf.models.create_model("deit_tiny_patch16_224", False, 10, 64)
     assert model.pos_embed.shape[1] == 1 + (64 // 16) ** 2
     assert timm.data.resolve_data_config({}, model=model)["input_size"] == (3, 64, 64)

@@ -1,6 +1,5 @@
 """recipes/run_acs.py end to end on the embedded digits data (offline)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,18 +14,6 @@ DEMO = str(RECIPES / "configs" / "digits_demo.yaml")
 #: A few-second run of the whole recipe with timm's test-sized ResNet.
 TINY_RUN = ["--model_name", "test_resnet", "--max_train_samples", "64", "--max_eval_samples", "32",
             "--fp_warmup_epochs", "1", "--num_train_epochs", "1", "--fraction", "0.25"]  # fmt: skip
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("run_acs", RECIPES / "run_acs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    return load_recipe()
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +248,7 @@ def test_local_folder_student_and_teacher(recipe, tmp_path):
     save_for_hf(timm.create_model("test_resnet", num_classes=10), tmp_path / "student")
     import acs_hf.pipeline
 
-    built = acs_hf.pipeline._create_model(str(tmp_path / "teacher"), True, 10)
+    built = acs_hf.models.create_model(str(tmp_path / "teacher"), True, 10)
     assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), teacher.state_dict().values()))
     out = tmp_path / "out"
     summary = recipe.main([DEMO, "--output_dir", str(out), *TINY_RUN, "--model_name", str(tmp_path / "student"),
@@ -271,7 +258,7 @@ def test_local_folder_student_and_teacher(recipe, tmp_path):
 
 
 def test_hf_hub_model_name_accepted_without_network(recipe):
-    from acs_hf.pipeline import check_model_name
+    from acs_hf.models import check_model_name
 
     check_model_name("hf-hub:timm/resnet18.a1_in1k")  # resolved by timm at creation, not here
     with pytest.raises(ValueError, match="not a timm model"):

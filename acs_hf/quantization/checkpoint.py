@@ -1,14 +1,19 @@
 """Packed low-bit checkpoints: integer weight codes in uint8, written atomically, safetensors only.
 
-Layout of a checkpoint directory:
+Layout of a checkpoint directory (format 2):
 
-- ``model.safetensors``: for every quantized layer ``<name>.weight_codes`` (codes offset to be
-  non-negative and packed four 2-bit, two 3/4-bit or one 5..8-bit code per byte) plus the layer's
-  step sizes; every other tensor (BN, biases, FP layers, quantizer state) as is.
+- ``model.safetensors``: for every quantized layer ``<name>.weight`` holds the integer codes
+  (offset to be non-negative, packed four 2-bit, two 3/4-bit or one 5..8-bit code per byte, a flat
+  uint8 tensor) next to the layer's step sizes; every other tensor (BN, biases, FP layers,
+  quantizer state) as is. A loader that does not know the format fails on the weight shapes
+  instead of building a model with missing weights.
 - ``config.json``: timm's model config (``architecture``, ``num_classes``, ``model_args``,
-  ``pretrained_cfg``) plus a ``quantization_config`` block.
+  ``pretrained_cfg`` with the eval data config) or, for other models, the ``model_config`` the
+  caller passes (e.g. a transformers config), plus a ``quantization_config`` block whose
+  ``quant_method`` is ``acs_hf_lsq``.
 
 Both files carry the same ``checkpoint_id`` so that a directory mixing two saves is rejected.
+Format 1 (``quant_method: lsq``, codes under ``<name>.weight_codes``) is still read.
 """
 
 from __future__ import annotations
@@ -28,17 +33,29 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._io import atomic_write
-from .lsq import STEP_FLOOR, quant_range
+from .lsq import STEP_FLOOR, LSQQuantizer, quant_range
 from .model import QuantConfig, quant_modules, quantize_layers, quantizers_initialized
 from .modules import LayerQuantConfig, quant_class_for
 
-__all__ = ["save_quantized", "load_quantized", "pack_codes", "unpack_codes", "QUANT_METHOD", "WEIGHTS_NAME"]
+__all__ = [
+    "save_quantized",
+    "load_quantized",
+    "pack_codes",
+    "unpack_codes",
+    "layer_configs_from_table",
+    "prepare_packed_weights",
+    "unpack_weights",
+    "QUANT_METHOD",
+    "WEIGHTS_NAME",
+]
 
-QUANT_METHOD = "lsq"
-FORMAT_VERSION = 1
+QUANT_METHOD = "acs_hf_lsq"  # named after the library: loaders that lack it print where to get it
+FORMAT_VERSION = 2
+#: quant_method -> format version, for every format this version reads.
+READABLE_FORMATS = {QUANT_METHOD: FORMAT_VERSION, "lsq": 1}
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-CODES_SUFFIX = ".weight_codes"
+LEGACY_CODES_SUFFIX = ".weight_codes"  # format 1
 #: ``model_args`` a checkpoint may pass to ``timm.create_model``: architecture only. Anything else
 #: (``checkpoint_path``, ``pretrained_cfg``, ...) could make loading read files of the config's choosing.
 ALLOWED_MODEL_ARGS = frozenset(
@@ -106,29 +123,42 @@ def save_quantized(
     directory: str | os.PathLike,
     model_args: dict | None = None,
     config: QuantConfig | None = None,
+    data_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+    label_names: list[str] | None = None,
 ) -> Path:
-    """Save a quantized timm model as packed integer codes plus ``config.json``.
+    """Save a quantized model as packed integer codes plus ``config.json``.
 
     Args:
-        model: a timm model prepared with :func:`quantize_model` and calibrated.
+        model: a model prepared with :func:`quantize_model` and calibrated.
         directory: where to write (created if missing; other files in it are left alone).
         model_args: extra ``timm.create_model`` kwargs to record (architecture keys only, see
             :data:`ALLOWED_MODEL_ARGS`), if timm did not record them.
         config: the :class:`QuantConfig` the model was quantized with, recorded for reference;
             loading needs only the per-layer table that is always written.
+        data_config: the eval preprocessing the model was evaluated with (timm's
+            ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``),
+            recorded in ``pretrained_cfg`` so that loaders (timm, transformers' image processor)
+            preprocess as the run did.
+        model_config: for a model that is not a timm model, the JSON-able config that rebuilds its
+            architecture (e.g. a transformers ``config.to_dict()``); written as ``config.json``
+            with the ``quantization_config`` block added. Timm models leave it ``None``.
+        label_names: class names by class index, recorded for timm models (transformers'
+            ``pipeline`` shows them; a ``model_config`` carries its own ``id2label``).
 
     Returns the directory. Each file is written under a temporary name and renamed into place.
     """
-    from timm.models._hub import save_config_for_hf
-
     qmods = quant_modules(model)
     if not qmods:
         raise ValueError("save_quantized: the model has no quantized layers; call quantize_model first")
     if not quantizers_initialized(model):
         raise RuntimeError("save_quantized: some quantizers are uninitialised; call calibrate_quantizers first")
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "architecture" not in cfg:
-        raise ValueError("save_quantized needs a timm model (one with pretrained_cfg['architecture'])")
+    if model_config is None and "architecture" not in cfg:
+        raise ValueError(
+            "save_quantized needs a timm model (one with pretrained_cfg['architecture']) or, for other models, "
+            "model_config (the config that rebuilds the architecture)"
+        )
     _check_model_args(model_args or {}, "save_quantized: model_args")
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -136,8 +166,7 @@ def save_quantized(
     for name, m in qmods:
         codes = _weight_codes(m)
         bits = m.weight_quantizer.bits
-        del state[f"{name}.weight"]
-        state[name + CODES_SUFFIX] = pack_codes(codes, bits)
+        state[f"{name}.weight"] = pack_codes(codes, bits)
         iq = m.input_quantizer
         layers[name] = {
             "type": type(m).__name__,
@@ -167,13 +196,29 @@ def save_quantized(
         "layers_sha256": _layers_digest(layers),
     }
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
-    atomic_write(
-        directory / CONFIG_NAME,
-        lambda p: save_config_for_hf(
-            model, p, model_config={"quantization_config": quantization_config}, model_args=model_args
-        ),
-    )
+    if model_config is not None:
+        content = {**model_config, "quantization_config": quantization_config}
+        atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(content, indent=2)))
+    else:
+        atomic_write(
+            directory / CONFIG_NAME,
+            lambda p: _save_timm_config(model, p, quantization_config, model_args, data_config, label_names),
+        )
     return directory
+
+
+def _save_timm_config(model, path: str, quantization_config: dict, model_args, data_config, label_names) -> None:
+    from timm.models._hub import save_config_for_hf
+
+    model_config = {"quantization_config": quantization_config}
+    if label_names:
+        model_config["label_names"] = list(label_names)
+    save_config_for_hf(model, path, model_config=model_config, model_args=model_args, data_config=data_config)
+    cfg = json.loads(Path(path).read_text())
+    # The root num_classes is the one timm and transformers' TimmWrapper read; the wrapper also
+    # passes model_args to timm.create_model, and a second num_classes there is a TypeError.
+    (cfg.get("model_args") or {}).pop("num_classes", None)
+    Path(path).write_text(json.dumps(cfg, indent=2))
 
 
 def _resolve(directory_or_hub_id: str | os.PathLike) -> Path:
@@ -198,20 +243,31 @@ def _read_config(path: Path) -> dict[str, Any]:
     qcfg = cfg.get("quantization_config")
     if not isinstance(qcfg, dict):
         raise ValueError(f"load_quantized: {cfg_path} has no quantization_config block")
-    method = qcfg.get("quant_method")
-    if method != QUANT_METHOD:
-        raise ValueError(f"load_quantized: unknown quant_method {method!r} in {cfg_path}; accepted: {QUANT_METHOD!r}")
-    if qcfg.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"load_quantized: format_version {qcfg.get('format_version')!r} in {cfg_path}; "
-            f"this acs_hf reads {FORMAT_VERSION}"
-        )
-    if "architecture" not in cfg:
-        raise ValueError(f"load_quantized: {cfg_path} has no 'architecture'")
+    check_quantization_config(qcfg, f"load_quantized: {cfg_path}")
     return cfg
 
 
-def _read_tensors(path: Path, checkpoint_id: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def check_quantization_config(qcfg: dict[str, Any], where: str) -> None:
+    """Refuse a ``quantization_config`` block of a method or format version this acs_hf cannot read."""
+    method = qcfg.get("quant_method")
+    if method not in READABLE_FORMATS:
+        raise ValueError(f"{where}: unknown quant_method {method!r}; accepted: {sorted(READABLE_FORMATS)}")
+    if qcfg.get("format_version") != READABLE_FORMATS[method]:
+        raise ValueError(
+            f"{where}: format_version {qcfg.get('format_version')!r} with quant_method {method!r}; this acs_hf "
+            f"reads {READABLE_FORMATS[method]} (upgrade acs_hf for newer checkpoints)"
+        )
+    layers = qcfg.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{where}: quantization_config.layers must be a non-empty object")
+
+
+def codes_key(name: str, qcfg: dict[str, Any]) -> str:
+    """The state-dict key of a layer's packed codes in this checkpoint's format."""
+    return name + (LEGACY_CODES_SUFFIX if qcfg.get("format_version") == 1 else ".weight")
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"load_quantized: {weights} is missing")
@@ -221,11 +277,6 @@ def _read_tensors(path: Path, checkpoint_id: str) -> tuple[dict[str, torch.Tenso
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"load_quantized: {weights} is corrupt or truncated ({e})") from e
-    if meta.get("checkpoint_id") != checkpoint_id:
-        raise ValueError(
-            f"load_quantized: {weights} and {CONFIG_NAME} come from different saves "
-            f"(checkpoint ids {meta.get('checkpoint_id')!r} and {checkpoint_id!r}); save again"
-        )
     return tensors, meta
 
 
@@ -269,12 +320,14 @@ def _layer_config(name: str, info: Any, module: nn.Module | None, where: str) ->
         raise ValueError(f"{where}: layer {name!r}: {e}") from None
 
 
-def _weight_from_codes(name: str, packed: torch.Tensor, step: torch.Tensor, config: LayerQuantConfig, shape):
+def _weight_from_codes(
+    name: str, packed: torch.Tensor, step: torch.Tensor, config: LayerQuantConfig, shape, where: str
+) -> torch.Tensor:
     """``w = (code - Qn) * step``, after checking the packed length and the code range."""
     bits, numel = config.weight_bits, math.prod(shape)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_length(numel, bits):
         raise ValueError(
-            f"load_quantized: layer {name!r}: {packed.numel()} packed bytes ({packed.dtype}) do not hold "
+            f"{where}: layer {name!r}: {packed.numel()} packed bytes ({packed.dtype}) do not hold "
             f"{numel} codes of {bits} bits ({packed_length(numel, bits)} bytes expected); the checkpoint is "
             "corrupt or its config.json was edited"
         )
@@ -282,66 +335,136 @@ def _weight_from_codes(name: str, packed: torch.Tensor, step: torch.Tensor, conf
     qn, qp = quant_range(bits, True)
     if int(codes.max()) > qn + qp:
         raise ValueError(
-            f"load_quantized: layer {name!r}: code {int(codes.max())} exceeds the {bits}-bit range 0..{qn + qp}; "
+            f"{where}: layer {name!r}: code {int(codes.max())} exceeds the {bits}-bit range 0..{qn + qp}; "
             "the checkpoint is corrupt or its config.json was edited"
         )
     expected_steps = shape[0] if config.per_channel else 1
     if step.numel() != expected_steps:
-        raise ValueError(f"load_quantized: layer {name!r} has {step.numel()} weight steps, expected {expected_steps}")
+        raise ValueError(f"{where}: layer {name!r} has {step.numel()} weight steps, expected {expected_steps}")
     return (codes.float() - qn) * _broadcast_step(step, len(shape))
 
 
-def load_quantized(directory_or_hub_id: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+def layer_configs_from_table(model: nn.Module, layers: dict[str, Any], where: str) -> dict[str, LayerQuantConfig]:
+    """The per-layer settings of a checkpoint's layer table, each checked against ``model``'s
+    layer of that name (type and weight shape); a mismatch names the layer."""
+    modules = dict(model.named_modules())
+    return {name: _layer_config(name, info, modules.get(name), where) for name, info in layers.items()}
+
+
+def prepare_packed_weights(model: nn.Module, layers: dict[str, Any], where: str = "load_quantized") -> nn.Module:
+    """Quantize the float architecture ``model`` as the layer table says, each quantized weight a
+    flat uint8 placeholder of its packed length, in place.
+
+    A loader that copies tensors by name (``load_state_dict``, transformers' ``from_pretrained``)
+    then fills in the checkpoint's packed codes and step sizes; :func:`unpack_weights` turns the
+    codes into the float weights afterwards.
+    """
+    configs = layer_configs_from_table(model, layers, where)
+    quantize_layers(model, configs)
+    for name, config in configs.items():
+        module = model.get_submodule(name)
+        size = packed_length(math.prod(layers[name]["weight_shape"]), config.weight_bits)
+        placeholder = torch.empty(size, dtype=torch.uint8, device=module.weight.device)
+        module.weight = nn.Parameter(placeholder, requires_grad=False)
+    return model
+
+
+def unpack_weights(model: nn.Module, layers: dict[str, Any], where: str = "load_quantized") -> nn.Module:
+    """Second half of :func:`prepare_packed_weights`: every quantized layer's loaded codes become
+    its float weight ``(code - Qn) * step``, after checking the packed length and the code range;
+    the quantizers take their calibration state from the loaded buffers."""
+    for name, info in layers.items():
+        module = model.get_submodule(name)
+        with torch.no_grad():
+            weight = _weight_from_codes(
+                name, module.weight, module.weight_quantizer.step, module.layer_config, info["weight_shape"], where
+            )
+        module.weight = nn.Parameter(weight)
+    for q in model.modules():
+        if isinstance(q, LSQQuantizer):
+            q.sync_state_from_buffers()
+    if not quantizers_initialized(model):
+        raise ValueError(f"{where}: the checkpoint holds uninitialised quantizers")
+    return model
+
+
+def check_digest(meta: dict[str, str], qcfg: dict[str, Any], where: str) -> None:
+    """Refuse weights whose metadata names another save, or a layer table edited since saving."""
+    if meta.get("checkpoint_id") != qcfg.get("checkpoint_id"):
+        raise ValueError(
+            f"{where}: {WEIGHTS_NAME} and {CONFIG_NAME} come from different saves "
+            f"(checkpoint ids {meta.get('checkpoint_id')!r} and {qcfg.get('checkpoint_id')!r}); save again"
+        )
+    digest = meta.get("layers_sha256")
+    if digest is not None and digest != _layers_digest(qcfg["layers"]):
+        raise ValueError(
+            f"{where}: the layer table does not match the one {WEIGHTS_NAME} was saved with (config.json was "
+            "edited or mixed with another save); restore the original config.json"
+        )
+
+
+def load_quantized(
+    directory_or_hub_id: str | os.PathLike, map_location: str | torch.device = "cpu", model: nn.Module | None = None
+) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` from a local directory or a Hub repo id.
 
-    The timm architecture is created without pretrained weights, its layers are quantized as the
-    checkpoint's layer table says, and filled from the unpacked codes (``w = code * step``), so its
-    logits match the saved model's. Every table entry is checked against the architecture (type,
-    shape, bits, packed length, code range): a mismatch names the layer. Hub ids go through
-    ``huggingface_hub.snapshot_download`` (honours ``HF_HUB_OFFLINE`` and the cache).
+    The timm architecture is created without pretrained weights (or ``model``, a float instance of
+    the saved architecture, is used: the way to load a checkpoint of a non-timm model here), its
+    layers are quantized as the checkpoint's layer table says, and filled from the unpacked codes
+    (``w = code * step``), so its logits match the saved model's. Every table entry is checked
+    against the architecture (type, shape, bits, packed length, code range): a mismatch names the
+    layer. Hub ids go through ``huggingface_hub.snapshot_download`` (honours ``HF_HUB_OFFLINE`` and
+    the cache). After ``import acs_hf``, transformers' ``from_pretrained`` loads the same folders.
     """
-    import timm
-
     path = _resolve(directory_or_hub_id)
     cfg = _read_config(path)
     qcfg = cfg["quantization_config"]
-    tensors, meta = _read_tensors(path, qcfg.get("checkpoint_id"))
     where = f"load_quantized: {path / CONFIG_NAME}"
+    tensors, meta = _read_tensors(path)
+    check_digest(meta, qcfg, where)
+    if model is None:
+        model = _build_timm_model(cfg, where)
+    layers = qcfg["layers"]
+    prepare_packed_weights(model, layers, where)
+    if qcfg.get("format_version") == 1:
+        legacy = {n: codes_key(n, qcfg) for n in layers}
+        tensors.update({f"{n}.weight": tensors.pop(key) for n, key in legacy.items() if key in tensors})
+    for name, info in layers.items():
+        expected = model.get_submodule(name).weight
+        got = tensors.get(f"{name}.weight")
+        if got is None or f"{name}.weight_quantizer.step" not in tensors:
+            raise ValueError(f"{where}: {WEIGHTS_NAME} lacks the codes or the step of layer {name!r}")
+        if got.dtype != torch.uint8 or got.shape != expected.shape:
+            raise ValueError(
+                f"{where}: layer {name!r}: {got.numel()} packed bytes ({got.dtype}) do not hold "
+                f"{math.prod(info['weight_shape'])} codes of {info.get('weight_bits')} bits ({expected.numel()} bytes "
+                "expected); the checkpoint is corrupt or its config.json was edited"
+            )
+    result = model.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{where}: state mismatch (missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )
+    unpack_weights(model, layers, where)
+    return model.to(map_location).eval()
 
+
+def _build_timm_model(cfg: dict[str, Any], where: str) -> nn.Module:
+    import timm
+
+    if "architecture" not in cfg:
+        kind = f"a {cfg['model_type']!r} model" if "model_type" in cfg else "not a timm model"
+        raise ValueError(
+            f"{where}: the checkpoint is {kind} (no 'architecture'); pass its float architecture as model=..., "
+            "or, after `import acs_hf`, load it with transformers' AutoModelForImageClassification.from_pretrained"
+        )
     model_args = cfg.get("model_args") or {}
     if not isinstance(model_args, dict):
         raise ValueError(f"{where}: model_args must be an object, got {model_args!r}")
     _check_model_args(model_args, f"{where}: model_args")
-    model = timm.create_model(
+    return timm.create_model(
         cfg["architecture"],
         pretrained=False,
         pretrained_cfg_overlay=cfg.get("pretrained_cfg"),
         **{**model_args, "num_classes": cfg.get("num_classes")},
     )
-    layers = qcfg.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise ValueError(f"{where}: quantization_config.layers must be a non-empty object")
-    digest = meta.get("layers_sha256")
-    if digest is not None and digest != _layers_digest(layers):
-        raise ValueError(
-            f"{where}: the layer table does not match the one {WEIGHTS_NAME} was saved with (config.json was "
-            "edited or mixed with another save); restore the original config.json"
-        )
-    modules = dict(model.named_modules())
-    configs = {name: _layer_config(name, info, modules.get(name), where) for name, info in layers.items()}
-    quantize_layers(model, configs)
-    for name, config in configs.items():
-        key, step_key = name + CODES_SUFFIX, f"{name}.weight_quantizer.step"
-        if key not in tensors or step_key not in tensors:
-            raise ValueError(f"load_quantized: {WEIGHTS_NAME} lacks {key!r} or {step_key!r}")
-        shape = layers[name]["weight_shape"]
-        tensors[f"{name}.weight"] = _weight_from_codes(name, tensors.pop(key), tensors[step_key], config, shape)
-    result = model.load_state_dict(tensors, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"load_quantized: state mismatch (missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]})"
-        )
-    if not quantizers_initialized(model):
-        raise ValueError("load_quantized: the checkpoint holds uninitialised quantizers")
-    return model.to(map_location).eval()

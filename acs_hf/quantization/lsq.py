@@ -254,8 +254,13 @@ class LSQQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "initialized" in state_dict:
-            self._initialized = bool(self.initialized)
-            self._signed = bool(self.signed_flag) if self._initialized else self._signed
+            self.sync_state_from_buffers()
+
+    def sync_state_from_buffers(self) -> None:
+        """Take the calibration state from the ``initialized`` / ``signed_flag`` buffers, for
+        loaders that assign tensors without ``load_state_dict`` (transformers' ``from_pretrained``)."""
+        self._initialized = bool(self.initialized)
+        self._signed = bool(self.signed_flag) if self._initialized else self._signed
 
     # -- initialisation ------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,133 @@
+"""transformers loads acs_hf checkpoints natively: ``from_pretrained`` and ``pipeline``.
+
+``import acs_hf`` arranges for this module to register, the moment transformers' quantizer
+registry is imported, our ``quantization_config`` class and :class:`LSQHfQuantizer` under the
+checkpoints' ``quant_method`` (``acs_hf_lsq``). Then::
+
+    import acs_hf  # noqa: F401
+    from transformers import AutoModelForImageClassification, pipeline
+
+    model = AutoModelForImageClassification.from_pretrained("user/resnet18-w4a4-acs")
+    classify = pipeline("image-classification", model="user/resnet18-w4a4-acs")
+
+work for timm students (transformers wraps them in ``TimmWrapperForImageClassification``) and for
+transformers image models alike. Before the weights are read the quantizer swaps the layers the
+checkpoint's table names for LSQ layers whose weight is a uint8 placeholder of the packed length,
+so transformers copies the packed codes in as they are; afterwards it unpacks them into the float
+weights ``(code - Qn) * step``: the model computes exactly what :func:`acs_hf.load_quantized`
+builds. Without acs_hf, transformers stops on the packed weights' shapes (after a warning that
+names ``acs_hf_lsq``) instead of returning a model with missing weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from safetensors import safe_open
+from torch import nn
+
+# Submodules, not ``transformers.quantizers``: this runs right after ``quantizers.auto`` is
+# imported, while the package's ``__init__`` may still be half-way through.
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .quantization.checkpoint import (
+    QUANT_METHOD,
+    check_digest,
+    check_quantization_config,
+    prepare_packed_weights,
+    unpack_weights,
+)
+
+__all__ = ["LSQQuantizationConfig", "LSQHfQuantizer", "quantized_root"]
+
+logger = logging.getLogger(__name__)
+
+
+class LSQQuantizationConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` block of an acs_hf checkpoint, as transformers holds it.
+
+    Written by :func:`acs_hf.save_quantized`, not by hand: ``layers`` is the per-layer table
+    (type, weight shape, bits, signedness), ``checkpoint_id`` ties it to its weights file. Every
+    key is kept as read, so ``to_dict`` gives back the block it came from.
+    """
+
+    def __init__(self, layers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self.quant_method = kwargs.pop("quant_method", QUANT_METHOD)
+        self.layers = layers
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+        check_quantization_config(self.to_dict(), "acs_hf quantization_config")
+
+
+class LSQHfQuantizer(HfQuantizer):
+    """Loads a pre-quantized acs_hf checkpoint into transformers' ``from_pretrained``.
+
+    It does not quantize float models on the fly: quantization happens in training
+    (:func:`acs_hf.quantize_model`, ``recipes/run_acs.py``), which learns the step sizes.
+    """
+
+    requires_calibration = True  # loads pre-quantized checkpoints only
+
+    def __init__(self, quantization_config: LSQQuantizationConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._checkpoint_files: list[str] = []
+
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError(
+                f"device_map={device_map!r} offloads to disk; acs_hf checkpoints unpack their weights after "
+                "loading and need them in memory: use a device_map without 'disk'"
+            )
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        self._checkpoint_files = [str(f) for f in kwargs.get("checkpoint_files") or []]
+        where = f"from_pretrained({model.config.name_or_path!r})"
+        prepare_packed_weights(quantized_root(model), self.quantization_config.layers, where)
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        where = f"from_pretrained({model.config.name_or_path!r})"
+        qcfg = self.quantization_config.to_dict()
+        for path in self._checkpoint_files:
+            if path.endswith(".safetensors"):
+                with safe_open(path, framework="pt") as f:
+                    check_digest(f.metadata() or {}, qcfg, where)
+        unpack_weights(quantized_root(model), self.quantization_config.layers, where)
+        return model
+
+    def is_serializable(self) -> bool:
+        # save_pretrained would write float weights under a quantization_config that says packed
+        # codes; acs_hf.save_quantized(quantized_root(model), ...) writes the packed format.
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return True  # the LSQ layers train (QAT fine-tuning of a loaded checkpoint)
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+
+def quantized_root(model: nn.Module) -> nn.Module:
+    """The module whose names the checkpoint's layer table uses: the timm model inside
+    transformers' ``TimmWrapper*`` classes (timm checkpoints name layers without the wrapper's
+    ``timm_model.`` prefix), the transformers model itself otherwise."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "timm_wrapper" and hasattr(model, "timm_model"):
+        return model.timm_model
+    return model
+
+
+def register() -> None:
+    """Register the config class and the quantizer with transformers (idempotent)."""
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is LSQHfQuantizer:
+        return
+    register_quantization_config(QUANT_METHOD)(LSQQuantizationConfig)
+    register_quantizer(QUANT_METHOD)(LSQHfQuantizer)
+
+
+register()
