@@ -131,14 +131,19 @@ class ModelArguments:
 
     model_name: str = field(
         default="resnet18",
-        metadata={"help": "timm model id (resnet18, vit_tiny_patch16_224, ...), 'hf-hub:<repo>' or a local folder."},
+        metadata={
+            "help": "timm model id (resnet18, vit_tiny_patch16_224, ...), 'hf-hub:<repo>', a transformers Hub id "
+            "('org/name', AutoModelForImageClassification) or a local folder (timm or transformers)."
+        },
     )
-    pretrained: bool = field(default=False, metadata={"help": "Start from timm's pretrained weights (downloads)."})
+    pretrained: bool = field(
+        default=False, metadata={"help": "Start from the model's pretrained weights (timm or transformers; downloads)."}
+    )
     teacher_model_name: str | None = field(
         default=None,
         metadata={
-            "help": "FP teacher (timm id, hf-hub: id or folder; pretrained). Default: a frozen copy of the "
-            "FP model the student starts from."
+            "help": "FP teacher (timm id, hf-hub: id, transformers id or folder; pretrained). Default: a frozen "
+            "copy of the FP model the student starts from."
         },
     )
     image_size: int | None = field(default=None, metadata={"help": "Input resolution (default: the model's)."})

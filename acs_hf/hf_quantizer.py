@@ -71,10 +71,6 @@ class LSQHfQuantizer(HfQuantizer):
 
     requires_calibration = True  # loads pre-quantized checkpoints only
 
-    def __init__(self, quantization_config: LSQQuantizationConfig, **kwargs: Any) -> None:
-        super().__init__(quantization_config, **kwargs)
-        self._checkpoint_files: list[str] = []
-
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError(
@@ -83,18 +79,19 @@ class LSQHfQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        self._checkpoint_files = [str(f) for f in kwargs.get("checkpoint_files") or []]
         where = f"from_pretrained({model.config.name_or_path!r})"
+        # Before any tensor is read: an edited or mixed-up config.json is named as such, not as
+        # the shape mismatch it would cause.
+        qcfg = self.quantization_config.to_dict()
+        for path in kwargs.get("checkpoint_files") or []:
+            if str(path).endswith(".safetensors"):
+                with safe_open(path, framework="pt") as f:
+                    check_digest(f.metadata() or {}, qcfg, where)
         prepare_packed_weights(quantized_root(model), self.quantization_config.layers, where)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         where = f"from_pretrained({model.config.name_or_path!r})"
-        qcfg = self.quantization_config.to_dict()
-        for path in self._checkpoint_files:
-            if path.endswith(".safetensors"):
-                with safe_open(path, framework="pt") as f:
-                    check_digest(f.metadata() or {}, qcfg, where)
         unpack_weights(quantized_root(model), self.quantization_config.layers, where)
         return model
 

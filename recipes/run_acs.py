@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             if summary.get(key):
                 print(f"{key:15s} {summary[key]}")
         print("metrics        ", json.dumps({k: round(v, 4) for k, v in m.items() if isinstance(v, float)}))
+        print(f"load it         import acs_hf; pipeline('image-classification', model={summary['checkpoint']!r})")
         print("=" * 72)
     if summary.get("hub_error"):
         sys.exit(1)

@@ -202,3 +202,30 @@ def test_registration_whichever_is_imported_first(first):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+
+
+def test_from_pretrained_with_a_hub_id_from_the_cache(timm_run, tmp_path):
+    """A Hub repo id resolved from a pre-filled cache (offline): the same model as the folder."""
+    commit = "0" * 40
+    snapshot = tmp_path / "hub" / "models--someone--resnet-w4a4" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((timm_run / name).read_bytes())
+    (tmp_path / "hub" / "models--someone--resnet-w4a4" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--resnet-w4a4" / "refs" / "main").write_text(commit)
+    model = AutoModelForImageClassification.from_pretrained("someone/resnet-w4a4", cache_dir=tmp_path / "hub")
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        assert (model(x).logits - load_quantized(timm_run)(x)).abs().max().item() <= ATOL
+
+
+def test_edited_config_is_named_before_loading(timm_run, tmp_path):
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((timm_run / "model.safetensors").read_bytes())
+    config = json.loads((timm_run / "config.json").read_text())
+    name = next(iter(config["quantization_config"]["layers"]))
+    config["quantization_config"]["layers"][name]["weight_bits"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="layer table does not match"):
+        AutoModelForImageClassification.from_pretrained(folder)
