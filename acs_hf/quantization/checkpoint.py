@@ -379,7 +379,8 @@ def unpack_weights(model: nn.Module, layers: dict[str, Any], where: str = "load_
             weight = _weight_from_codes(
                 name, module.weight, module.weight_quantizer.step, module.layer_config, info["weight_shape"], where
             )
-        module.weight = nn.Parameter(weight)
+        # in the dtype the loader gave the layer's other tensors (from_pretrained(dtype=...))
+        module.weight = nn.Parameter(weight.to(module.weight_quantizer.step.dtype))
     for q in model.modules():
         if isinstance(q, LSQQuantizer):
             q.sync_state_from_buffers()
