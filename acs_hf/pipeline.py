@@ -250,6 +250,10 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
             "training set size": len(ds.train_dataset),
         }
         acs_settings = {k: v for k, v in dataclasses.asdict(acs_args).items() if v is not None}
+        # the knobs of one sampled selector each: shown only where they act
+        for key, method in (("selection_temperature", "acs_gumbel"), ("selection_share", "acs_mixed")):
+            if acs_args.selection_method != method:
+                acs_settings.pop(key, None)
         acs_settings["num_train_epochs"] = training_args.num_train_epochs
         plot = PLOT_NAME if (out / PLOT_NAME).is_file() else None
         card = write_model_card(

@@ -39,6 +39,7 @@ def test_demo_outputs_present_and_reloadable(demo_run):
     model = load_quantized(out)
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "timm" and card.data.datasets == ["digits"]
+    assert "| selection_method | acs |" in card.text and "selection_temperature" not in card.text  # acs_gumbel's knob
     assert summary["compression"] > 6
     # The reloaded model reproduces the reported accuracy on the validation split.
     from acs_hf.data import digits_dataset, prepare_datasets
