@@ -134,7 +134,7 @@ def test_resume_reuses_the_fp_warmup_model(recipe, tmp_path, monkeypatch):
     assert (tmp_path / "fp_warmup" / "model.safetensors").is_file()
     checkpoint = sorted(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
 
-    import acs_hf.pipeline
+    import acs_hf.models
 
     def no_warmup(*args, **kwargs):
         raise AssertionError("a resumed run must not train the FP model again")
@@ -149,7 +149,7 @@ def test_resume_reuses_the_fp_warmup_model(recipe, tmp_path, monkeypatch):
 @pytest.fixture
 def no_data(monkeypatch):
     """Fails the test if the run gets as far as loading data."""
-    import acs_hf.pipeline
+    import acs_hf.models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the bad argument was not caught before loading data")
@@ -223,7 +223,7 @@ def test_second_run_on_a_folder_refused_and_stale_lock_taken_over(recipe, tmp_pa
 
 
 def test_failed_push_keeps_the_model_and_exits_nonzero(recipe, tmp_path, monkeypatch):
-    import acs_hf.pipeline
+    import acs_hf.models
     from acs_hf.hub import HubPushError
 
     def failing_push(directory, repo_id, **kwargs):
@@ -247,7 +247,7 @@ def test_local_folder_student_and_teacher(recipe, tmp_path):
     teacher = timm.create_model("test_resnet", num_classes=10)
     save_for_hf(teacher, tmp_path / "teacher")
     save_for_hf(timm.create_model("test_resnet", num_classes=10), tmp_path / "student")
-    import acs_hf.pipeline
+    import acs_hf.models
 
     built = acs_hf.models.create_model(str(tmp_path / "teacher"), True, 10)
     assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), teacher.state_dict().values()))
@@ -267,7 +267,7 @@ def test_hf_hub_model_name_accepted_without_network(recipe):
 
 
 def test_empty_coreset_fails_before_the_warmup(recipe, tmp_path, monkeypatch):
-    import acs_hf.pipeline
+    import acs_hf.models
 
     def no_warmup(*args, **kwargs):
         raise AssertionError("the empty coreset was not caught before the FP warm-up")

@@ -229,3 +229,14 @@ def test_edited_config_is_named_before_loading(timm_run, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="layer table does not match"):
         AutoModelForImageClassification.from_pretrained(folder)
+
+
+def test_transformers_teacher_for_a_timm_student(recipe, vit_folder, tmp_path):
+    """Distillation and scoring read the teacher's ``.logits``: a transformers ViT teaches a timm ResNet."""
+    out = tmp_path / "out"
+    argv = [*TINY_RUN, "--output_dir", str(out), "--teacher_model_name", str(vit_folder), "--image_size", "32"]
+    summary = recipe.main(argv)
+    records = [json.loads(line) for line in (out / "acs_selection.jsonl").read_text().splitlines()]
+    assert records and all(np.isfinite(r["ds_mean"]) and r["ds_mean"] > 0 for r in records)  # DS needs the teacher
+    assert 0 <= summary["metrics"]["eval_accuracy"] <= 1
+    assert isinstance(load_quantized(out), torch.nn.Module)

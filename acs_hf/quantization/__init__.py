@@ -1,10 +1,19 @@
-"""LSQ quantization of timm models: config -> quantize_model -> calibrate_quantizers -> save_quantized.
+"""LSQ quantization of timm and other torch models: config -> quantize_model -> calibrate -> save_quantized.
 
 Each step is a function you can call alone (torchao-style); ``dequantize_model`` undoes the swap.
 Knows nothing of data, coreset selection or transformers.
 """
 
-from .checkpoint import WEIGHTS_NAME, load_quantized, pack_codes, save_quantized, unpack_codes
+from .checkpoint import (
+    WEIGHTS_NAME,
+    layer_configs_from_table,
+    load_quantized,
+    pack_codes,
+    prepare_packed_weights,
+    save_quantized,
+    unpack_codes,
+    unpack_weights,
+)
 from .lsq import LSQQuantizer, check_bits, lsq_fake_quant, quant_range
 from .model import (
     QuantConfig,
@@ -31,9 +40,11 @@ __all__ = [
     "dequantize_model",
     "find_first_last",
     "is_quantizable",
+    "layer_configs_from_table",
     "load_quantized",
     "lsq_fake_quant",
     "pack_codes",
+    "prepare_packed_weights",
     "quant_modules",
     "quant_range",
     "quantize_layers",
@@ -41,4 +52,5 @@ __all__ = [
     "quantizers_initialized",
     "save_quantized",
     "unpack_codes",
+    "unpack_weights",
 ]
