@@ -96,17 +96,18 @@ class LSQHfQuantizer(HfQuantizer):
         return model
 
     def is_serializable(self) -> bool:
-        # save_pretrained would write float weights under a quantization_config that says packed
-        # codes; acs_hf.save_quantized(quantized_root(model), ...) writes the packed format.
+        # transformers raises after this and points to the logged reason.
+        logger.warning(
+            "save_pretrained would write float weights under a quantization_config that says packed codes; "
+            "save with acs_hf.save_quantized(acs_hf.hf_quantizer.quantized_root(model), directory, ...) instead"
+        )
         return False
 
     @property
     def is_trainable(self) -> bool:
-        return True  # the LSQ layers train (QAT fine-tuning of a loaded checkpoint)
-
-    @property
-    def is_qat_trainable(self) -> bool:
-        return True
+        # Trainer checkpoints go through save_pretrained (refused above): continue QAT from
+        # acs_hf.load_quantized(...) with acs_hf's trainers instead.
+        return False
 
 
 def quantized_root(model: nn.Module) -> nn.Module:
