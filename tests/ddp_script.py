@@ -3,8 +3,9 @@
 Usage: ddp_script.py OUT_DIR JOBS_JSON [--no_use_cpu]
 
 JOBS_JSON is a list of jobs run one after the other in the same two processes (one launch,
-several runs): trainings ``{"run": NAME, "save_steps": K?, "resume": CHECKPOINT?, "diverge": bool?}``
-(with ``diverge`` rank 1 selects another subset than rank 0), or ``{"run": NAME, "prepare": DIR}``,
+several runs): trainings ``{"run": NAME, "save_steps": K?, "resume": CHECKPOINT?, "diverge": bool?,
+"family": "timm" | "transformers"?}`` (with ``diverge`` rank 1 selects another subset than rank 0;
+``family`` picks the tiny model, see trainer_utils.models), or ``{"run": NAME, "prepare": DIR}``,
 which prepares the parquet dataset in DIR with ``--skip_bad_images`` as run_acs does, logging every
 image check to <run>_checks/. Writes started_rank<r> first (the launch worked), then
 <run>_rank<r>.json with what each process saw.
@@ -61,6 +62,7 @@ for job in jobs:
         {"fraction": 0.25, "selection_interval": 1},
         {"num_train_epochs": 3, "per_device_train_batch_size": 2, "use_cpu": "--no_use_cpu" not in sys.argv, **save},
         ds=tiny_dataset(47),  # 47 samples: uneven scoring shards, padding duplicates in the gather
+        family=job.get("family", "timm"),
     )
     if job.get("diverge") and rank == 1:
         select = trainer.selector.select

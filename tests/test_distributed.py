@@ -57,12 +57,25 @@ def two_process_run(tmp_path_factory):
         {"run": "run", "save_steps": 1},
         {"run": "resumed", "resume": str(out / "run" / "checkpoint-3")},
         {"run": "two", "resume": str(out / "one" / "checkpoint-6")},
+        {"run": "vit", "family": "transformers", "save_steps": 3},
         {"run": "diverged", "diverge": True},
     ]
     proc = launch(out, jobs)
-    for job in jobs[:4]:  # the runs before the diverged one completed on both processes
+    for job in jobs[:5]:  # the runs before the diverged one completed on both processes
         assert all((out / f"{job['run']}_rank{r}.json").is_file() for r in (0, 1)), (job, proc.stderr[-4000:])
     return out, [r["subset_hash"] for r in alone.history], proc
+
+
+def test_two_processes_train_a_transformers_student(two_process_run):
+    """A transformers ViT student under DDP: both processes select the same coresets every epoch,
+    split each epoch's batches between them, and write a checkpoint."""
+    out, _, _ = two_process_run
+    r0, r1 = result(out, "vit", 0), result(out, "vit", 1)
+    assert r0["world_size"] == 2 and r0["hashes"] == r1["hashes"] and len(r0["hashes"]) == 3
+    for epoch in ("0", "1", "2"):
+        seen = r0["seen"][epoch] + r1["seen"][epoch]
+        assert len(seen) == K and not set(r0["seen"][epoch]) & set(r1["seen"][epoch])
+    assert (out / "vit" / "checkpoint-3" / "acs_state.json").is_file()
 
 
 def test_two_processes_prepare_the_data_once(two_process_run):

@@ -56,9 +56,18 @@ def write_parquet_dataset(root, splits: dict[str, int], num_classes: int = 3, ba
 TINY_MODEL = "test_resnet"
 
 
-def models(seed: int = 0, config: QuantConfig | None = None):
+def models(seed: int = 0, config: QuantConfig | None = None, family: str = "timm"):
+    """A tiny FP teacher and its quantized copy: a timm model, or (``family="transformers"``) a
+    transformers ViT for the same 16x16 inputs."""
     torch.manual_seed(seed)
-    teacher = timm.create_model(TINY_MODEL, num_classes=NUM_CLASSES)
+    if family == "transformers":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        vit = ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=NUM_CLASSES)  # fmt: skip
+        teacher = ViTForImageClassification(vit)
+    else:
+        teacher = timm.create_model(TINY_MODEL, num_classes=NUM_CLASSES)
     student = quantize_model(copy.deepcopy(teacher), config or QuantConfig(weight_bits=4, act_bits=4))
     return student, teacher
 
@@ -120,9 +129,11 @@ def training_args(out, **kw) -> TrainingArguments:
     return TrainingArguments(**base)
 
 
-def acs_trainer(out, acs_kwargs=None, args_kwargs=None, ds=None, seed=0, cls=RecordingACSTrainer, config=None):
+def acs_trainer(
+    out, acs_kwargs=None, args_kwargs=None, ds=None, seed=0, cls=RecordingACSTrainer, config=None, family="timm"
+):
     ds = ds if ds is not None else tiny_dataset()
-    student, teacher = models(seed, config)
+    student, teacher = models(seed, config, family)
     return cls(
         model=student,
         args=training_args(out, **(args_kwargs or {})),
