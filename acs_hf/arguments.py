@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .selection import SCHEDULES, Selector, check_schedule, create_selector, list_selectors
 
@@ -12,6 +13,10 @@ __all__ = ["QATArguments", "ACSArguments", "ModelArguments", "DataArguments", "R
 
 #: Resize interpolations timm's transforms accept.
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming", "random")
+
+
+#: The selectors with a knob of their own: method -> (selector keyword, ACSArguments field).
+_SELECTOR_KNOBS = {"acs_gumbel": ("temperature", "selection_temperature"), "acs_mixed": ("share", "selection_share")}
 
 
 def _finite(value: object) -> bool:
@@ -115,14 +120,20 @@ class ACSArguments(QATArguments):
             raise ValueError(
                 f"selection_method={self.selection_method!r} is unknown; accepted: {', '.join(list_selectors())}"
             )
-        kwargs = {
-            "acs": {"schedule": self.evs_schedule},
-            "acs_gumbel": {"schedule": self.evs_schedule, "temperature": self.selection_temperature},
-            "acs_mixed": {"schedule": self.evs_schedule, "share": self.selection_share},
-        }.get(self.selection_method, {})
-        if "schedule" not in kwargs:
+        kwargs = {}
+        if self.selection_method in ("acs", *_SELECTOR_KNOBS):
+            kwargs["schedule"] = self.evs_schedule
+        else:
             check_schedule(self.evs_schedule)  # a typo must not pass silently because acs is not used
+        if self.selection_method in _SELECTOR_KNOBS:
+            keyword, name = _SELECTOR_KNOBS[self.selection_method]
+            kwargs[keyword] = getattr(self, name)
         return create_selector(self.selection_method, class_balanced=self.class_balanced, **kwargs)
+
+    def settings(self) -> dict[str, Any]:
+        """The set values as a dict (for model cards), without the knobs of selectors not in use."""
+        unused = {name for method, (_, name) in _SELECTOR_KNOBS.items() if method != self.selection_method}
+        return {k: v for k, v in asdict(self).items() if v is not None and k not in unused}
 
 
 @dataclass

@@ -157,9 +157,12 @@ def timm_transforms(model, image_size: int | None = None, augmentation: dict | N
     ``scale``, ``ratio``, ``color_jitter``, ``auto_augment``, ``re_prob``) plus ``interpolation``
     and ``crop_pct``, which override the model's data config; ``None`` values keep the defaults.
     """
+    return _transforms(data_config(model, image_size, augmentation), augmentation)
+
+
+def _transforms(config: dict[str, Any], augmentation: dict | None) -> tuple[Any, Any]:
     from timm.data import create_transform
 
-    config = data_config(model, image_size, augmentation)
     train_only = {k: v for k, v in (augmentation or {}).items() if k not in _DATA_KEYS and v is not None}
     return create_transform(**config, is_training=True, **train_only), create_transform(**config, is_training=False)
 
@@ -327,7 +330,8 @@ def prepare_datasets(
     train_labels = column_values(train, label_column)
     _check_labels(train_labels, len(names), "train", label_column)
     _check_labels(column_values(val, label_column), len(names), "validation", label_column)
-    train_tf, eval_tf = timm_transforms(model, image_size, augmentation)
+    eval_config = data_config(model, image_size, augmentation)
+    train_tf, eval_tf = _transforms(eval_config, augmentation)
     return ImageDatasets(
         train_dataset=ImageView(train, train_tf, image_column, label_column, "train"),
         score_dataset=ImageView(train, eval_tf, image_column, label_column, "train"),
@@ -337,5 +341,5 @@ def prepare_datasets(
         num_skipped=skipped,
         eval_split=eval_split,
         fingerprint=_fingerprint(train, train_labels),
-        data_config=data_config(model, image_size, augmentation),
+        data_config=eval_config,
     )

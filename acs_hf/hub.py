@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ._io import atomic_write_bytes
+from .models import folder_config, is_transformers_name
 from .quantization.checkpoint import WEIGHTS_NAME
 
 __all__ = ["write_model_card", "base_model_id", "push_folder_to_hub", "HubPushError", "UPLOAD_IGNORE"]
@@ -45,10 +45,8 @@ def base_model_id(model_name: str, pretrained: bool = True) -> str | None:
     if model_name.startswith("hf-hub:"):
         return model_name.removeprefix("hf-hub:").split("@")[0]
     if os.path.isdir(model_name):
-        config = Path(model_name) / "config.json"
-        cfg = json.loads(config.read_text()).get("pretrained_cfg", {}) if config.is_file() else {}
-        return cfg.get("hf_hub_id") or None
-    if "/" in model_name and not timm.is_model(model_name):
+        return folder_config(model_name).get("pretrained_cfg", {}).get("hf_hub_id") or None
+    if is_transformers_name(model_name):
         return model_name.split("@")[0]
     found = timm.models.get_pretrained_cfg(model_name) if timm.is_model(model_name) else None
     return getattr(found, "hf_hub_id", None) or None

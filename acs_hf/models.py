@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 _INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
-def _config_json(folder: str) -> dict[str, Any]:
+def folder_config(folder: str) -> dict[str, Any]:
+    """The ``config.json`` of a model folder as a dict (empty when it has none)."""
     path = Path(folder) / "config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -50,7 +51,7 @@ def is_transformers_name(name: str) -> bool:
     if name.startswith(("hf-hub:", "local-dir:")):
         return False
     if os.path.isdir(name):
-        cfg = _config_json(name)
+        cfg = folder_config(name)
         return "model_type" in cfg and "pretrained_cfg" not in cfg
     return "/" in name and not timm.is_model(name)
 
@@ -76,7 +77,7 @@ def _fixed_size(name: str) -> int | None:
     for it (ViT, DeiT, Swin: position embeddings and windows), else None. Hub ids are resolved by
     timm at creation and treated as fixed when their config says so."""
     if os.path.isdir(name):
-        cfg = _config_json(name).get("pretrained_cfg", {})
+        cfg = folder_config(name).get("pretrained_cfg", {})
     elif name.startswith("hf-hub:") or is_transformers_name(name):
         return None
     else:

@@ -19,7 +19,7 @@ from .arguments import ACSArguments, DataArguments, ModelArguments, RunArguments
 from .data import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
 from .hub import HubPushError, base_model_id, push_folder_to_hub, write_model_card
 from .metrics import make_compute_metrics, preprocess_logits_for_metrics
-from .models import check_model_name, create_model, image_processor_for, is_transformers_name, model_size_kwargs
+from .models import check_model_name, create_model, image_processor_for, model_size_kwargs
 from .qat_trainer import ImageClassificationTrainer
 from .quantization import WEIGHTS_NAME, QuantConfig, quantize_model, save_quantized
 from .reporting import PLOT_NAME, RECORD_NAME
@@ -249,11 +249,7 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
             "training images per epoch": trainer.num_selected,
             "training set size": len(ds.train_dataset),
         }
-        acs_settings = {k: v for k, v in dataclasses.asdict(acs_args).items() if v is not None}
-        # the knobs of one sampled selector each: shown only where they act
-        for key, method in (("selection_temperature", "acs_gumbel"), ("selection_share", "acs_mixed")):
-            if acs_args.selection_method != method:
-                acs_settings.pop(key, None)
+        acs_settings = acs_args.settings()
         acs_settings["num_train_epochs"] = training_args.num_train_epochs
         plot = PLOT_NAME if (out / PLOT_NAME).is_file() else None
         card = write_model_card(
@@ -267,9 +263,9 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
             checkpoint_bytes=ckpt_bytes,
             plot_name=plot,
             base_model=base_model_id(model_args.model_name, model_args.pretrained),
-            library="transformers" if is_transformers_name(model_args.model_name) else "timm",
+            library="transformers" if isinstance(fp_model, PreTrainedModel) else "timm",
             eval_split=ds.eval_split,
-            image_size=model_args.image_size or fp_model.pretrained_cfg.get("input_size", (3, 224, 224))[-1],
+            image_size=ds.data_config["input_size"][-1],
             repo_id=training_args.hub_model_id,
         )
         summary.update(

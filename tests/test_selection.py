@@ -385,3 +385,15 @@ def test_soft_selector_arguments():
     assert selector.temperature == 0.25 and selector.describe(0, 10)["temperature"] == 0.25
     with pytest.raises(ValueError, match="explicit torch.Generator"):
         selector.select(stats_for(n=20, classes=2), 0, 10, 0.5)
+
+
+def test_settings_list_only_the_knobs_of_the_selector_in_use():
+    from acs_hf import ACSArguments
+
+    gumbel = ACSArguments(selection_method="acs_gumbel", selection_temperature=0.25).settings()
+    assert gumbel["selection_temperature"] == 0.25 and "selection_share" not in gumbel
+    mixed = ACSArguments(selection_method="acs_mixed", selection_share=0.75).settings()
+    assert mixed["selection_share"] == 0.75 and "selection_temperature" not in mixed
+    plain = ACSArguments(selection_method="acs", fraction=0.2).settings()
+    assert plain["fraction"] == 0.2 and plain["evs_schedule"] == "cosine"
+    assert not {"selection_temperature", "selection_share", "score_batch_size"} & set(plain)  # unused; None

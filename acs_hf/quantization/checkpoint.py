@@ -262,11 +262,6 @@ def check_quantization_config(qcfg: dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: quantization_config.layers must be a non-empty object")
 
 
-def codes_key(name: str, qcfg: dict[str, Any]) -> str:
-    """The state-dict key of a layer's packed codes in this checkpoint's format."""
-    return name + (LEGACY_CODES_SUFFIX if qcfg.get("format_version") == 1 else ".weight")
-
-
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
@@ -320,10 +315,8 @@ def _layer_config(name: str, info: Any, module: nn.Module | None, where: str) ->
         raise ValueError(f"{where}: layer {name!r}: {e}") from None
 
 
-def _weight_from_codes(
-    name: str, packed: torch.Tensor, step: torch.Tensor, config: LayerQuantConfig, shape, where: str
-) -> torch.Tensor:
-    """``w = (code - Qn) * step``, after checking the packed length and the code range."""
+def _check_packed(name: str, packed: torch.Tensor, config: LayerQuantConfig, shape, where: str) -> None:
+    """Refuse packed codes that cannot hold the layer's ``shape`` at its bit width."""
     bits, numel = config.weight_bits, math.prod(shape)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_length(numel, bits):
         raise ValueError(
@@ -331,6 +324,14 @@ def _weight_from_codes(
             f"{numel} codes of {bits} bits ({packed_length(numel, bits)} bytes expected); the checkpoint is "
             "corrupt or its config.json was edited"
         )
+
+
+def _weight_from_codes(
+    name: str, packed: torch.Tensor, step: torch.Tensor, config: LayerQuantConfig, shape, where: str
+) -> torch.Tensor:
+    """``w = (code - Qn) * step``, after checking the packed length and the code range."""
+    _check_packed(name, packed, config, shape, where)
+    bits, numel = config.weight_bits, math.prod(shape)
     codes = unpack_codes(packed, bits, numel).view(shape)
     qn, qp = quant_range(bits, True)
     if int(codes.max()) > qn + qp:
@@ -427,20 +428,15 @@ def load_quantized(
         model = _build_timm_model(cfg, where)
     layers = qcfg["layers"]
     prepare_packed_weights(model, layers, where)
-    if qcfg.get("format_version") == 1:
-        legacy = {n: codes_key(n, qcfg) for n in layers}
-        tensors.update({f"{n}.weight": tensors.pop(key) for n, key in legacy.items() if key in tensors})
+    if qcfg.get("format_version") == 1:  # codes under <layer>.weight_codes
+        legacy = {n + LEGACY_CODES_SUFFIX: f"{n}.weight" for n in layers}
+        tensors = {legacy.get(k, k): v for k, v in tensors.items()}
     for name, info in layers.items():
-        expected = model.get_submodule(name).weight
-        got = tensors.get(f"{name}.weight")
-        if got is None or f"{name}.weight_quantizer.step" not in tensors:
+        packed = tensors.get(f"{name}.weight")
+        if packed is None or f"{name}.weight_quantizer.step" not in tensors:
             raise ValueError(f"{where}: {WEIGHTS_NAME} lacks the codes or the step of layer {name!r}")
-        if got.dtype != torch.uint8 or got.shape != expected.shape:
-            raise ValueError(
-                f"{where}: layer {name!r}: {got.numel()} packed bytes ({got.dtype}) do not hold "
-                f"{math.prod(info['weight_shape'])} codes of {info.get('weight_bits')} bits ({expected.numel()} bytes "
-                "expected); the checkpoint is corrupt or its config.json was edited"
-            )
+        # here, not in load_state_dict: a wrong length is named as a corrupt or edited checkpoint
+        _check_packed(name, packed, model.get_submodule(name).layer_config, info["weight_shape"], where)
     result = model.load_state_dict(tensors, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
