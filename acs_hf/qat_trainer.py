@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import Trainer
 
 from .arguments import QATArguments
+from .consistency import broadcast_module_state
 from .quantization import LSQQuantizer, calibrate_quantizers, quantizers_initialized
 from .scoring import default_forward
 
@@ -141,6 +142,12 @@ class QATTrainer(ImageClassificationTrainer):
         self.teacher_model = teacher_model
         if teacher_model is not None:
             teacher_model.requires_grad_(False).eval().to(self.args.device)
+        # One model on every process: an FP warm-up under DDP leaves each process its own BatchNorm
+        # statistics (DDP syncs buffers only at each forward's start), and the teacher is never
+        # wrapped by DDP. Everything scored, hashed or distilled from here on is process 0's.
+        broadcast_module_state(self.model)
+        if teacher_model is not None:
+            broadcast_module_state(teacher_model)
         self.calibration_dataset = calibration_dataset
 
     @property

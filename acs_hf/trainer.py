@@ -11,7 +11,6 @@ selection made there is the one the epoch trains on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import ACSArguments
 from .checkpointing import check_resume_layout, load_acs_state, save_acs_state
+from .consistency import check_same_across_processes, module_fingerprint
 from .data import ImageView
 from .qat_trainer import QATTrainer
 from .reporting import SelectionReporter
@@ -40,16 +40,6 @@ from .view_cache import ScoreViewCache, split_transform
 __all__ = ["ACSTrainer"]
 
 logger = logging.getLogger(__name__)
-
-
-def _weights_hash(model: nn.Module) -> str:
-    """Content hash of a model's state (names, shapes, values): which teacher filled a cache."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
 
 
 class _EpochBegin(TrainerCallback):
@@ -157,6 +147,9 @@ class ACSTrainer(QATTrainer):
         return self.acs_args.score_batch_size or self.args.per_device_eval_batch_size
 
     def train(self, *args: Any, **kwargs: Any):
+        # Different data on some process (another seed, folder or cache) would select by index
+        # into different images: refuse before any work.
+        check_same_across_processes("training data fingerprint", str(self.data_fingerprint))
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -201,6 +194,7 @@ class ACSTrainer(QATTrainer):
             model = self.accelerator.unwrap_model(self.model)
             if self.selector.needs_model:
                 self._sync_buffers(model)
+                self._check_same_models(model, epoch)
             stats = score_dataset(
                 model,
                 self._score_dataloader(),
@@ -266,11 +260,22 @@ class ACSTrainer(QATTrainer):
             if buffer.dtype != torch.bool:  # flags (LSQ calibration state) agree already; gloo has no bool
                 dist.broadcast(buffer.data, src=0)
 
+    def _check_same_models(self, model: nn.Module, epoch: int) -> None:
+        """Every process scores with the same student and teacher (a cheap hash, gathered)."""
+        if self.accelerator.num_processes == 1:
+            return
+        check_same_across_processes(
+            f"student weights and buffers at the scoring of epoch {epoch}", module_fingerprint(model)
+        )
+        if self.teacher_model is not None:
+            check_same_across_processes("teacher weights and buffers", module_fingerprint(self.teacher_model))
+
     def _get_teacher_cache(self) -> TeacherCache | None:
         if not (self.acs_args.cache_teacher_outputs and "ds" in self.selector.required_stats):
             return None
         if self._teacher_cache is None:
-            fingerprint = f"data={self.data_fingerprint}:teacher={_weights_hash(self.teacher_model)}"
+            fingerprint = f"data={self.data_fingerprint}:teacher={module_fingerprint(self.teacher_model)}"
+            check_same_across_processes("teacher cache fingerprint (data and teacher weights)", fingerprint)
             self._teacher_cache = TeacherCache(
                 self.num_samples, self.teacher_cache_dir, rank=self.accelerator.process_index, fingerprint=fingerprint
             )
