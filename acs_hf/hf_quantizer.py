@@ -22,9 +22,9 @@ names ``acs_hf_lsq``) instead of returning a model with missing weights.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
 from torch import nn
 
 # Submodules, not ``transformers.quantizers``: this runs right after ``quantizers.auto`` is
@@ -35,9 +35,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .quantization.checkpoint import (
     QUANT_METHOD,
-    check_digest,
+    WEIGHTS_NAME,
+    check_model_args,
     check_quantization_config,
+    check_tensor_names,
     prepare_packed_weights,
+    read_checkpoint,
     unpack_weights,
 )
 
@@ -78,21 +81,31 @@ class LSQHfQuantizer(HfQuantizer):
                 "loading and need them in memory: use a device_map without 'disk'"
             )
 
+    def update_attn_implementation(self, config: Any) -> Any:
+        # The one hook that sees the config before the model is built, and transformers' TimmWrapper
+        # builds it with timm.create_model(**model_args): checkpoint_path & co. are refused here.
+        check_model_args(getattr(config, "model_args", None), f"from_pretrained({config.name_or_path!r}): model_args")
+        return config
+
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         where = f"from_pretrained({model.config.name_or_path!r})"
-        # Before any tensor is read: an edited or mixed-up config.json is named as such, not as
-        # the shape mismatch it would cause.
-        qcfg = self.quantization_config.to_dict()
-        for path in kwargs.get("checkpoint_files") or []:
-            if str(path).endswith(".safetensors"):
-                with safe_open(path, framework="pt") as f:
-                    check_digest(f.metadata() or {}, qcfg, where)
-        prepare_packed_weights(quantized_root(model), self.quantization_config.layers, where)
+        files = [Path(p) for p in kwargs.get("checkpoint_files") or []]
+        if len(files) != 1 or files[0].name != WEIGHTS_NAME:
+            raise ValueError(
+                f"{where}: an acs_hf checkpoint is one {WEIGHTS_NAME} beside its config.json; transformers "
+                f"resolved {[str(f) for f in files]}"
+            )
+        # Before transformers reads a tensor, the checks of acs_hf.load_quantized: format, model_args,
+        # layer table, architecture and tensor data as saved, then every tensor of the model present.
+        cfg, tensors = read_checkpoint(files[0].parent, where)
+        self.layers = cfg["quantization_config"]["layers"]  # the table checked, not another config's
+        prepare_packed_weights(quantized_root(model), self.layers, where)
+        check_tensor_names(quantized_root(model), tensors, f"{where}: {files[0]}")
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         where = f"from_pretrained({model.config.name_or_path!r})"
-        unpack_weights(quantized_root(model), self.quantization_config.layers, where)
+        unpack_weights(quantized_root(model), self.layers, where)
         return model
 
     def is_serializable(self) -> bool:

@@ -177,13 +177,17 @@ class QATTrainer(ImageClassificationTrainer):
         alpha, T = self.qat_args.kd_alpha, self.qat_args.kd_temperature
         if self.teacher_model is None or alpha == 0:
             return super().classification_loss(logits, inputs)
-        with torch.no_grad(), self.accelerator.autocast():
-            t_logits = self.forward_logits(self.teacher_model, inputs)
+        t_logits = self.teacher_logits(inputs)
         kd = -(F.softmax(t_logits.float() / T, -1) * F.log_softmax(logits.float() / T, -1)).sum(-1).mean()
         loss = alpha * kd * T * T
         if alpha < 1:
             loss = loss + (1 - alpha) * super().classification_loss(logits, inputs)
         return loss
+
+    def teacher_logits(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The frozen teacher's logits for a training batch (no grad, under autocast)."""
+        with torch.no_grad(), self.accelerator.autocast():
+            return self.forward_logits(self.teacher_model, inputs)
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with every LSQ step size moved to a group at ``lr * step_lr_scale``.

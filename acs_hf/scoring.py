@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from ._io import atomic_save_npy, atomic_write_json
 from .selection import batch_statistics
 
-__all__ = ["TeacherCache", "score_dataset", "default_forward", "INDEX_KEY"]
+__all__ = ["TeacherCache", "TrainingScores", "score_dataset", "gather_statistics", "default_forward", "INDEX_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +244,9 @@ def score_dataset(
     forward_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor] = default_forward,
     desc: str = "Scoring",
     timings: dict[str, float] | None = None,
+    expected: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-sample statistics of the whole training set, identical on every process.
+    """Per-sample statistics of the training set (or of a pool of it), identical on every process.
 
     Args:
         model: the (quantized) student.
@@ -252,9 +254,12 @@ def score_dataset(
             with ``pixel_values``, ``labels`` and :data:`INDEX_KEY`.
         accelerator: gives the device, the mixed-precision autocast and the gather.
         stats: statistic names (``evs``, ``ds``, ``entropy``, ``margin``, ``least_confidence``).
-        num_samples: N; every index in ``[0, N)`` must be scored by some process.
+        num_samples: N; every index in ``[0, N)`` must be scored by some process, unless ``expected``.
+        expected: optional [N] bool mask of the indices the dataloader covers (a candidate pool);
+            the statistics of the other samples are NaN.
         teacher: FP model for ``ds``; with ``teacher_cache`` it runs only for rows not cached yet.
-        teacher_cache: see :class:`TeacherCache`; finalised at the end of this pass.
+        teacher_cache: see :class:`TeacherCache`; finalised at the end of a full pass (without
+            ``expected``); a pool pass adds its new rows in memory.
         forward_fn: ``(model, batch) -> logits``.
         timings: if given, filled with this process's seconds spent waiting for batches
             (``data_seconds``), in the student and its statistics (``student_seconds``), in the
@@ -322,14 +327,15 @@ def score_dataset(
     finally:
         for m, training in modes:
             m.train(training)
-    if teacher_cache is not None and needs_teacher:
+    if teacher_cache is not None and needs_teacher and expected is None:
+        # A full pass completes the cache; a pool pass leaves it growing in memory, round by round.
         teacher_cache.finalize(accelerator.wait_for_everyone, accelerator.is_main_process)
         lap("teacher_seconds")
     logger.debug("scoring pass: %d teacher forwards on process %d", teacher_calls, accelerator.process_index)
     if accelerator.num_processes > 1:  # time the wait for the slowest process apart from the gather itself
         accelerator.wait_for_everyone()
         lap("wait_seconds")
-    out = _gather(local, num_samples, accelerator)
+    out = gather_statistics(local, num_samples, accelerator, expected)
     release_freed_memory()
     lap("gather_seconds")
     if timings is not None:
@@ -367,7 +373,18 @@ def _rows_per_process(dataloader, accelerator: Accelerator) -> int:
     return len(dataloader) * batch_size
 
 
-def _gather(local: dict[str, list[torch.Tensor]], num_samples: int, accelerator: Accelerator) -> dict:
+def gather_statistics(
+    local: dict[str, list[torch.Tensor]],
+    num_samples: int,
+    accelerator: Accelerator,
+    expected: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every process's per-batch statistics (lists under their names, dataset indices under
+    :data:`INDEX_KEY`) as full ``[N]`` CPU tensors in dataset order, on every process.
+
+    Every index in ``expected`` (an [N] bool mask; default: all) must have been scored by some
+    process; float statistics of the other samples are NaN. A collective: call on every process.
+    """
     device = accelerator.device
     cat = {
         k: torch.cat(v) if v else torch.empty(0, dtype=torch.long if k in ("labels", INDEX_KEY) else torch.float32)
@@ -386,15 +403,64 @@ def _gather(local: dict[str, list[torch.Tensor]], num_samples: int, accelerator:
     if index.numel() and (index.max() >= num_samples):
         raise RuntimeError(f"scoring pass: dataset index {int(index.max())} >= num_samples={num_samples}")
     seen[index] = True
-    if not seen.all():
-        missing = (~seen).nonzero().flatten()
+    expected = torch.ones(num_samples, dtype=torch.bool) if expected is None else expected.cpu().bool()
+    missing = (expected & ~seen).nonzero().flatten()
+    if missing.numel():
         raise RuntimeError(
-            f"scoring pass: {missing.numel()} of {num_samples} samples were never scored (first index "
-            f"{int(missing[0])}); the score dataloader must cover the whole training set"
+            f"scoring pass: {missing.numel()} of {int(expected.sum())} samples were never scored (first index "
+            f"{int(missing[0])}); the score dataloader must cover every sample to be scored"
         )
     out = {}
     for k, v in cat.items():
-        full = torch.zeros(num_samples, dtype=v.dtype)
+        full = (
+            torch.full((num_samples,), math.nan, dtype=v.dtype)
+            if v.is_floating_point()
+            else torch.zeros(num_samples, dtype=v.dtype)
+        )
         full[index] = v.cpu()[keep]
         out[k] = full
     return out
+
+
+class TrainingScores:
+    """Per-sample statistics taken from the training pass, at no extra forward.
+
+    ACSTrainer records each training batch's student logits (and the distillation teacher's
+    probabilities, for ``ds``) under the batch's dataset indices; at the next selection round
+    :meth:`collect` gathers them from every process. A sample trained on several times keeps its
+    latest values. The statistics are of the *training* view (augmented, train mode), not the
+    un-augmented eval view of the scoring pass.
+    """
+
+    def __init__(self, stats: Sequence[str]) -> None:
+        self.stats = tuple(stats)
+        self.clear()
+
+    def clear(self) -> None:
+        self._local: dict[str, list[torch.Tensor]] = {k: [] for k in (*self.stats, INDEX_KEY)}
+
+    @torch.no_grad()
+    def record(
+        self, index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, teacher_probs: torch.Tensor | None
+    ) -> None:
+        values = batch_statistics(self.stats, logits.detach(), labels, teacher_probs)
+        for name, value in values.items():
+            self._local[name].append(value.float().cpu())
+        self._local[INDEX_KEY].append(index.detach().long().cpu())
+
+    def collect(self, num_samples: int, accelerator: Accelerator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``(stats, seen)``: ``[N]`` statistics (NaN where not trained on) and the mask of samples
+        trained on since :meth:`clear`, on every process (a collective). Later records win."""
+        index = torch.cat(self._local[INDEX_KEY]) if self._local[INDEX_KEY] else torch.empty(0, dtype=torch.long)
+        # Keep each index's last record: a stable sort puts repeats in recording order.
+        order = torch.sort(index, stable=True).indices
+        last = torch.ones(order.numel(), dtype=torch.bool)
+        last[:-1] = index[order][1:] != index[order][:-1]
+        keep = order[last]
+        local = {k: [torch.cat(v)[keep]] if v else [] for k, v in self._local.items() if k != INDEX_KEY}
+        local[INDEX_KEY] = [index[keep]]
+        local["labels"] = [torch.zeros(keep.numel(), dtype=torch.long)]  # placeholder: labels come from the data
+        stats = gather_statistics(local, num_samples, accelerator, expected=torch.zeros(num_samples, dtype=torch.bool))
+        stats.pop("labels")
+        seen = ~torch.isnan(stats[self.stats[0]]) if self.stats else torch.zeros(num_samples, dtype=torch.bool)
+        return stats, seen

@@ -57,8 +57,43 @@ DEFAULT_METHODS = ["acs", "acs_gumbel", "acs_mixed", "random_dynamic", "random_s
 BASELINES = ("random_dynamic", "random_static")
 
 
+#: Settings a method spec may carry after "@": ``acs@pool=0.3,reuse=1``, ``random_dynamic@f=0.25,kd=0``.
+VARIANT_KEYS = {"pool": "score_pool_fraction", "reuse": "reuse_training_scores", "kd": "kd_alpha", "f": "fraction"}
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"acs@pool=0.3,kd=0"`` -> ``("acs", {"score_pool_fraction": 0.3, "kd_alpha": 0.0})``."""
+    name, _, rest = spec.partition("@")
+    if name not in list_selectors():
+        raise ValueError(f"method {spec!r}: unknown selector {name!r}; registered: {', '.join(list_selectors())}")
+    settings = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_KEYS or not value:
+            raise ValueError(f"method {spec!r}: setting {item!r} is not KEY=VALUE with KEY in {sorted(VARIANT_KEYS)}")
+        settings[VARIANT_KEYS[key]] = bool(int(value)) if key == "reuse" else float(value)
+    return name, settings
+
+
 def selects_all(method: str) -> bool:
-    return create_selector(method).selects_all
+    return create_selector(parse_method(method)[0]).selects_all
+
+
+def is_random(method: str) -> bool:
+    return not create_selector(parse_method(method)[0]).needs_model
+
+
+def run_fraction(method: str, fraction: float) -> float:
+    """The fraction a method spec trains on at the grid fraction ``fraction``."""
+    return 1.0 if selects_all(method) else parse_method(method)[1].get("fraction", fraction)
+
+
+def compute_units(run: dict) -> float:
+    """Compute of a run in forward-pass equivalents of one image: a training step costs 3
+    (forward + backward), a teacher forward for distillation 1, a scoring forward 1."""
+    return (
+        3 * run["train_images"] + run["train_teacher_forwards"] + run["score_forwards"] + run["score_teacher_forwards"]
+    )
 
 
 def training_args(out: Path, epochs: float, lr: float, seed: int, batch_size: int) -> TrainingArguments:
@@ -107,15 +142,16 @@ def train_fp(ds, args, seed: int) -> tuple[torch.nn.Module, float]:
 
 def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -> dict:
     torch.manual_seed(seed)
+    name, settings = parse_method(method)
     student = quantize_model(copy.deepcopy(fp), QuantConfig(weight_bits=bits, act_bits=bits, first_last_bits=8))
     acs = ACSArguments(
-        selection_method=method,
-        fraction=1.0 if selects_all(method) else fraction,
+        selection_method=name,
         selection_interval=args.selection_interval,
         selection_seed=seed,
         selection_temperature=args.temperature,
         selection_share=args.share,
         teacher_cache_dir="memory",
+        **{**settings, "fraction": run_fraction(method, fraction)},
     )
     trainer = ACSTrainer(
         model=student,
@@ -137,7 +173,18 @@ def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    return {"accuracy": trainer.evaluate()["eval_accuracy"], "seconds": seconds}
+    train_images = trainer.num_selected * args.epochs
+    result = {
+        "accuracy": trainer.evaluate()["eval_accuracy"],
+        "seconds": seconds,
+        "scoring_seconds": sum(r.get("scoring_seconds", 0.0) for r in trainer.history),
+        "train_images": train_images,
+        "train_teacher_forwards": train_images if acs.kd_alpha > 0 else 0,
+        "score_forwards": sum(r.get("scored_samples", 0) for r in trainer.history),
+        "score_teacher_forwards": sum(r.get("teacher_forwards", 0) for r in trainer.history),
+    }
+    result["compute_units"] = compute_units(result)
+    return result
 
 
 def paired(diffs: list[float]) -> dict:
@@ -152,30 +199,77 @@ def paired(diffs: list[float]) -> dict:
     return {"diff_mean": mean, "ci95_low": low, "ci95_high": high, "pairs": n, "verdict": verdict}
 
 
+def _kd(method: str) -> float:
+    return parse_method(method)[1].get("kd_alpha", 1.0)
+
+
+def _baseline(method: str, name: str, methods: set[str]) -> str | None:
+    """The spec of baseline ``name`` that matches ``method``'s distillation, at the grid fraction."""
+    for m in sorted(methods):
+        base, settings = parse_method(m)
+        if base == name and "fraction" not in settings and _kd(m) == _kd(method) and len(settings) <= 1:
+            return m
+    return None
+
+
+def equal_compute_accuracy(ladder: list[tuple[float, float]], units: float) -> float | None:
+    """Accuracy of ``random_dynamic`` at ``units`` of compute, linearly interpolated between the
+    (units, accuracy) runs of its fraction ladder; None outside the ladder (no extrapolation)."""
+    ladder = sorted(ladder)
+    for (u0, a0), (u1, a1) in zip(ladder, ladder[1:]):
+        if u0 <= units <= u1:
+            return a0 if u1 == u0 else a0 + (a1 - a0) * (units - u0) / (u1 - u0)
+    return ladder[0][1] if len(ladder) == 1 and math.isclose(ladder[0][0], units, rel_tol=1e-9) else None
+
+
+def _equal_compute(runs: list[dict], cell_runs: list[dict], method: str) -> dict | None:
+    diffs = []
+    for r in cell_runs:
+        ladder = [
+            (q["compute_units"], q["accuracy"] * 100) for q in runs
+            if "compute_units" in q and (q["bits"], q["fraction"], q["seed"]) == (r["bits"], r["fraction"], r["seed"])
+            and parse_method(q["method"])[0] == "random_dynamic" and _kd(q["method"]) == _kd(method)
+        ]  # fmt: skip
+        baseline = equal_compute_accuracy(ladder, r["compute_units"]) if "compute_units" in r else None
+        if baseline is not None:
+            diffs.append(r["accuracy"] * 100 - baseline)
+    return paired(diffs) if diffs else None
+
+
 def summarize(runs: list[dict]) -> list[dict]:
+    """Per (bits, fraction, method) cell: top-1 mean and std over seeds, compute, and the paired
+    differences against the random baselines at equal epochs (``vs_random_dynamic``,
+    ``vs_random_static``) and against ``random_dynamic`` at equal compute (``vs_random_equal_compute``)."""
     by_key = {(r["bits"], r["fraction"], r["method"], r["seed"]): r["accuracy"] * 100 for r in runs}
-    cells: dict[tuple, dict[int, float]] = {}
-    for (bits, fraction, method, seed), acc in by_key.items():
-        cells.setdefault((bits, fraction, method), {})[seed] = acc
+    methods = {r["method"] for r in runs}
+    cells: dict[tuple, list[dict]] = {}
+    for r in runs:
+        cells.setdefault((r["bits"], r["fraction"], r["method"]), []).append(r)
     out = []
-    for (bits, fraction, method), accs in sorted(cells.items()):
-        values = list(accs.values())
+    for (bits, fraction, method), cell_runs in sorted(cells.items()):
+        values = [r["accuracy"] * 100 for r in cell_runs]
         cell = {
-            "bits": bits, "fraction": fraction, "method": method, "seeds": sorted(accs),
+            "bits": bits, "fraction": fraction, "method": method, "seeds": sorted(r["seed"] for r in cell_runs),
+            "train_fraction": run_fraction(method, fraction),
             "top1_mean": statistics.mean(values), "top1_std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "seconds_mean": statistics.mean(
-                r["seconds"] for r in runs if (r["bits"], r["fraction"], r["method"]) == (bits, fraction, method)
-            ),
+            "seconds_mean": statistics.mean(r["seconds"] for r in cell_runs),
         }  # fmt: skip
-        if method not in BASELINES and not selects_all(method):
-            for base in BASELINES:
-                pairs = [
-                    (acc, by_key[(bits, fraction, base, s)])
-                    for s, acc in accs.items()
-                    if (bits, fraction, base, s) in by_key
-                ]
-                if pairs:
-                    cell[f"vs_{base}"] = paired([a - b for a, b in pairs])
+        if all("compute_units" in r for r in cell_runs):
+            cell["compute_units_mean"] = statistics.mean(r["compute_units"] for r in cell_runs)
+            cell["scoring_seconds_mean"] = statistics.mean(r["scoring_seconds"] for r in cell_runs)
+        if is_random(method) or selects_all(method):
+            out.append(cell)
+            continue
+        for name in BASELINES:
+            base = _baseline(method, name, methods)
+            pairs = [(by_key[(bits, fraction, method, r["seed"])], by_key.get((bits, fraction, base, r["seed"])))
+                     for r in cell_runs]  # fmt: skip
+            pairs = [(a, b) for a, b in pairs if b is not None]
+            if base and pairs:
+                cell[f"vs_{name}"] = {"baseline": base, **paired([a - b for a, b in pairs])}
+        equal = _equal_compute(runs, cell_runs, method)
+        if equal:
+            cell["vs_random_equal_compute"] = equal
         out.append(cell)
     return out
 
@@ -186,25 +280,56 @@ def _interval(c: dict | None) -> str:
     return f"{c['diff_mean']:+.2f} [{c['ci95_low']:+.2f}, {c['ci95_high']:+.2f}] {c['verdict']}"
 
 
-def markdown(cells: list[dict], fractions: list[float], fp_accuracy: float) -> str:
+def markdown(cells: list[dict], fractions: list[float], fp_accuracy: float, methods: list[str]) -> str:
     lines = [f"FP models top-1 (mean over seeds): {fp_accuracy * 100:.2f}", ""]
-    methods = DEFAULT_METHODS + sorted({c["method"] for c in cells} - set(DEFAULT_METHODS))
+    methods = methods + sorted({c["method"] for c in cells} - set(methods))
     for bits in sorted({c["bits"] for c in cells}):
-        lines += [f"W{bits}A{bits}: top-1 mean ± std over seeds; paired difference vs each random baseline, "
-                  "mean [95% interval] and verdict", ""]  # fmt: skip
-        lines.append("| method | f | top-1 | vs random_dynamic | vs random_static |")
-        lines.append("|---|---|---|---|---|")
+        lines += [f"W{bits}A{bits}: top-1 mean ± std over seeds; compute in millions of image forward "
+                  "equivalents (training step 3, distillation teacher 1, scoring forward 1); paired difference, "
+                  "mean [95% interval] and verdict, against random_dynamic at equal epochs (same distillation) "
+                  "and at equal compute (random_dynamic's fraction ladder interpolated to the run's compute)",
+                  ""]  # fmt: skip
+        lines.append(
+            "| method | f | top-1 | compute (M) | vs random_dynamic | vs random, equal compute | vs random_static |"
+        )
+        lines.append("|---|---|---|---|---|---|---|")
         for method in methods:
             for f in [1.0] if selects_all(method) else fractions:
                 c = next((c for c in cells if (c["bits"], c["fraction"], c["method"]) == (bits, f, method)), None)
                 if c is None:
                     continue
+                compute = f"{c['compute_units_mean'] / 1e6:.2f}" if "compute_units_mean" in c else ""
                 lines.append(
-                    f"| {method} | {f:g} | {c['top1_mean']:.2f} ± {c['top1_std']:.2f} | "
-                    f"{_interval(c.get('vs_random_dynamic'))} | {_interval(c.get('vs_random_static'))} |"
+                    f"| {method} | {c['train_fraction']:g} | {c['top1_mean']:.2f} ± {c['top1_std']:.2f} | {compute} | "
+                    f"{_interval(c.get('vs_random_dynamic'))} | {_interval(c.get('vs_random_equal_compute'))} | "
+                    f"{_interval(c.get('vs_random_static'))} |"
                 )
         lines.append("")
     return "\n".join(lines)
+
+
+def plot_compute(runs: list[dict], path: Path) -> None:
+    """Top-1 against compute, one point per run, one colour per method, one panel per bit width."""
+    from matplotlib.figure import Figure
+
+    runs = [r for r in runs if "compute_units" in r]
+    all_bits = sorted({r["bits"] for r in runs})
+    if not runs:
+        return
+    fig = Figure(figsize=(6.5 * len(all_bits), 4.8))
+    axes = fig.subplots(1, len(all_bits), squeeze=False)[0]
+    methods = sorted({r["method"] for r in runs})
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for ax, bits in zip(axes, all_bits):
+        for m in methods:
+            rs = [r for r in runs if r["bits"] == bits and r["method"] == m]
+            if rs:
+                ax.scatter([r["compute_units"] / 1e6 for r in rs], [r["accuracy"] * 100 for r in rs],
+                           color=colours[m], label=m, s=18, marker="o" if is_random(m) else "^")  # fmt: skip
+        ax.set(title=f"W{bits}A{bits}", xlabel="compute (M image forward equivalents)", ylabel="top-1 (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def plot(cells: list[dict], path: Path) -> None:
@@ -256,7 +381,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3])
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list_selectors())
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
+                        help="selectors, each optionally with settings after @: acs@pool=0.3,reuse=1 (score pool "
+                        "fraction, training-pass scores), random_dynamic@f=0.25 (its own fraction), acs@kd=0 "
+                        "(kd_alpha); registered: " + ", ".join(list_selectors()))  # fmt: skip
     parser.add_argument("--temperature", type=float, default=1.0, help="acs_gumbel's temperature")
     parser.add_argument("--share", type=float, default=0.5, help="acs_mixed's top-k share")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -265,35 +393,70 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--fp_epochs", type=float, default=8)
     parser.add_argument("--fp_lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--fp_seed",
+        type=int,
+        default=None,
+        help="train one FP model (this seed) for every seed; default: one FP model per seed",
+    )
+    parser.add_argument("--summarize_only", action="store_true",
+                        help="run nothing: summarize every run in <output_dir>/runs.jsonl")  # fmt: skip
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/benchmark_accuracy"))
     args = parser.parse_args(argv)
     for f in args.fractions:
         if not 0 < f < 1:
             parser.error(f"--fractions must lie in (0, 1), got {f}")
-    for b in BASELINES:
-        if b not in args.methods:
-            parser.error(f"--methods must include the baseline {b} (the paired intervals are taken against it)")
+    for m in args.methods:
+        try:
+            name, settings = parse_method(m)
+            ACSArguments(selection_method=name, **{"fraction": 1.0 if selects_all(m) else min(args.fractions),
+                                                    **settings})  # fmt: skip
+        except ValueError as e:
+            parser.error(f"--methods {m}: {e}")
+    if "random_dynamic" not in args.methods:
+        parser.error("--methods must include the baseline random_dynamic (the paired intervals are taken against it)")
     ACSArguments(selection_method="acs_gumbel", selection_temperature=args.temperature, selection_share=args.share)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.set_verbosity_error()
 
-    dataset = None if args.train_dir else args.dataset_name
-    raw = load_image_datasets(dataset, args.dataset_config_name, args.train_dir, args.validation_dir)
-    probe = timm.create_model(args.model_name, num_classes=2)
-    ds = prepare_datasets(raw, probe, image_size=args.image_size, max_train_samples=args.max_train_samples,
-                          max_eval_samples=args.max_eval_samples)  # fmt: skip
-    started = time.perf_counter()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     log = args.output_dir / "runs.jsonl"
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    started = time.perf_counter()
+    if args.summarize_only:
+        grid = runs
+        fp_accuracies = {p.stem: json.loads(p.read_text())["accuracy"] for p in (args.output_dir / "fp").glob("*.json")}
+    else:
+        ds = load_data(args)
+        fp_accuracies = run_grid(args, ds, runs, log)
+        # This invocation's grid only: runs.jsonl may hold other cells (another --bits/--fractions run).
+        grid = [
+            r for r in runs
+            if r["seed"] in args.seeds and r["bits"] in args.bits and r["method"] in args.methods
+            and (r["fraction"] in args.fractions or selects_all(r["method"]))
+        ]  # fmt: skip
+    return write_report(args, grid, fp_accuracies, time.perf_counter() - started)
+
+
+def load_data(args):
+    dataset = None if args.train_dir else args.dataset_name
+    raw = load_image_datasets(dataset, args.dataset_config_name, args.train_dir, args.validation_dir)
+    probe = timm.create_model(args.model_name, num_classes=2)
+    return prepare_datasets(raw, probe, image_size=args.image_size, max_train_samples=args.max_train_samples,
+                            max_eval_samples=args.max_eval_samples)  # fmt: skip
+
+
+def run_grid(args, ds, runs: list[dict], log: Path) -> dict:
+    """Every (seed, bits, method, fraction) run not yet in ``runs``, each appended to ``log`` at once."""
     done = {(r["bits"], r["fraction"], r["method"], r["seed"]) for r in runs}
     if done:
         print(f"resuming: {len(done)} runs already in {log}", flush=True)
     fp_accuracies = {}
     for seed in args.seeds:
-        fp, fp_accuracies[seed] = train_fp(ds, args, seed)
-        print(f"seed {seed}: FP model top-1 {fp_accuracies[seed] * 100:.2f}", flush=True)
+        fp_seed = seed if args.fp_seed is None else args.fp_seed
+        fp, fp_accuracies[f"seed{fp_seed}"] = train_fp(ds, args, fp_seed)
+        print(f"seed {seed}: FP model (seed {fp_seed}) top-1 {fp_accuracies[f'seed{fp_seed}'] * 100:.2f}", flush=True)
         for bits in args.bits:
             for method in args.methods:
                 for fraction in [1.0] if selects_all(method) else args.fractions:
@@ -303,29 +466,32 @@ def main(argv: list[str] | None = None) -> dict:
                     runs.append({"bits": bits, "fraction": fraction, "method": method, "seed": seed, **r})
                     with open(log, "a") as f:  # each finished run at once: a resume starts after it
                         f.write(json.dumps(runs[-1]) + "\n")
-                    print(f"W{bits} {method:15s} f={fraction:<4} seed={seed}: top-1 {r['accuracy'] * 100:6.2f} "
-                          f"({r['seconds']:.0f}s)", flush=True)  # fmt: skip
-    # This invocation's grid only: runs.jsonl may hold other cells (another --bits/--fractions run).
-    cells = summarize([
-        r for r in runs
-        if r["seed"] in args.seeds and r["bits"] in args.bits and r["method"] in args.methods
-        and (r["fraction"] in args.fractions or selects_all(r["method"]))
-    ])  # fmt: skip
-    fp_accuracy = statistics.mean(fp_accuracies.values())
+                    print(f"W{bits} {method:28s} f={fraction:<4} seed={seed}: top-1 {r['accuracy'] * 100:6.2f} "
+                          f"({r['seconds']:.0f}s, {r['compute_units'] / 1e6:.2f}M units)", flush=True)  # fmt: skip
+    return fp_accuracies
+
+
+def write_report(args, runs: list[dict], fp_accuracies: dict, seconds: float) -> dict:
+    cells = summarize(runs)
+    fp_accuracy = statistics.mean(fp_accuracies.values()) if fp_accuracies else float("nan")
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "software": {"python": platform.python_version(),
                      **{m.__name__: m.__version__ for m in (torch, transformers, timm)}},
-        "fp_accuracy": fp_accuracy, "fp_accuracy_per_seed": fp_accuracies,
-        "runs": runs, "cells": cells, "total_seconds": time.perf_counter() - started,
+        "compute_units": "image forward equivalents: 3 per training image, 1 per distillation teacher forward, "
+                         "1 per scoring forward (student or teacher)",
+        "fp_accuracy": fp_accuracy, "fp_accuracy_per_model": fp_accuracies,
+        "runs": runs, "cells": cells, "total_seconds": seconds,
     }  # fmt: skip
     atomic_write_json(args.output_dir / "accuracy.json", result)  # never a half-written JSON
-    table = markdown(cells, args.fractions, fp_accuracy)
+    fractions = sorted({r["fraction"] for r in runs if not selects_all(r["method"])})
+    table = markdown(cells, fractions, fp_accuracy, list(dict.fromkeys(r["method"] for r in runs)))
     (args.output_dir / "accuracy.md").write_text(table)
     plot(cells, args.output_dir / "accuracy.png")
+    plot_compute(runs, args.output_dir / "accuracy_compute.png")
     print("\n" + table)
-    print(f"wrote {args.output_dir}/accuracy.json, accuracy.md, accuracy.png")
+    print(f"wrote {args.output_dir}/accuracy.json, accuracy.md, accuracy.png, accuracy_compute.png")
     return result
 
 

@@ -12,7 +12,11 @@ Layout of a checkpoint directory (format 2):
   caller passes (e.g. a transformers config), plus a ``quantization_config`` block whose
   ``quant_method`` is ``acs_hf_lsq``.
 
-Both files carry the same ``checkpoint_id`` so that a directory mixing two saves is rejected.
+Both files carry the same ``checkpoint_id`` so that a directory mixing two saves is rejected. The
+weights file's metadata also records what it was saved with: ``layers_sha256`` (the layer table),
+``architecture_config`` (the config.json keys that build the model, see :func:`_architecture`) and
+``tensors_sha256`` (a sha256 per tensor), checked by both loaders (:func:`read_checkpoint`).
+Format 2 files saved before these were recorded load without those checks.
 Format 1 (``quant_method: lsq``, codes under ``<name>.weight_codes``) is still read.
 """
 
@@ -21,9 +25,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import math
 import os
+import reprlib
+import tempfile
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +53,9 @@ __all__ = [
     "layer_configs_from_table",
     "prepare_packed_weights",
     "unpack_weights",
+    "read_checkpoint",
+    "check_model_args",
+    "check_tensor_names",
     "QUANT_METHOD",
     "WEIGHTS_NAME",
 ]
@@ -61,6 +72,12 @@ LEGACY_CODES_SUFFIX = ".weight_codes"  # format 1
 ALLOWED_MODEL_ARGS = frozenset(
     {"num_classes", "img_size", "in_chans", "global_pool", "patch_size", "window_size", "class_token", "output_stride"}
 )
+#: config.json keys outside the architecture digest: the layer table (its own digest), timm's
+#: preprocessing and class names. Every other key (``architecture``, ``model_args``, a transformers
+#: config's sizes, ...) must be as saved.
+NON_ARCHITECTURE_KEYS = frozenset({"quantization_config", "pretrained_cfg", "label_names", "label_descriptions"})
+
+logger = logging.getLogger(__name__)
 
 
 def _library_version() -> str:
@@ -159,8 +176,34 @@ def save_quantized(
             "save_quantized needs a timm model (one with pretrained_cfg['architecture']) or, for other models, "
             "model_config (the config that rebuilds the architecture)"
         )
-    _check_model_args(model_args or {}, "save_quantized: model_args")
+    check_model_args(model_args, "save_quantized: model_args")
 
+    state, layers = _packed_state(model, qmods)
+    checkpoint_id = uuid.uuid4().hex
+    quantization_config = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "library": "acs_hf",
+        "library_version": _library_version(),
+        "checkpoint_id": checkpoint_id,
+        "config": config.to_dict() if config is not None else None,
+        "layers": layers,
+    }
+    if model_config is not None:
+        content = {**model_config, "quantization_config": quantization_config}
+    else:
+        content = _timm_config(model, quantization_config, model_args, data_config, label_names)
+    config_text = json.dumps(content, indent=2)
+    metadata = _weights_metadata(checkpoint_id, layers, json.loads(config_text), state)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config_text))
+    return directory
+
+
+def _packed_state(model: nn.Module, qmods) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """The state dict to write, each quantized weight as packed codes, and the layer table."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     layers: dict[str, dict[str, Any]] = {}
     for name, m in qmods:
@@ -177,48 +220,52 @@ def save_quantized(
             "act_bits": iq.bits if iq is not None else None,
             "act_signed": iq.signed if iq is not None else None,
         }
-    checkpoint_id = uuid.uuid4().hex
-    quantization_config = {
-        "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
-        "library": "acs_hf",
-        "library_version": _library_version(),
-        "checkpoint_id": checkpoint_id,
-        "config": config.to_dict() if config is not None else None,
-        "layers": layers,
-    }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    metadata = {
+    return state, layers
+
+
+def _weights_metadata(checkpoint_id: str, layers: dict, cfg: dict, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The weights file's metadata: what :func:`read_checkpoint` checks. ``cfg`` is config.json as a
+    loader reads it back (JSON turns tuples into lists, int keys into strings)."""
+    return {
         "format": "pt",
         "quant_method": QUANT_METHOD,
         "checkpoint_id": checkpoint_id,
         "layers_sha256": _layers_digest(layers),
+        "architecture_config": _dumps(_architecture(cfg)),
+        "tensors_sha256": _dumps({k: _tensor_digest(v) for k, v in state.items()}),
     }
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
-    if model_config is not None:
-        content = {**model_config, "quantization_config": quantization_config}
-        atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(content, indent=2)))
-    else:
-        atomic_write(
-            directory / CONFIG_NAME,
-            lambda p: _save_timm_config(model, p, quantization_config, model_args, data_config, label_names),
-        )
-    return directory
 
 
-def _save_timm_config(model, path: str, quantization_config: dict, model_args, data_config, label_names) -> None:
+def _timm_config(model, quantization_config: dict, model_args, data_config, label_names) -> dict[str, Any]:
     from timm.models._hub import save_config_for_hf
 
     model_config = {"quantization_config": quantization_config}
     if label_names:
         model_config["label_names"] = list(label_names)
-    save_config_for_hf(model, path, model_config=model_config, model_args=model_args, data_config=data_config)
-    cfg = json.loads(Path(path).read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CONFIG_NAME
+        save_config_for_hf(model, str(path), model_config=model_config, model_args=model_args, data_config=data_config)
+        cfg = json.loads(path.read_text())
     # The root num_classes is the one timm and transformers' TimmWrapper read; the wrapper also
     # passes model_args to timm.create_model, and a second num_classes there is a TypeError.
     (cfg.get("model_args") or {}).pop("num_classes", None)
-    Path(path).write_text(json.dumps(cfg, indent=2))
+    return cfg
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def _architecture(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config.json keys that build the model: all but :data:`NON_ARCHITECTURE_KEYS`."""
+    return {k: v for k, v in cfg.items() if k not in NON_ARCHITECTURE_KEYS}
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    digest = hashlib.sha256(f"{tensor.dtype}{list(tensor.shape)}".encode())
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _resolve(directory_or_hub_id: str | os.PathLike) -> Path:
@@ -232,18 +279,18 @@ def _resolve(directory_or_hub_id: str | os.PathLike) -> Path:
     return Path(snapshot_download(str(directory_or_hub_id), allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, "*.md"]))
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path, loader: str) -> dict[str, Any]:
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"load_quantized: {cfg_path} is missing; not an acs_hf checkpoint")
+        raise FileNotFoundError(f"{loader}: {cfg_path} is missing; not an acs_hf checkpoint")
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"load_quantized: {cfg_path} is not valid JSON ({e})") from e
+        raise ValueError(f"{loader}: {cfg_path} is not valid JSON ({e})") from e
     qcfg = cfg.get("quantization_config")
     if not isinstance(qcfg, dict):
-        raise ValueError(f"load_quantized: {cfg_path} has no quantization_config block")
-    check_quantization_config(qcfg, f"load_quantized: {cfg_path}")
+        raise ValueError(f"{loader}: {cfg_path} has no quantization_config block")
+    check_quantization_config(qcfg, f"{loader}: {cfg_path}")
     return cfg
 
 
@@ -262,17 +309,78 @@ def check_quantization_config(qcfg: dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: quantization_config.layers must be a non-empty object")
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_tensors(path: Path, loader: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"load_quantized: {weights} is missing")
+        raise FileNotFoundError(f"{loader}: {weights} is missing")
     try:
         with safe_open(weights, framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"load_quantized: {weights} is corrupt or truncated ({e})") from e
+        raise ValueError(f"{loader}: {weights} is corrupt or truncated ({e})") from e
     return tensors, meta
+
+
+def read_checkpoint(path: Path, loader: str = "load_quantized") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """config.json and the tensors of the checkpoint folder ``path``, after every check both loaders
+    (``loader`` names the one in errors) make before building the model: known format, ``model_args``
+    of architecture keys only, one save, and the layer table, the architecture keys of config.json and
+    each tensor's bytes as saved (for files that record them). A mismatch names the file and the value."""
+    cfg = _read_config(path, loader)
+    tensors, meta = _read_tensors(path, loader)
+    where, weights = f"{loader}: {path / CONFIG_NAME}", path / WEIGHTS_NAME
+    check_model_args(cfg.get("model_args"), f"{where}: model_args")
+    check_digest(meta, cfg["quantization_config"], where)
+    if "architecture_config" not in meta or "tensors_sha256" not in meta:
+        logger.info("%s: %s records no architecture or tensor digests (an older save): not checked", loader, weights)
+    if "architecture_config" in meta:
+        _check_architecture(json.loads(meta["architecture_config"]), _architecture(cfg), where)
+    if "tensors_sha256" in meta:
+        _check_tensor_data(json.loads(meta["tensors_sha256"]), tensors, f"{loader}: {weights}")
+    return cfg, tensors
+
+
+def _check_architecture(saved: dict[str, Any], found: dict[str, Any], where: str) -> None:
+    absent = "<absent>"
+    changed = [
+        k for k in sorted(saved.keys() | found.keys()) if _dumps(saved.get(k, absent)) != _dumps(found.get(k, absent))
+    ]
+    if changed:
+        diffs = "; ".join(
+            f"{k} is {reprlib.repr(found.get(k, absent))}, saved {reprlib.repr(saved.get(k, absent))}" for k in changed
+        )
+        raise ValueError(
+            f"{where}: the architecture does not match the one {WEIGHTS_NAME} was saved with ({diffs}); config.json "
+            "was edited or mixed with another save: restore the saved values"
+        )
+
+
+def _check_tensor_data(saved: dict[str, str], tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    missing, extra = sorted(saved.keys() - tensors.keys()), sorted(tensors.keys() - saved.keys())
+    if missing or extra:
+        raise ValueError(
+            f"{where}: the file lacks saved tensors {missing[:10]} and holds unsaved ones {extra[:10]}; "
+            "it was modified after saving: save or download it again"
+        )
+    for name, digest in saved.items():
+        found = _tensor_digest(tensors[name])
+        if found != digest:
+            raise ValueError(
+                f"{where}: tensor {name!r} has sha256 {found[:16]}..., saved {digest[:16]}...; the file is corrupt "
+                "or was modified after saving: save or download it again"
+            )
+
+
+def check_tensor_names(model: nn.Module, names: Mapping[str, Any], where: str) -> None:
+    """Refuse a weights file that lacks tensors of ``model``'s state or holds tensors it has not."""
+    expected = model.state_dict().keys()
+    missing, unexpected = sorted(expected - names.keys()), sorted(names.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: the file does not hold the tensors of the architecture: {len(missing)} missing "
+            f"{missing[:10]}, {len(unexpected)} unexpected {unexpected[:10]}; accepted: exactly the model's tensors"
+        )
 
 
 def _layers_digest(layers: dict[str, Any]) -> str:
@@ -280,7 +388,12 @@ def _layers_digest(layers: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()
 
 
-def _check_model_args(model_args: dict[str, Any], where: str) -> None:
+def check_model_args(model_args: Any, where: str) -> None:
+    """Refuse ``model_args`` (``timm.create_model`` kwargs) other than architecture keys."""
+    if model_args is None:
+        return
+    if not isinstance(model_args, dict):
+        raise ValueError(f"{where} must be an object, got {model_args!r}")
     bad = sorted(set(model_args) - ALLOWED_MODEL_ARGS)
     if bad:
         raise ValueError(
@@ -419,11 +532,9 @@ def load_quantized(
     the cache). After ``import acs_hf``, transformers' ``from_pretrained`` loads the same folders.
     """
     path = _resolve(directory_or_hub_id)
-    cfg = _read_config(path)
+    cfg, tensors = read_checkpoint(path)
     qcfg = cfg["quantization_config"]
     where = f"load_quantized: {path / CONFIG_NAME}"
-    tensors, meta = _read_tensors(path)
-    check_digest(meta, qcfg, where)
     if model is None:
         model = _build_timm_model(cfg, where)
     layers = qcfg["layers"]
@@ -437,11 +548,8 @@ def load_quantized(
             raise ValueError(f"{where}: {WEIGHTS_NAME} lacks the codes or the step of layer {name!r}")
         # here, not in load_state_dict: a wrong length is named as a corrupt or edited checkpoint
         _check_packed(name, packed, model.get_submodule(name).layer_config, info["weight_shape"], where)
-    result = model.load_state_dict(tensors, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{where}: state mismatch (missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
-        )
+    check_tensor_names(model, tensors, f"load_quantized: {path / WEIGHTS_NAME}")
+    model.load_state_dict(tensors)
     unpack_weights(model, layers, where)
     return model.to(map_location).eval()
 
@@ -455,10 +563,7 @@ def _build_timm_model(cfg: dict[str, Any], where: str) -> nn.Module:
             f"{where}: the checkpoint is {kind} (no 'architecture'); pass its float architecture as model=..., "
             "or, after `import acs_hf`, load it with transformers' AutoModelForImageClassification.from_pretrained"
         )
-    model_args = cfg.get("model_args") or {}
-    if not isinstance(model_args, dict):
-        raise ValueError(f"{where}: model_args must be an object, got {model_args!r}")
-    _check_model_args(model_args, f"{where}: model_args")
+    model_args = cfg.get("model_args") or {}  # architecture keys only: checked by read_checkpoint
     return timm.create_model(
         cfg["architecture"],
         pretrained=False,

@@ -3,7 +3,7 @@
 Knows nothing of transformers, datasets or accelerate.
 """
 
-from .coreset import check_fraction, class_quotas, coreset_size, select_coreset
+from .coreset import check_fraction, class_quotas, coreset_size, draw_pool, select_coreset
 from .schedules import SCHEDULES, check_schedule, evs_weight
 from .scores import (
     STATISTICS,
@@ -35,6 +35,7 @@ __all__ = [
     "coreset_size",
     "create_selector",
     "disagreement_score",
+    "draw_pool",
     "entropy_score",
     "error_vector_score",
     "evs_weight",

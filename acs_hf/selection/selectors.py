@@ -60,6 +60,8 @@ class Selector:
     dynamic: ClassVar[bool] = True
     #: Trains on every sample in the Trainer's own order: no coreset, no scoring pass.
     selects_all: ClassVar[bool] = False
+    #: Can select from a scored candidate pool (``select(..., candidates=mask)``).
+    supports_candidates: ClassVar[bool] = True
 
     def __init__(self, class_balanced: bool = True) -> None:
         self.class_balanced = class_balanced
@@ -87,13 +89,27 @@ class Selector:
         num_epochs: int,
         fraction: float,
         generator: torch.Generator | None = None,
+        candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The coreset: ``round(fraction * N)`` sorted indices.
+
+        With ``candidates`` (an [N] bool mask, see :func:`~acs_hf.selection.coreset.draw_pool`)
+        only those samples' statistics are read (the others may be NaN): the selector scores the
+        candidates alone and keeps the top of each class's quota among them.
+        """
         self.check_fraction(fraction)
         missing = [k for k in ("labels", *self.required_stats) if k not in stats]
         if missing:
             raise ValueError(f"selector {self.name!r} needs statistics {missing}; got {sorted(stats)}")
-        scores = self.scores(stats, epoch, num_epochs, generator)
-        return select_coreset(scores, stats["labels"], fraction, class_balanced=self.class_balanced)
+        if candidates is None:
+            scores = self.scores(stats, epoch, num_epochs, generator)
+        else:
+            if not self.supports_candidates:
+                raise ValueError(f"selector {self.name!r} cannot select from a candidate pool; score all samples")
+            idx = candidates.reshape(-1).nonzero().flatten()
+            scores = torch.full((stats["labels"].numel(),), math.nan, dtype=torch.float64)
+            scores[idx] = self.scores({k: v[idx] for k, v in stats.items()}, epoch, num_epochs, generator).double()
+        return select_coreset(scores, stats["labels"], fraction, self.class_balanced, candidates)
 
     def describe(self, epoch: int, num_epochs: int) -> dict[str, Any]:
         """Numbers worth logging for a round (e.g. ACS's beta)."""
@@ -193,6 +209,7 @@ class ACSMixedSelector(ACSSelector):
     """
 
     name = "acs_mixed"
+    supports_candidates = False  # its random share is drawn from all non-top samples
 
     def __init__(self, class_balanced: bool = True, schedule: str = "cosine", share: float = 0.5) -> None:
         super().__init__(class_balanced, schedule)
@@ -200,8 +217,10 @@ class ACSMixedSelector(ACSSelector):
             raise ValueError(f"share must be a number in [0, 1], got {share!r}")
         self.share = float(share)
 
-    def select(self, stats, epoch, num_epochs, fraction, generator=None):
+    def select(self, stats, epoch, num_epochs, fraction, generator=None, candidates=None):
         self.check_fraction(fraction)
+        if candidates is not None:
+            return super().select(stats, epoch, num_epochs, fraction, generator, candidates)  # raises
         if "labels" not in stats or any(k not in stats for k in self.required_stats):
             return super().select(stats, epoch, num_epochs, fraction, generator)  # raises, naming what is missing
         score = self.scores(stats, epoch, num_epochs, generator).double()
@@ -268,9 +287,9 @@ class RandomStaticSelector(Selector):
     def scores(self, stats, epoch, num_epochs, generator):
         return _random_scores(stats, generator)
 
-    def select(self, stats, epoch, num_epochs, fraction, generator=None):
+    def select(self, stats, epoch, num_epochs, fraction, generator=None, candidates=None):
         if self.subset is None:
-            self.subset = super().select(stats, epoch, num_epochs, fraction, generator)
+            self.subset = super().select(stats, epoch, num_epochs, fraction, generator, candidates)
         return self.subset.clone()
 
     def state_dict(self):
@@ -292,6 +311,6 @@ class FullSelector(Selector):
         if fraction != 1:
             raise ValueError(f"selection_method='full' trains on all data and needs fraction=1, got {fraction!r}")
 
-    def select(self, stats, epoch, num_epochs, fraction, generator=None):
+    def select(self, stats, epoch, num_epochs, fraction, generator=None, candidates=None):
         self.check_fraction(fraction)
         return torch.arange(stats["labels"].numel())
