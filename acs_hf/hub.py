@@ -12,8 +12,17 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from ._io import atomic_write_bytes
 from .models import folder_config, is_transformers_name
 from .quantization.checkpoint import WEIGHTS_NAME
+from .selection import SELECTORS
 
-__all__ = ["write_model_card", "base_model_id", "push_folder_to_hub", "HubPushError", "UPLOAD_IGNORE"]
+__all__ = [
+    "write_model_card",
+    "base_model_id",
+    "display_name",
+    "method_summary",
+    "push_folder_to_hub",
+    "HubPushError",
+    "UPLOAD_IGNORE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +59,23 @@ def base_model_id(model_name: str, pretrained: bool = True) -> str | None:
         return model_name.split("@")[0]
     found = timm.models.get_pretrained_cfg(model_name) if timm.is_model(model_name) else None
     return getattr(found, "hf_hub_id", None) or None
+
+
+def display_name(model_name: str) -> str:
+    """A model's name for titles: never a local path. ``hf-hub:org/x`` and ``org/x`` give ``x``; a
+    local folder gives the architecture its ``config.json`` names (else the folder's name)."""
+    name = model_name.removeprefix("hf-hub:").removeprefix("local-dir:").split("@")[0]
+    if os.path.isdir(name):
+        cfg = folder_config(name)
+        return str(cfg.get("architecture") or (cfg.get("architectures") or [None])[0] or cfg.get("model_type")
+                   or Path(name).resolve().name)  # fmt: skip
+    return name.rstrip("/").split("/")[-1]
+
+
+def method_summary(method: str) -> str:
+    """One sentence on how the training data was chosen: the selector's own description."""
+    doc = (SELECTORS[method].__doc__ or method).strip().split("\n\n")[0]
+    return " ".join(doc.split())
 
 
 def write_model_card(
@@ -98,7 +124,11 @@ def write_model_card(
         )
         if (value := results.get(key)) is not None
     ]
-    name = f"{Path(model_name.split(':')[-1]).name}-{scheme}-acs"
+    method = str(acs_settings.get("selection_method", "acs"))
+    selector = SELECTORS[method]
+    short = display_name(model_name)
+    name = f"{short}-{scheme}-{method}"
+    method_tags = [] if selector.selects_all else ["coreset", *(["acs"] if method.startswith("acs") else [])]
     data = ModelCardData(
         library_name=library,
         license="apache-2.0",
@@ -110,8 +140,7 @@ def write_model_card(
             scheme,
             "lsq",
             "qat",
-            "acs",
-            "coreset",
+            *method_tags,
             "acs_hf",
         ],  # fmt: skip
         datasets=[dataset_name],
@@ -125,7 +154,10 @@ def write_model_card(
     card = ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
-        title=f"{model_name} {scheme.upper()} (LSQ, ACS coreset QAT)",
+        title=f"{short} {scheme.upper()} (LSQ QAT, {method})",
+        method=method,
+        method_summary=method_summary(method),
+        full_data=selector.selects_all,
         dataset_name=dataset_name,
         base_model=base_model,
         weight_bits=wb,

@@ -92,3 +92,48 @@ def test_failed_push_keeps_local_checkpoint(folder):
 def test_push_needs_a_saved_model(tmp_path):
     with pytest.raises(ValueError, match="model.safetensors"):
         push_folder_to_hub(tmp_path, "me/repo", api=StubApi())
+
+
+def _card(directory, model_name, settings):
+    write_model_card(
+        directory,
+        model_name=model_name,
+        dataset_name="digits",
+        quant_config=QuantConfig(weight_bits=2, act_bits=2).to_dict(),
+        acs_settings=settings,
+        results={"top-1 (quantized)": 0.9},
+        fp32_bytes=8,
+        checkpoint_bytes=1,
+    )
+    return ModelCard.load(directory / "README.md")
+
+
+def test_card_of_a_random_baseline_says_so(tmp_path):
+    """A random_dynamic run from a local folder: no local path, no ACS claim, only settings that act."""
+    from acs_hf import ACSArguments
+
+    local = tmp_path / "my_models" / "resnet18-digits"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text('{"architecture": "resnet18", "num_classes": 10}')
+    settings = ACSArguments(selection_method="random_dynamic", fraction=0.2).settings()
+    card = _card(tmp_path, str(local), settings)
+    assert card.text.strip().splitlines()[0] == "# resnet18 W2A2 (LSQ QAT, random_dynamic)"
+    assert str(tmp_path) not in str(card) and card.data.model_name == "resnet18-w2a2-random_dynamic"
+    assert "acs" not in card.data.tags and "coreset" in card.data.tags
+    assert "A fresh random subset at every round" in card.text
+    for absent in ("Adaptive Coreset", "adaptively", "evs_schedule", "cache_teacher_outputs",
+                   "score_pool_fraction", "pip install acs_hf"):  # fmt: skip
+        assert absent not in card.text, absent
+    assert "| selection_interval | 10 |" in card.text and "| fraction | 0.2000 |" in card.text
+
+
+def test_card_of_acs_and_of_full_data(tmp_path):
+    from acs_hf import ACSArguments
+
+    acs = _card(tmp_path, "hf-hub:timm/resnet18.a1_in1k", ACSArguments(selection_method="acs").settings())
+    assert acs.text.strip().splitlines()[0] == "# resnet18.a1_in1k W2A2 (LSQ QAT, acs)"
+    assert {"acs", "coreset"} <= set(acs.data.tags) and "Adaptive Coreset Selection" in acs.text
+    assert "| evs_schedule | cosine |" in acs.text and "| cache_teacher_outputs | True |" in acs.text
+    full = _card(tmp_path, "resnet18", ACSArguments(selection_method="full", fraction=1.0).settings())
+    assert "all training data (plain QAT, no coreset)" in full.text and "coreset" not in full.data.tags
+    assert "| fraction |" not in full.text and "## Coreset selection" not in full.text
