@@ -105,6 +105,22 @@ class ACSArguments(QATArguments):
     selection_share: float = field(
         default=0.5, metadata={"help": "acs_mixed: share of each quota taken by ACS top-k; the rest is random."}
     )
+    score_pool_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "p in [fraction, 1]: each round scores only a fresh class-balanced random pool of p*N samples "
+            "and keeps the top fraction*N within it (1 = the paper: score every sample). Scoring costs p of a full "
+            "pass."
+        },
+    )
+    reuse_training_scores: bool = field(
+        default=False,
+        metadata={
+            "help": "Samples trained on since the last round take their scores from the training pass (the "
+            "student's logits on its training view, and the distillation teacher's for DS) at no extra forward; "
+            "they join the candidate pool first, and the scoring pass covers only the rest of the pool."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,6 +129,20 @@ class ACSArguments(QATArguments):
             raise ValueError(f"selection_interval must be an integer >= 1 epoch, got {self.selection_interval!r}")
         if self.score_batch_size is not None and self.score_batch_size < 1:
             raise ValueError(f"score_batch_size must be >= 1, got {self.score_batch_size!r}")
+        self._check_score_source()
+
+    def _check_score_source(self) -> None:
+        p = self.score_pool_fraction
+        if not (_finite(p) and 0 < p <= 1 and p >= self.fraction):
+            raise ValueError(f"score_pool_fraction must be a number in [fraction, 1] = [{self.fraction}, 1], got {p!r}")
+        if p == 1 and not self.reuse_training_scores:
+            return
+        selector = self.create_selector()
+        what = f"score_pool_fraction={p}" if p < 1 else "reuse_training_scores=true"
+        if not selector.needs_model or selector.selects_all:
+            raise ValueError(f"{what} acts only on selectors that score samples, not {self.selection_method!r}")
+        if not selector.supports_candidates:
+            raise ValueError(f"{what} is not supported by {self.selection_method!r} (it needs every sample's score)")
 
     def create_selector(self) -> Selector:
         """The registered selector these arguments name (raises on an unknown method or schedule)."""
@@ -131,8 +161,21 @@ class ACSArguments(QATArguments):
         return create_selector(self.selection_method, class_balanced=self.class_balanced, **kwargs)
 
     def settings(self) -> dict[str, Any]:
-        """The set values as a dict (for model cards), without the knobs of selectors not in use."""
+        """The set values that act on this run's selector, as a dict (for model cards): no knob of
+        another selector, no schedule for a selector without one, no teacher cache without DS, no
+        scoring setting for a selector that scores nothing, no interval for a static one."""
+        selector = self.create_selector()
         unused = {name for method, (_, name) in _SELECTOR_KNOBS.items() if method != self.selection_method}
+        if not hasattr(selector, "schedule"):
+            unused.add("evs_schedule")
+        if "ds" not in selector.required_stats:
+            unused |= {"cache_teacher_outputs", "teacher_cache_dir"}
+        if not selector.needs_model:
+            unused |= {"score_batch_size", "score_cache_dir", "score_pool_fraction", "reuse_training_scores"}
+        if not selector.dynamic:
+            unused.add("selection_interval")
+        if selector.selects_all:
+            unused |= {"fraction", "class_balanced", "selection_seed"}
         return {k: v for k, v in asdict(self).items() if v is not None and k not in unused}
 
 
@@ -198,13 +241,17 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
     skip_bad_images: bool = field(
-        default=False, metadata={"help": "Drop (and count) images that cannot be decoded instead of failing."}
+        default=False,
+        metadata={
+            "help": "Decode every image once and drop (and count) those that fail. Without it, image folders get a "
+            "header-only check that fails, before training, listing the files that are not images."
+        },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory."})
     preprocessing_num_workers: int | None = field(
         default=None,
         metadata={
-            "help": "Processes for the --skip_bad_images check (default: every core for 20,000 rows or more). It runs "
+            "help": "Processes for the image checks (default: every core for 20,000 rows or more). They run "
             "once per node, on the local main process, and datasets caches it for the other ranks and resumes."
         },
     )

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, TrainingArguments
 
 from ._io import atomic_write, atomic_write_json
 from .arguments import ACSArguments, DataArguments, ModelArguments, RunArguments
+from .checkpointing import set_aside_previous_run
 from .data import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
 from .hub import HubPushError, base_model_id, push_folder_to_hub, write_model_card
 from .metrics import make_compute_metrics, preprocess_logits_for_metrics
@@ -24,7 +25,7 @@ from .qat_trainer import ImageClassificationTrainer
 from .quantization import WEIGHTS_NAME, QuantConfig, quantize_model, save_quantized
 from .reporting import PLOT_NAME, RECORD_NAME
 from .run_checks import output_dir_lock, preflight
-from .selection import coreset_size
+from .selection import class_quotas, coreset_size
 from .trainer import ACSTrainer
 
 __all__ = ["run_acs", "prepare_run_data", "default_output_dir", "save_student"]
@@ -108,11 +109,20 @@ def run_acs(
     preflight(training_args, teacher_cache_dir, push, run_args.overwrite_output_dir)
     # One writer per folder: the global main process holds the lock (see output_dir_lock).
     with output_dir_lock(training_args.output_dir, enabled=training_args.process_index == 0):
+        if run_args.overwrite_output_dir:  # under the lock: never under a run still writing there
+            set_aside_previous_run(training_args)
         summary, trainer = _run(model_args, data_args, qconfig, acs_args, training_args, push)
     # Last collective of the run, on every process; an exception above skips it on purpose: a
     # barrier would hang the failed run, and the launcher stops the other processes instead.
     trainer.end()
     return summary
+
+
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()  # only an empty folder; one another process removed first is fine too
+    except OSError:
+        pass
 
 
 def _load_warmup(model: torch.nn.Module, path: Path) -> None:
@@ -194,7 +204,10 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
     ds, fp_model = prepare_run_data(model_args, data_args, training_args)
     names = list(ds.id2label.values())
     if not acs_args.create_selector().selects_all:
-        coreset_size(len(ds.train_dataset), acs_args.fraction)  # a coreset of 0 samples fails here, not mid-run
+        # A coreset of 0 samples, or fewer slots than classes, fails here, not after the warm-up.
+        coreset_size(len(ds.train_dataset), acs_args.fraction)
+        if acs_args.class_balanced:
+            class_quotas(torch.bincount(torch.as_tensor(ds.score_dataset.labels)), acs_args.fraction)
     compute_metrics = make_compute_metrics(k=min(5, len(names)))
     if model_args.fp_warmup_epochs > 0:
         warm = Path(training_args.output_dir) / "fp_warmup" / WEIGHTS_NAME
@@ -235,6 +248,7 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
         metric_key_prefix="fp_eval"
     )
     metrics.update({k: v for k, v in fp_metrics.items() if k in ("fp_eval_accuracy", "fp_eval_top5")})
+    _remove_if_empty(Path(training_args.output_dir) / "fp_warmup")  # the FP evaluation's Trainer made it
     trainer.save_metrics("eval", metrics)
 
     summary: dict[str, Any] = {"output_dir": str(out), "metrics": metrics}

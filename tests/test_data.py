@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import datasets
 import numpy as np
 import pytest
@@ -120,6 +122,8 @@ def test_bad_image_named_or_skipped(tmp_path, model):
     raw = load_image_datasets(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"))
     broken = raw["train"].cast_column("image", raw["train"].features["image"].__class__(decode=False))
     rows = broken.to_dict()
+    # In-memory bytes, as from the Hub: decoded on access only (image folders' files are opened when prepared).
+    rows["image"] = [{"bytes": Path(v["path"]).read_bytes(), "path": None} for v in rows["image"]]
     rows["image"][4] = {"bytes": b"not an image", "path": None}
     raw = DatasetDict(train=Dataset.from_dict(rows, features=broken.features), validation=raw["validation"])
     ds = prepare_datasets(raw, model, image_size=16)

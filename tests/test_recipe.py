@@ -253,9 +253,12 @@ def test_local_folder_student_and_teacher(recipe, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), teacher.state_dict().values()))
     out = tmp_path / "out"
     summary = recipe.main([DEMO, "--output_dir", str(out), *TINY_RUN, "--model_name", str(tmp_path / "student"),
-                           "--teacher_model_name", str(tmp_path / "teacher")])  # fmt: skip
+                           "--teacher_model_name", str(tmp_path / "teacher"), "--fp_warmup_epochs", "0"])  # fmt: skip
     assert summary["metrics"]["eval_accuracy"] >= 0
     assert load_quantized(out).pretrained_cfg["architecture"] == "test_resnet"
+    assert not (out / "fp_warmup").exists()  # no warm-up: no empty folder left behind
+    card = (out / "README.md").read_text()
+    assert str(tmp_path) not in card and "# test_resnet W4A4 (LSQ QAT, acs)" in card  # the architecture, no path
 
 
 def test_hf_hub_model_name_accepted_without_network(recipe):
@@ -275,6 +278,9 @@ def test_empty_coreset_fails_before_the_warmup(recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(acs_hf.pipeline, "_warmup", no_warmup)
     with pytest.raises(ValueError, match="fraction=0.001 of 64 samples selects no sample"):
         recipe.main([DEMO, "--output_dir", str(tmp_path), *TINY_RUN, "--fraction", "0.001"])
+    # 0.1 of 64 digits: 6 slots per round for 10 classes, refused before the warm-up too
+    with pytest.raises(ValueError, match="gives 6 slots per round for 10 classes"):
+        recipe.main([DEMO, "--output_dir", str(tmp_path / "b"), *TINY_RUN, "--fraction", "0.1"])
 
 
 def test_truncated_fp_warmup_model_is_named(tmp_path):
@@ -347,3 +353,81 @@ def test_hub_dataset_schemas_end_to_end(recipe, tmp_path, schema, columns, eval_
     assert model.num_classes == (1000 if schema == "imagenet" else 100)
     assert 0 <= summary["metrics"]["eval_accuracy"] <= 1
     assert ModelCard.load(out / "README.md").data.datasets == [str(data)]
+
+
+@pytest.mark.parametrize("null", ["null", "none", "None"])
+def test_weights_only_from_the_command_line(recipe, null):
+    """``--act_bits null`` used to fail in argparse (invalid int value: 'null'): weights only
+    worked from YAML alone. Same for ``--first_last_bits``."""
+    _, _, quant_args, _, training_args, _ = recipe.parse(["--act_bits", null, "--first_last_bits", null])
+    assert quant_args.act_bits is None and quant_args.first_last_bits is None
+    assert training_args.output_dir == "outputs/resnet18-w4a32-acs20"  # the default name of a weights-only run
+    _, _, quant_args, _, _, _ = recipe.parse(["--act_bits", "3", "--output_dir", "x"])
+    assert quant_args.act_bits == 3 and quant_args.first_last_bits == 8
+    with pytest.raises(ValueError, match="QuantConfig.act_bits must be an integer in 2..8 or None, got 'four'"):
+        recipe.parse(["--act_bits", "four", "--output_dir", "x"])
+
+
+@pytest.fixture
+def quick_lock(monkeypatch):
+    """The output-dir lock's heartbeat and staleness shortened from 30 s / 300 s."""
+    import acs_hf.run_checks as run_checks
+
+    monkeypatch.setattr(run_checks, "HEARTBEAT_S", 0.05, raising=False)
+    monkeypatch.setattr(run_checks, "STALE_AFTER_S", 0.5, raising=False)
+    return run_checks
+
+
+def test_lock_of_a_dead_run_on_another_host_taken_over(recipe, tmp_path, no_data, quick_lock, caplog):
+    """A job requeued on another node used to be refused by its own dead predecessor's lock."""
+    import logging
+
+    lock = tmp_path / quick_lock.LOCK_NAME
+    lock.write_text(json.dumps({"pid": 4242, "host": "node-that-died", "started": "yesterday"}))
+    with caplog.at_level(logging.WARNING, logger="acs_hf.run_checks"):
+        with pytest.raises(AssertionError, match="not caught before loading data"):  # past the lock
+            recipe.main([DEMO, "--output_dir", str(tmp_path)])
+    assert f"Taking over {lock} of pid 4242 on host node-that-died: not touched for 0 s" in caplog.text
+    assert not lock.exists()
+
+
+def test_live_run_on_another_host_keeps_its_lock(tmp_path, quick_lock):
+    """A run elsewhere that touches its lock is not taken over; the error gives the command that frees it."""
+    import re
+    import threading
+
+    lock = tmp_path / quick_lock.LOCK_NAME
+    lock.write_text(json.dumps({"pid": 4242, "host": "node-alive", "started": "now"}))
+    stop = threading.Event()
+
+    def touch():  # the other host's run, alive
+        while not stop.wait(0.05):
+            lock.touch()
+
+    beat = threading.Thread(target=touch)
+    beat.start()
+    try:
+        with pytest.raises(
+            quick_lock.RunInUseError, match=f"pid 4242 on host node-alive.*rm -f {re.escape(str(lock))}"
+        ):
+            with quick_lock.output_dir_lock(tmp_path):
+                pass
+    finally:
+        stop.set()
+        beat.join()
+    assert json.loads(lock.read_text())["host"] == "node-alive"
+
+
+def test_held_lock_is_touched_and_released_only_while_ours(tmp_path, quick_lock):
+    import time
+
+    lock = tmp_path / quick_lock.LOCK_NAME
+    with quick_lock.output_dir_lock(tmp_path):
+        first, deadline = lock.stat().st_mtime_ns, time.monotonic() + 5
+        while lock.stat().st_mtime_ns == first and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lock.stat().st_mtime_ns != first  # the heartbeat
+    assert not lock.exists()
+    with quick_lock.output_dir_lock(tmp_path):
+        lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "now"}))  # taken over meanwhile
+    assert json.loads(lock.read_text())["host"] == "elsewhere"  # not ours to remove

@@ -143,8 +143,60 @@ def test_quotas_by_hand():
     # 0.25 * [50, 30, 17, 3] = [12.5, 7.5, 4.25, 0.75]; total 25; floors 12+7+4+0 = 23;
     # the two largest remainders (0.75 class 3, then 0.5 class 0 before class 1) get +1.
     assert class_quotas(torch.tensor([50, 30, 17, 3]), 0.25).tolist() == [13, 7, 4, 1]
-    # 0.1 * [50, 30, 17, 3] = [5, 3, 1.7, 0.3]; total 10; floors 9; class 2 gets the extra one.
-    assert class_quotas(torch.tensor([50, 30, 17, 3]), 0.1).tolist() == [5, 3, 2, 0]
+    # 0.1 * [50, 30, 17, 3] = [5, 3, 1.7, 0.3]; total 10; floors [5, 3, 1, 0], and class 3 (3 images)
+    # is raised to its floor of one: [5, 3, 1, 1] sums to 10, no slot left for class 2's remainder.
+    assert class_quotas(torch.tensor([50, 30, 17, 3]), 0.1).tolist() == [5, 3, 1, 1]
+
+
+def test_every_class_with_an_image_gets_a_slot_every_round():
+    """A 1-image class at f = 0.3 used to get 0 slots in every round (its 0.3 lost to class 0's 0.7)."""
+    # 0.3 * [9, 1] = [2.7, 0.3]; total 3; floors [2, 0] -> [2, 1]: class 1's floor of one takes the extra slot.
+    assert class_quotas(torch.tensor([9, 1]), 0.3).tolist() == [2, 1]
+    labels = torch.tensor([0] * 9 + [1])
+    for seed in range(5):
+        scores = torch.rand(10, generator=torch.Generator().manual_seed(seed))
+        scores[9] = -1.0  # the lone image scores lowest of all
+        assert 9 in select_coreset(scores, labels, 0.3).tolist()
+        assert 9 in create_selector("random_dynamic").select(
+            {"labels": labels}, 0, 10, 0.3, selection_generator(seed, 0)
+        )
+    # Empty classes stay at 0.
+    assert class_quotas(torch.tensor([9, 0, 1]), 0.3).tolist() == [2, 0, 1]
+
+
+def test_floor_of_one_overshoot_taken_from_the_most_over_served():
+    # 0.3 * [10, 10, 1, 1, 1] = [3, 3, .3, .3, .3]; total round(6.9) = 7; floors and ones [3, 3, 1, 1, 1] = 9:
+    # two slots too many. Classes 0 and 1 are equally over their share (3 - 3): the higher id (1) gives
+    # first, then class 0 is the most over (3 - 3 against 2 - 3): [2, 2, 1, 1, 1].
+    assert class_quotas(torch.tensor([10, 10, 1, 1, 1]), 0.3).tolist() == [2, 2, 1, 1, 1]
+    # 0.3 * [20, 10, 1, 1] = [6, 3, .3, .3]; total round(9.6) = 10; [6, 3, 1, 1] = 11: one too many;
+    # over their share: 6 - 6 = 0 and 3 - 3 = 0, a tie: class 1 gives it.
+    assert class_quotas(torch.tensor([20, 10, 1, 1]), 0.3).tolist() == [6, 2, 1, 1]
+
+
+def test_more_classes_than_slots_is_an_error():
+    # 0.3 * 10 = 3 slots for 6 classes with images.
+    with pytest.raises(ValueError, match="gives 3 slots per round for 6 classes with samples.*--class_balanced false"):
+        class_quotas(torch.tensor([5, 1, 1, 1, 1, 1]), 0.3)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_quota_rules_hold_for_random_class_sizes(seed):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 40, (12,), generator=g) * (torch.rand(12, generator=g) < 0.8)
+    counts[0] = 1 + seed  # at least one class with images
+    fraction = [0.1, 0.25, 0.3, 0.5, 0.77, 1.0][seed % 6]
+    total = math.floor(fraction * int(counts.sum()) + 0.5)
+    if int((counts > 0).sum()) > total:
+        return
+    q = class_quotas(counts, fraction)
+    assert int(q.sum()) == total and (q <= counts).all()
+    assert ((q >= 1) == (counts > 0)).all()
+    if int(torch.clamp(torch.floor(counts * fraction + 1e-9), min=1).mul(counts > 0).sum()) <= total:
+        # no overshoot of the floor of one: each quota is floor or ceil of its share, or the one
+        assert (q >= torch.floor(counts * fraction + 1e-9)).all() and (
+            q <= torch.ceil(counts * fraction - 1e-9).clamp(min=1)
+        ).all()
 
 
 def test_tie_rule_lower_index_first():

@@ -48,8 +48,9 @@ class QuantConfig:
     """
 
     weight_bits: int = field(default=4, metadata={"help": "Weight bits, 2..8."})
-    act_bits: int | None = field(default=4, metadata={"help": "Activation bits, 2..8; null: weights only."})
-    first_last_bits: int | None = field(
+    # ``| str``: HfArgumentParser types an ``int | None`` flag as int, refusing ``--act_bits null``.
+    act_bits: int | str | None = field(default=4, metadata={"help": "Activation bits, 2..8; null: weights only."})
+    first_last_bits: int | str | None = field(
         default=8, metadata={"help": "Bits of the first layer and the classifier; null keeps them FP."}
     )
     per_channel_weights: bool = field(default=False, metadata={"help": "One weight step per output channel."})
@@ -57,6 +58,7 @@ class QuantConfig:
     compile_kernels: bool = field(default=False, metadata={"help": "torch.compile-fused LSQ kernels."})
 
     def __post_init__(self) -> None:
+        self.act_bits, self.first_last_bits = _optional_bits(self.act_bits), _optional_bits(self.first_last_bits)
         check_bits("QuantConfig.weight_bits", self.weight_bits)
         check_bits("QuantConfig.act_bits", self.act_bits, allow_none=True)
         check_bits("QuantConfig.first_last_bits", self.first_last_bits, allow_none=True)
@@ -128,6 +130,17 @@ def find_first_last(model: nn.Module) -> tuple[str | None, set[str]]:
         linears = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
         last = {linears[-1]} if linears else set()
     return first, last
+
+
+def _optional_bits(value: Any) -> Any:
+    """A bit width as the command line gives it: "4" -> 4, "null" / "none" -> None (YAML gives
+    int or None already); anything else is left for ``check_bits`` to refuse."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text in ("null", "none"):
+        return None
+    return int(text) if text.isdecimal() else value
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
