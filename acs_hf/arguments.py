@@ -240,6 +240,13 @@ class DataArguments:
     label_column: str | None = field(default=None, metadata={"help": "Label column (auto-detected)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
+    score_image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Resolution of the scoring view (default: the eval resolution). Lower is cheaper per scoring "
+            "forward (about the squared ratio), for models that take any input size (CNNs)."
+        },
+    )
     skip_bad_images: bool = field(
         default=False,
         metadata={
@@ -278,10 +285,11 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+        for name, low in (("max_train_samples", 1), ("max_eval_samples", 1), ("preprocessing_num_workers", 1),
+                          ("score_image_size", 8)):  # fmt: skip
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1 or unset, got {value!r}")
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be an integer >= {low} or unset, got {value!r}")
         for name in ("hflip", "vflip", "reprob"):
             if not (_finite(getattr(self, name)) and 0 <= getattr(self, name) <= 1):
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)!r}")

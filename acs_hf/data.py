@@ -28,6 +28,7 @@ from .scoring import INDEX_KEY
 __all__ = [
     "ImageDatasets",
     "ImageView",
+    "score_transform",
     "digits_dataset",
     "load_image_datasets",
     "detect_columns",
@@ -158,6 +159,16 @@ def timm_transforms(model, image_size: int | None = None, augmentation: dict | N
     and ``crop_pct``, which override the model's data config; ``None`` values keep the defaults.
     """
     return _transforms(data_config(model, image_size, augmentation), augmentation)
+
+
+def score_transform(config: dict[str, Any], image_size: int) -> Any:
+    """The eval transform of ``config`` (see :func:`data_config`) at another square resolution:
+    the same resize rule, crop share, interpolation and normalisation."""
+    from timm.data import create_transform
+
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"score_image_size must be an integer >= 8, got {image_size!r}")
+    return create_transform(**{**config, "input_size": (3, image_size, image_size)}, is_training=False)
 
 
 def _transforms(config: dict[str, Any], augmentation: dict | None) -> tuple[Any, Any]:
@@ -370,8 +381,13 @@ def prepare_datasets(
     seed: int = 0,
     num_proc: int | None = None,
     augmentation: dict | None = None,
+    score_image_size: int | None = None,
 ) -> ImageDatasets:
     """Select and check the splits and view them through timm transforms (module docstring).
+
+    ``score_image_size``: resolution of the scoring view (default: the eval resolution); a lower
+    one makes each scoring forward cheaper (about the square of the ratio) for models that take
+    any input size (CNNs; not fixed-size ViTs).
 
     Classes come from the training split: a validation image of a class with no image in the
     whole training split is an error naming the class. Nothing here copies the image data:
@@ -407,9 +423,10 @@ def prepare_datasets(
     _check_eval_classes(val_labels, trained, names)
     eval_config = data_config(model, image_size, augmentation)
     train_tf, eval_tf = _transforms(eval_config, augmentation)
+    score_tf = eval_tf if score_image_size is None else score_transform(eval_config, score_image_size)
     return ImageDatasets(
         train_dataset=ImageView(train, train_tf, image_column, label_column, "train"),
-        score_dataset=ImageView(train, eval_tf, image_column, label_column, "train"),
+        score_dataset=ImageView(train, score_tf, image_column, label_column, "train"),
         eval_dataset=ImageView(val, eval_tf, image_column, label_column, "validation"),
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},

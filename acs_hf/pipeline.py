@@ -171,6 +171,7 @@ def prepare_run_data(
             seed=training_args.seed,
             num_proc=data_args.preprocessing_num_workers,
             augmentation=data_args.augmentation(),
+            score_image_size=data_args.score_image_size,
         )
     return ds, fp_model
 

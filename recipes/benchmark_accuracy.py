@@ -49,7 +49,7 @@ from acs_hf import (
     list_selectors,
     quantize_model,
 )
-from acs_hf.data import load_image_datasets, prepare_datasets
+from acs_hf.data import ImageView, load_image_datasets, prepare_datasets, score_transform
 from acs_hf.metrics import make_compute_metrics, preprocess_logits_for_metrics
 
 #: Compared by default; any registered selector can be passed with --methods.
@@ -58,7 +58,15 @@ BASELINES = ("random_dynamic", "random_static")
 
 
 #: Settings a method spec may carry after "@": ``acs@pool=0.3,reuse=1``, ``random_dynamic@f=0.25,kd=0``.
-VARIANT_KEYS = {"pool": "score_pool_fraction", "reuse": "reuse_training_scores", "kd": "kd_alpha", "f": "fraction"}
+VARIANT_KEYS = {
+    "pool": "score_pool_fraction",
+    "reuse": "reuse_training_scores",
+    "kd": "kd_alpha",
+    "f": "fraction",
+    "R": "selection_interval",
+    "res": "score_image_size",
+}
+INTEGER_KEYS = ("R", "res")
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -71,7 +79,8 @@ def parse_method(spec: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key not in VARIANT_KEYS or not value:
             raise ValueError(f"method {spec!r}: setting {item!r} is not KEY=VALUE with KEY in {sorted(VARIANT_KEYS)}")
-        settings[VARIANT_KEYS[key]] = bool(int(value)) if key == "reuse" else float(value)
+        kind = (lambda v: bool(int(v))) if key == "reuse" else int if key in INTEGER_KEYS else float
+        settings[VARIANT_KEYS[key]] = kind(value)
     return name, settings
 
 
@@ -90,10 +99,10 @@ def run_fraction(method: str, fraction: float) -> float:
 
 def compute_units(run: dict) -> float:
     """Compute of a run in forward-pass equivalents of one image: a training step costs 3
-    (forward + backward), a teacher forward for distillation 1, a scoring forward 1."""
-    return (
-        3 * run["train_images"] + run["train_teacher_forwards"] + run["score_forwards"] + run["score_teacher_forwards"]
-    )
+    (forward + backward), a teacher forward for distillation 1, a scoring forward 1 (times the
+    squared resolution ratio when the scoring view is smaller)."""
+    training = 3 * run["train_images"] + run["train_teacher_forwards"]
+    return training + run.get("score_forward_cost", 1.0) * (run["score_forwards"] + run["score_teacher_forwards"])
 
 
 def training_args(out: Path, epochs: float, lr: float, seed: int, batch_size: int) -> TrainingArguments:
@@ -143,15 +152,20 @@ def train_fp(ds, args, seed: int) -> tuple[torch.nn.Module, float]:
 def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -> dict:
     torch.manual_seed(seed)
     name, settings = parse_method(method)
+    score_size = settings.pop("score_image_size", None)
+    score_view = ds.score_dataset
+    if score_size is not None:  # the same rows under the eval transform at another resolution
+        view = ds.score_dataset
+        score_view = ImageView(view.dataset, score_transform(ds.data_config, score_size), view.image_column,
+                               view.label_column, view.split)  # fmt: skip
     student = quantize_model(copy.deepcopy(fp), QuantConfig(weight_bits=bits, act_bits=bits, first_last_bits=8))
     acs = ACSArguments(
         selection_method=name,
-        selection_interval=args.selection_interval,
         selection_seed=seed,
         selection_temperature=args.temperature,
         selection_share=args.share,
         teacher_cache_dir="memory",
-        **{**settings, "fraction": run_fraction(method, fraction)},
+        **{"selection_interval": args.selection_interval, **settings, "fraction": run_fraction(method, fraction)},
     )
     trainer = ACSTrainer(
         model=student,
@@ -166,7 +180,7 @@ def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -
         eval_dataset=ds.eval_dataset,
         acs_args=acs,
         teacher_model=copy.deepcopy(fp),
-        score_dataset=ds.score_dataset,
+        score_dataset=score_view,
         compute_metrics=make_compute_metrics(k=5),
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
@@ -182,6 +196,7 @@ def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -
         "train_teacher_forwards": train_images if acs.kd_alpha > 0 else 0,
         "score_forwards": sum(r.get("scored_samples", 0) for r in trainer.history),
         "score_teacher_forwards": sum(r.get("teacher_forwards", 0) for r in trainer.history),
+        "score_forward_cost": ((score_size or args.image_size) / args.image_size) ** 2,
     }
     result["compute_units"] = compute_units(result)
     return result
@@ -384,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                         help="selectors, each optionally with settings after @: acs@pool=0.3,reuse=1 (score pool "
                         "fraction, training-pass scores), random_dynamic@f=0.25 (its own fraction), acs@kd=0 "
-                        "(kd_alpha); registered: " + ", ".join(list_selectors()))  # fmt: skip
+                        "(kd_alpha), acs@R=5 (selection interval), acs@res=24 (scoring resolution); "
+                        "registered: " + ", ".join(list_selectors()))  # fmt: skip
     parser.add_argument("--temperature", type=float, default=1.0, help="acs_gumbel's temperature")
     parser.add_argument("--share", type=float, default=0.5, help="acs_mixed's top-k share")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -410,6 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
     for m in args.methods:
         try:
             name, settings = parse_method(m)
+            settings.pop("score_image_size", None)  # a data setting, checked when the view is built
             ACSArguments(selection_method=name, **{"fraction": 1.0 if selects_all(m) else min(args.fractions),
                                                     **settings})  # fmt: skip
         except ValueError as e:
