@@ -209,3 +209,22 @@ def test_augmentation_arguments_validated(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         DataArguments(**kwargs)
+
+
+def test_score_view_at_another_resolution(model):
+    """The scoring view at 16 px: timm's eval transform built independently at that size, same rows;
+    training and evaluation views keep the run's 32 px."""
+    from timm.data import create_transform
+
+    raw = digits_dataset()
+    ds = prepare_datasets(raw, model, image_size=32, score_image_size=16)
+    small = ds.score_dataset[7]
+    assert small["pixel_values"].shape == (3, 16, 16) and small["index"] == 7
+    assert ds.eval_dataset[0]["pixel_values"].shape == (3, 32, 32)
+    assert ds.train_dataset[7]["pixel_values"].shape == (3, 32, 32)
+    expected = create_transform(**{**ds.data_config, "input_size": (3, 16, 16)}, is_training=False)(
+        raw["train"][7]["image"].convert("RGB")
+    )
+    torch.testing.assert_close(small["pixel_values"], expected)
+    with pytest.raises(ValueError, match="score_image_size must be an integer >= 8, got 4"):
+        prepare_datasets(raw, model, image_size=32, score_image_size=4)
