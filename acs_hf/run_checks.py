@@ -8,23 +8,33 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import shlex
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import TrainingArguments
 
-from .checkpointing import latest_complete_checkpoint
+from .checkpointing import checkpoint_runs, latest_complete_checkpoint
 from .quantization.checkpoint import WEIGHTS_NAME
 from .reporting import RECORD_NAME
 
 __all__ = ["preflight", "output_dir_lock", "RunInUseError", "LOCK_NAME"]
 
 LOCK_NAME = ".acs_hf.lock"
+#: The lock's holder touches it this often (seconds), so that a run elsewhere can tell it is alive.
+HEARTBEAT_S = 30.0
+#: A lock held on another host that is not touched for this long (watched on this host's clock,
+#: so hosts' clocks need not agree; above NFS's 60 s attribute cache) is taken over.
+STALE_AFTER_S = 300.0
+
+logger = logging.getLogger(__name__)
 #: What a finished or running job leaves in its output folder.
 RESULT_MARKERS = (WEIGHTS_NAME, RECORD_NAME, "acs_summary.json", "all_results.json")
 
@@ -59,6 +69,14 @@ def _resolve_resume(args: TrainingArguments) -> None:
     if value is None or value is False:
         return
     if value is True or str(value).lower() == "true":
+        runs = checkpoint_runs(args.output_dir)
+        if len(runs) > 1:
+            described = "; ".join(f"run {run_id}: {', '.join(names)}" for run_id, names in runs.items())
+            raise ValueError(
+                f"resume_from_checkpoint=true but {args.output_dir} holds the checkpoints of {len(runs)} runs "
+                f"({described}); pass the checkpoint to continue (--resume_from_checkpoint <folder>), or move the "
+                "other run's checkpoints away"
+            )
         latest = latest_complete_checkpoint(args.output_dir)
         if latest is None:
             raise ValueError(f"resume_from_checkpoint=true but {args.output_dir} holds no complete checkpoint-* folder")
@@ -80,7 +98,13 @@ def _check_writable(directory: str | os.PathLike, what: str) -> None:
 
 def _check_foreign_results(args: TrainingArguments, overwrite: bool) -> None:
     out = Path(args.output_dir)
-    if overwrite or args.resume_from_checkpoint or not out.is_dir():
+    resume = args.resume_from_checkpoint
+    if overwrite and resume and out.resolve() in Path(resume).resolve().parents:
+        raise ValueError(
+            f"--overwrite_output_dir true moves the previous run's files out of {out}, the checkpoint to resume "
+            f"({resume}) among them; drop --overwrite_output_dir to continue that run"
+        )
+    if overwrite or resume or not out.is_dir():
         return
     found = [name for name in RESULT_MARKERS if (out / name).exists()] + sorted(
         p.name for p in out.glob("checkpoint-*")
@@ -116,12 +140,90 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _lock_state(path: Path) -> tuple[dict, int] | None:
+    """The lock's record and modification time (ns), or None when there is no lock."""
+    try:
+        mtime, text = path.stat().st_mtime_ns, path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:  # being written, or damaged
+        record = None
+    return (record if isinstance(record, dict) else {}), mtime
+
+
+def _dead_because(path: Path, state: tuple[dict, int], me: dict, heartbeat_s: float, stale_s: float) -> str | None:
+    """Why the lock's holder is taken for dead, or None while it lives. A holder on this host is
+    alive while its pid is; one elsewhere while it touches the lock (watched for ``stale_s``)."""
+    holder, mtime = state
+    pid = holder.get("pid")
+    if holder.get("host") == me["host"] and isinstance(pid, int):
+        return None if _pid_alive(pid) else f"its process {pid} on this host is gone"
+    logger.warning(
+        "%s is held by pid %s on host %s: watching it for up to %.0f s (a live run touches it every %.0f s, "
+        "a dead one's is taken over)", path, pid, holder.get("host"), stale_s, heartbeat_s,
+    )  # fmt: skip
+    deadline = time.monotonic() + stale_s
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, heartbeat_s / 2))
+        now = _lock_state(path)
+        if now is None or now[1] != mtime:
+            return None  # released or touched: not ours to take (the caller retries or refuses)
+    return f"not touched for {stale_s:.0f} s"
+
+
+def _in_use(output_dir: str | os.PathLike, path: Path, holder: dict, stale_s: float) -> RunInUseError:
+    return RunInUseError(
+        f"{Path(output_dir)} is in use by another run (pid {holder.get('pid')} on host {holder.get('host')}, "
+        f"started {holder.get('started')}); wait for it or use another --output_dir. If that run is dead, free "
+        f"the folder with:  rm -f {shlex.quote(str(path))}  (a lock held on another host that is not touched for "
+        f"{stale_s:.0f} s is taken over by the next run)"
+    )
+
+
+def _acquire(output_dir: str | os.PathLike, path: Path, me: dict, heartbeat_s: float, stale_s: float) -> None:
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            state = _lock_state(path)
+            if state is None:
+                continue  # released meanwhile
+            reason = _dead_because(path, state, me, heartbeat_s, stale_s)
+            if reason is None:
+                if _lock_state(path) is None:
+                    continue
+                raise _in_use(output_dir, path, state[0], stale_s) from None
+            if _lock_state(path) == state:  # still the lock judged dead
+                holder = state[0]
+                logger.warning(
+                    "Taking over %s of pid %s on host %s: %s", path, holder.get("pid"), holder.get("host"), reason
+                )
+                path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return
+    raise _in_use(output_dir, path, (_lock_state(path) or ({}, 0))[0], stale_s)
+
+
+def _heartbeat(path: Path, every: float, stop: threading.Event) -> None:
+    while not stop.wait(every):
+        with contextlib.suppress(OSError):  # a hiccup of the file system must not end the run
+            os.utime(path)
+
+
 @contextlib.contextmanager
 def output_dir_lock(output_dir: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
     """Hold ``<output_dir>/.acs_hf.lock`` for the whole run (only where ``enabled``: the main process).
 
     A second run on the same folder fails with :class:`RunInUseError` naming the holder's pid and
-    host. A lock left by a dead process on this host is taken over.
+    host and the one command that frees the folder. While held, a daemon thread touches the lock
+    every :data:`HEARTBEAT_S` seconds. A lock is taken over, with a warning, when its holder is dead:
+    on this host, its pid is gone; on another host (a job requeued elsewhere), the lock was not
+    touched while this run watched it for :data:`STALE_AFTER_S` seconds. On release the lock is
+    removed only if it is still this run's.
     """
     if not enabled:
         yield
@@ -129,27 +231,17 @@ def output_dir_lock(output_dir: str | os.PathLike, enabled: bool = True) -> Iter
     path = Path(output_dir) / LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int)
-            if stale and not _pid_alive(holder["pid"]):
-                path.unlink(missing_ok=True)  # its process is gone: take over
-                continue
-            raise RunInUseError(
-                f"{Path(output_dir)} is in use by another run (pid {holder.get('pid')} on host {holder.get('host')}, "
-                f"started {holder.get('started')}); wait for it, use another --output_dir, or delete {path} if "
-                "that run is dead"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
+    _acquire(output_dir, path, me, HEARTBEAT_S, STALE_AFTER_S)
+    stop = threading.Event()
+    beat = threading.Thread(
+        target=_heartbeat, args=(path, HEARTBEAT_S, stop), name="acs_hf-lock-heartbeat", daemon=True
+    )
+    beat.start()
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        stop.set()
+        beat.join()
+        state = _lock_state(path)
+        if state is not None and state[0] == me:
+            path.unlink(missing_ok=True)

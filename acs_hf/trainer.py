@@ -18,23 +18,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import ACSArguments
-from .checkpointing import check_resume_layout, load_acs_state, save_acs_state
+from .checkpointing import check_checkpoints_ahead, check_resume_layout, load_acs_state, run_identity, save_acs_state
 from .consistency import check_same_across_processes, module_fingerprint
 from .data import ImageView
 from .qat_trainer import QATTrainer
 from .reporting import SelectionReporter
 from .sampler import CoresetSampler, subset_hash
-from .scoring import TeacherCache, score_dataset
-from .selection import coreset_size, selection_generator
+from .scoring import INDEX_KEY, TeacherCache, TrainingScores, score_dataset
+from .selection import coreset_size, draw_pool, selection_generator
 from .view_cache import ScoreViewCache, split_transform
 
 __all__ = ["ACSTrainer"]
@@ -127,6 +128,13 @@ class ACSTrainer(QATTrainer):
         self.selected_epoch: int | None = None
         self.subset: torch.Tensor | None = None
         self.history: list[dict[str, Any]] = []
+        self._training_scores = TrainingScores(self.selector.required_stats) if acs_args.reuse_training_scores else None
+        self._last_teacher_logits: torch.Tensor | None = None
+        if (acs_args.score_pool_fraction < 1 or acs_args.reuse_training_scores) and self._dataset_labels() is None:
+            raise ValueError(
+                "score_pool_fraction < 1 and reuse_training_scores need every training label without decoding: "
+                f"a score_dataset with a `labels` array of length {self.num_samples} (acs_hf.data's views have one)"
+            )
         if not self.selector.selects_all:
             self.add_callback(_EpochBegin(self))
             if report_selection:
@@ -157,22 +165,52 @@ class ACSTrainer(QATTrainer):
                 self._score_view_cache.close()
                 self._score_view_cache, self._score_loader = None, None
 
-    def _score_dataloader(self) -> DataLoader:
-        if self._score_loader is None:
-            dataset = self.score_dataset
-            if self.acs_args.score_cache_dir:
+    def _score_dataloader(self, rows: torch.Tensor | None = None) -> DataLoader:
+        """The scoring view's loader over every sample, or over ``rows`` (a candidate pool)."""
+        if self._score_loader is None or rows is not None:
+            dataset = self._score_view_cache or self.score_dataset
+            if self.acs_args.score_cache_dir and self._score_view_cache is None:
                 tag = f"rank{self.accelerator.process_index}"
                 dataset = self._score_view_cache = ScoreViewCache(dataset, self.acs_args.score_cache_dir, tag=tag)
             loader = DataLoader(
-                dataset,
+                dataset if rows is None else Subset(dataset, rows.tolist()),
                 batch_size=self.calibration_batch_size,
                 shuffle=False,
                 collate_fn=self.data_collator,
                 num_workers=self.args.dataloader_num_workers,
                 pin_memory=self.args.dataloader_pin_memory and self.args.device.type == "cuda",
             )
+            if rows is not None:
+                return self.accelerator.prepare(loader)
             self._score_loader = self.accelerator.prepare(loader)
         return self._score_loader
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._training_scores is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        probs = None
+        if "ds" in self._training_scores.stats:
+            probs = self._batch_teacher_probs(inputs)
+            if probs is None:
+                return (loss, outputs) if return_outputs else loss  # no teacher output for this batch
+        self._training_scores.record(inputs[INDEX_KEY], outputs["logits"], inputs["labels"], probs)
+        return (loss, outputs) if return_outputs else loss
+
+    def teacher_logits(self, inputs: dict[str, Any]) -> torch.Tensor:
+        logits = super().teacher_logits(inputs)
+        self._last_teacher_logits = logits  # the training-pass DS reuses the distillation forward
+        return logits
+
+    def _batch_teacher_probs(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """Teacher probabilities for a training batch: the distillation forward's on the same view,
+        or else (no distillation) the teacher cache's on the eval view; None if neither exists."""
+        logits, self._last_teacher_logits = self._last_teacher_logits, None
+        if logits is not None:
+            return torch.softmax(logits.float(), dim=1)
+        cache = self._teacher_cache
+        cached = cache.get(inputs[INDEX_KEY]) if cache is not None else None
+        return None if cached is None else cached.float().to(inputs["labels"].device)
 
     # ------------------------------------------------------------------ selection
     def begin_epoch(self, epoch: int, num_epochs: float) -> None:
@@ -184,28 +222,17 @@ class ACSTrainer(QATTrainer):
         self._coreset_sampler.set_epoch(epoch)
 
     def select(self, epoch: int, num_epochs: float) -> torch.Tensor:
-        """Score every training sample, select the coreset for ``epoch`` and hand it to the sampler."""
+        """Score the round's candidates (every sample, by default), select the coreset for
+        ``epoch`` and hand it to the sampler."""
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        labels = self._dataset_labels() if not self.selector.required_stats else None
-        if labels is not None:  # label-only selectors (random_*): no image is decoded
+        generator = selection_generator(self.acs_args.selection_seed, epoch)
+        labels = self._dataset_labels()
+        candidates = None
+        if labels is not None and not self.selector.required_stats:  # label-only selectors: no image decoded
             stats = {"labels": labels}
         else:
-            model = self.accelerator.unwrap_model(self.model)
-            if self.selector.needs_model:
-                self._sync_buffers(model)
-                self._check_same_models(model, epoch)
-            stats = score_dataset(
-                model,
-                self._score_dataloader(),
-                self.accelerator,
-                self.selector.required_stats,
-                self.num_samples,
-                teacher=self.teacher_model,
-                teacher_cache=self._get_teacher_cache(),
-                desc=f"ACS scoring (epoch {epoch})",
-                timings=timings,
-            )
+            stats, candidates = self._score_round(epoch, labels, generator, timings)
         scoring_seconds = time.perf_counter() - start
         if (
             self.selection_round == 0
@@ -218,14 +245,14 @@ class ACSTrainer(QATTrainer):
                 "round (see ACSArguments.score_cache_dir for the disk it needs)",
                 timings["data_seconds"], scoring_seconds,
             )  # fmt: skip
-        generator = selection_generator(self.acs_args.selection_seed, epoch)
-        subset = self.selector.select(stats, epoch, max(num_epochs, 1), self.acs_args.fraction, generator)
+        subset = self.selector.select(stats, epoch, max(num_epochs, 1), self.acs_args.fraction, generator, candidates)
         timings["select_seconds"] = time.perf_counter() - start - scoring_seconds
         self._check_same_subset(subset)
         previous, self.subset = self.subset, subset
         self.selected_epoch = epoch
         self.selection_round += 1
-        self._coreset_sampler.set_subset(subset)
+        if self._coreset_sampler is not None:  # else the sampler takes self.subset when it is built
+            self._coreset_sampler.set_subset(subset)
         record = self._record(epoch, num_epochs, subset, previous, stats, scoring_seconds)
         record.update({k: round(v, 3) for k, v in timings.items()})
         self.history.append(record)
@@ -241,10 +268,66 @@ class ACSTrainer(QATTrainer):
         )  # fmt: skip
         return subset
 
+    def _score_round(
+        self, epoch: int, labels: torch.Tensor | None, generator: torch.Generator, timings: dict[str, float]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The round's statistics and candidate mask (None: every sample was scored).
+
+        Reused training-pass scores enter the candidate pool first; the scoring pass covers the
+        rest of the pool (a fresh class-balanced draw of ``score_pool_fraction * N``), or every
+        sample when there is no pool and nothing to reuse.
+        """
+        reused, seen = None, None
+        if self._training_scores is not None:
+            reused, seen = self._training_scores.collect(self.num_samples, self.accelerator)
+            self._training_scores.clear()
+            if not seen.any():
+                reused, seen = None, None
+        p = self.acs_args.score_pool_fraction
+        candidates = None
+        if p < 1 or seen is not None:
+            candidates = draw_pool(labels, p, generator, self.acs_args.class_balanced, keep=seen)
+        to_score = candidates if seen is None else candidates & ~seen
+        model = self.accelerator.unwrap_model(self.model)
+        if self.selector.needs_model:
+            self._sync_buffers(model)
+            self._check_same_models(model, epoch)
+        cache = self._get_teacher_cache()
+        cached_before = len(cache) if cache is not None else 0
+        stats = score_dataset(
+            model,
+            self._score_dataloader(None if to_score is None else to_score.nonzero().flatten()),
+            self.accelerator,
+            self.selector.required_stats,
+            self.num_samples,
+            teacher=self.teacher_model,
+            teacher_cache=cache,
+            desc=f"ACS scoring (epoch {epoch})",
+            timings=timings,
+            expected=to_score,
+        )
+        scored = self.num_samples if to_score is None else int(to_score.sum())
+        # Compute spent, for cost accounting: student forwards, and teacher forwards (rows this
+        # process added to the cache; without a cache every scored sample ran the teacher).
+        timings["scored_samples"] = scored
+        if "ds" in self.selector.required_stats:
+            timings["teacher_forwards"] = len(cache) - cached_before if cache is not None else scored
+        if labels is not None:
+            stats["labels"] = labels  # all of them, also outside the pool
+        if reused is not None:
+            for name, value in reused.items():
+                stats[name] = torch.where(seen, value, stats[name])
+        timings["reused_samples"] = 0 if seen is None else int((seen & candidates).sum())
+        return stats, candidates
+
     def _dataset_labels(self) -> torch.Tensor | None:
         """Every training label without touching an image, when the score dataset offers them as
-        a ``labels`` array of length N (``acs_hf.data.ImageView`` does); else None."""
+        a ``labels`` array of length N (``acs_hf.data.ImageView`` does) or is a ``datasets.Dataset``
+        with a ``labels`` column; else None."""
         labels = getattr(self.score_dataset, "labels", None)
+        if labels is None and isinstance(self.score_dataset, datasets.Dataset):
+            if "labels" in self.score_dataset.column_names:  # reads that column alone
+                labels = self.score_dataset.with_format("numpy")["labels"]
         if labels is None or len(labels) != self.num_samples:
             return None
         return torch.as_tensor(np.asarray(labels), dtype=torch.long)
@@ -321,12 +404,14 @@ class ACSTrainer(QATTrainer):
             "class_counts": torch.bincount(labels[subset], minlength=int(labels.max()) + 1).tolist(),
         }
         for name in ("evs", "ds"):
-            if name in stats:
+            if name in stats:  # over the scored samples (NaN outside a candidate pool)
                 v = stats[name]
+                scored = v[~torch.isnan(v)]
                 record.update(
-                    {f"{name}_mean": float(v.mean()), f"{name}_min": float(v.min()), f"{name}_max": float(v.max())}
-                )
-                record[f"{name}_selected_mean"] = float(v[subset].mean())
+                    {f"{name}_mean": float(scored.mean()), f"{name}_min": float(scored.min()),
+                     f"{name}_max": float(scored.max())}
+                )  # fmt: skip
+                record[f"{name}_selected_mean"] = float(v[subset].nanmean())
         return record
 
     # ------------------------------------------------------------------ checkpoints
@@ -334,9 +419,13 @@ class ACSTrainer(QATTrainer):
         # The selection state goes into the checkpoint folder first: the Trainer writes
         # trainer_state.json and rotates old checkpoints only after it, so a crash in between never
         # leaves an incomplete newest checkpoint with the last complete one already deleted.
-        if self.subset is not None and self.args.should_save:
-            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            save_acs_state(self, os.path.join(self._get_output_dir(trial=trial), checkpoint))
+        # save_acs_state first clears a stale folder of this step (or refuses another save's), and
+        # no process writes its files there before that (the barrier).
+        if self.subset is not None:
+            if self.args.should_save:
+                checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                save_acs_state(self, os.path.join(self._get_output_dir(trial=trial), checkpoint))
+            self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -355,10 +444,12 @@ class ACSTrainer(QATTrainer):
                 "resume from an earlier checkpoint"
             ) from e
 
-    def _init_training_state(self, max_steps, num_update_steps_per_epoch, *args, **kwargs):
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ):
         self.steps_per_epoch = num_update_steps_per_epoch
         epochs_trained, steps_in_epoch = super()._init_training_state(
-            max_steps, num_update_steps_per_epoch, *args, **kwargs
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
         if self._resume_epochs is not None:
             # An epoch-boundary checkpoint of another process count: the Trainer divided the old
@@ -366,6 +457,10 @@ class ACSTrainer(QATTrainer):
             epochs_trained, steps_in_epoch = self._resume_epochs, 0
             self.state.global_step = epochs_trained * num_update_steps_per_epoch
             logger.info("Resuming on a new process count at epoch %d (step %d)", epochs_trained, self.state.global_step)
+        if not self.selector.selects_all:
+            self.run_id = run_identity(resume_from_checkpoint)  # a resume continues its run
+            if resume_from_checkpoint is not None and self.args.save_strategy != "no":
+                check_checkpoints_ahead(self, self._get_output_dir(trial=trial), resume_from_checkpoint)
         return epochs_trained, steps_in_epoch
 
     def _load_optimizer_and_scheduler(self, checkpoint):
