@@ -98,6 +98,8 @@ def test_label_only_selectors_decode_no_image(tmp_path, method):
     ds = tiny_dataset()
     acs = {"selection_method": method, "selection_interval": 1}
     through_loader = acs_trainer(tmp_path / "a", acs, {"num_train_epochs": 3}, ds=ds)
+    # A view without labels (a datasets.Dataset's "labels" column would be read directly).
+    through_loader.score_dataset = torch.utils.data.Subset(ds, range(len(ds)))
     through_loader.train()
     from_labels = acs_trainer(tmp_path / "b", acs, {"num_train_epochs": 3}, ds=ds)
     from_labels.score_dataset = LabelledView(ds)
