@@ -6,17 +6,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .selection import SCHEDULES, Selector, check_schedule, create_selector, list_selectors
+from .selection import SCHEDULES, SELECTORS, Selector, check_schedule, create_selector, list_selectors
 
 __all__ = ["QATArguments", "ACSArguments", "ModelArguments", "DataArguments", "RunArguments"]
 
 
 #: Resize interpolations timm's transforms accept.
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming", "random")
-
-
-#: The selectors with a knob of their own: method -> (selector keyword, ACSArguments field).
-_SELECTOR_KNOBS = {"acs_gumbel": ("temperature", "selection_temperature"), "acs_mixed": ("share", "selection_share")}
 
 
 def _finite(value: object) -> bool:
@@ -145,30 +141,26 @@ class ACSArguments(QATArguments):
             raise ValueError(f"{what} is not supported by {self.selection_method!r} (it needs every sample's score)")
 
     def create_selector(self) -> Selector:
-        """The registered selector these arguments name (raises on an unknown method or schedule)."""
+        """The registered selector these arguments name, built with the settings it declares
+        (raises on an unknown method, or a bad value of any selector setting)."""
         if self.selection_method not in list_selectors():
             raise ValueError(
                 f"selection_method={self.selection_method!r} is unknown; accepted: {', '.join(list_selectors())}"
             )
-        kwargs = {}
-        if self.selection_method in ("acs", *_SELECTOR_KNOBS):
-            kwargs["schedule"] = self.evs_schedule
-        else:
-            check_schedule(self.evs_schedule)  # a typo must not pass silently because acs is not used
-        if self.selection_method in _SELECTOR_KNOBS:
-            keyword, name = _SELECTOR_KNOBS[self.selection_method]
-            kwargs[keyword] = getattr(self, name)
+        cls = SELECTORS[self.selection_method]
+        if "schedule" not in cls.settings:
+            check_schedule(self.evs_schedule)  # a typo must not pass silently because no schedule is used
+        kwargs = {keyword: getattr(self, field) for keyword, field in cls.settings.items()}
         return create_selector(self.selection_method, class_balanced=self.class_balanced, **kwargs)
 
     def settings(self) -> dict[str, Any]:
-        """The set values that act on this run's selector, as a dict (for model cards): no knob of
-        another selector, no schedule for a selector without one, no teacher cache without DS, no
-        scoring setting for a selector that scores nothing, no interval for a static one."""
+        """The set values that act on this run's selector, as a dict (for model cards): only the
+        selector's own settings, no teacher cache without a teacher, no scoring setting for a
+        selector that scores nothing, no interval for a static one."""
         selector = self.create_selector()
-        unused = {name for method, (_, name) in _SELECTOR_KNOBS.items() if method != self.selection_method}
-        if not hasattr(selector, "schedule"):
-            unused.add("evs_schedule")
-        if "ds" not in selector.required_stats:
+        own = set(selector.settings.values())
+        unused = {f for cls in SELECTORS.values() for f in cls.settings.values()} - own
+        if not selector.needs_teacher:
             unused |= {"cache_teacher_outputs", "teacher_cache_dir"}
         if not selector.needs_model:
             unused |= {"score_batch_size", "score_cache_dir", "score_pool_fraction", "reuse_training_scores"}

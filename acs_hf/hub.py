@@ -128,7 +128,7 @@ def write_model_card(
     selector = SELECTORS[method]
     short = display_name(model_name)
     name = f"{short}-{scheme}-{method}"
-    method_tags = [] if selector.selects_all else ["coreset", *(["acs"] if method.startswith("acs") else [])]
+    method_tags = [] if selector.selects_all else ["coreset", *(["acs"] if selector.acs_family else [])]
     data = ModelCardData(
         library_name=library,
         license="apache-2.0",
@@ -158,6 +158,7 @@ def write_model_card(
         method=method,
         method_summary=method_summary(method),
         full_data=selector.selects_all,
+        acs_family=selector.acs_family,
         dataset_name=dataset_name,
         base_model=base_model,
         weight_bits=wb,

@@ -107,7 +107,7 @@ class ACSTrainer(QATTrainer):
                     f"(ImageView), got {type(score_dataset).__name__}; unset score_cache_dir for other datasets"
                 )
             split_transform(score_dataset.transform)
-        if "ds" in self.selector.required_stats and teacher_model is None:
+        if self.selector.needs_teacher and teacher_model is None:
             raise ValueError(
                 f"selection_method={acs_args.selection_method!r} (schedule {acs_args.evs_schedule!r}) uses the "
                 "disagreement score and needs teacher_model (the FP model the student started from)"
@@ -310,7 +310,7 @@ class ACSTrainer(QATTrainer):
         # Compute spent, for cost accounting: student forwards, and teacher forwards (rows this
         # process added to the cache; without a cache every scored sample ran the teacher).
         timings["scored_samples"] = scored
-        if "ds" in self.selector.required_stats:
+        if self.selector.needs_teacher:
             timings["teacher_forwards"] = len(cache) - cached_before if cache is not None else scored
         if labels is not None:
             stats["labels"] = labels  # all of them, also outside the pool
@@ -354,7 +354,7 @@ class ACSTrainer(QATTrainer):
             check_same_across_processes("teacher weights and buffers", module_fingerprint(self.teacher_model))
 
     def _get_teacher_cache(self) -> TeacherCache | None:
-        if not (self.acs_args.cache_teacher_outputs and "ds" in self.selector.required_stats):
+        if not (self.acs_args.cache_teacher_outputs and self.selector.needs_teacher):
             return None
         if self._teacher_cache is None:
             fingerprint = f"data={self.data_fingerprint}:teacher={module_fingerprint(self.teacher_model)}"

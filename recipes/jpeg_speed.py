@@ -18,7 +18,7 @@ import timm
 import torch
 from transformers import TrainingArguments
 
-from acs_hf import ACSArguments, ACSTrainer, QuantConfig, quantize_model
+from acs_hf import ACSArguments, ACSTrainer, QuantConfig, create_selector, quantize_model
 from acs_hf.data import load_image_datasets, prepare_datasets
 from acs_hf.view_cache import ScoreViewCache
 
@@ -98,7 +98,7 @@ def _trainer(method, fp, ds, args, out, epochs, interval, score_cache_dir=None) 
     targs = run_args(args, out, epochs)
     acs = ACSArguments(
         selection_method=method,
-        fraction=1.0 if method == "full" else 0.1,
+        fraction=1.0 if create_selector(method).selects_all else 0.1,
         selection_interval=interval,
         teacher_cache_dir="memory",
         score_cache_dir=score_cache_dir,

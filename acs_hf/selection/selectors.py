@@ -62,6 +62,11 @@ class Selector:
     selects_all: ClassVar[bool] = False
     #: Can select from a scored candidate pool (``select(..., candidates=mask)``).
     supports_candidates: ClassVar[bool] = True
+    #: The selector's own settings: constructor keyword -> name of the user-facing argument
+    #: (``ACSArguments`` field) that sets it. Builders pass exactly these; cards list only these.
+    settings: ClassVar[dict[str, str]] = {}
+    #: Part of the Adaptive Coreset Selection family (the paper's scores): tags and cards cite it.
+    acs_family: ClassVar[bool] = False
 
     def __init__(self, class_balanced: bool = True) -> None:
         self.class_balanced = class_balanced
@@ -74,6 +79,11 @@ class Selector:
     def needs_model(self) -> bool:
         """Whether a round needs model outputs (False: the labels are enough)."""
         return bool(self.required_stats)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a round needs the FP teacher's outputs (the disagreement score)."""
+        return "ds" in self.required_stats
 
     def check_fraction(self, fraction: float) -> None:
         """Raise ``ValueError`` if this selector cannot select ``fraction`` of the data."""
@@ -138,6 +148,8 @@ class ACSSelector(Selector):
     """Adaptive Coreset Selection: beta(t) * EVS + (1 - beta(t)) * DS (Huang et al., 2024)."""
 
     name = "acs"
+    settings = {"schedule": "evs_schedule"}
+    acs_family = True
 
     def __init__(self, class_balanced: bool = True, schedule: str = "cosine") -> None:
         super().__init__(class_balanced)
@@ -178,6 +190,7 @@ class ACSGumbelSelector(ACSSelector):
     of the easier data (cf. InfoBatch, ICLR 2024; RS2, ICLR 2024)."""
 
     name = "acs_gumbel"
+    settings = {**ACSSelector.settings, "temperature": "selection_temperature"}
 
     def __init__(self, class_balanced: bool = True, schedule: str = "cosine", temperature: float = 1.0) -> None:
         super().__init__(class_balanced, schedule)
@@ -209,6 +222,7 @@ class ACSMixedSelector(ACSSelector):
     """
 
     name = "acs_mixed"
+    settings = {**ACSSelector.settings, "share": "selection_share"}
     supports_candidates = False  # its random share is drawn from all non-top samples
 
     def __init__(self, class_balanced: bool = True, schedule: str = "cosine", share: float = 0.5) -> None:
