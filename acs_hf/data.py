@@ -24,11 +24,13 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Image
 
 from .scoring import INDEX_KEY
+from .upstream import dataset_fingerprint, dataset_index_map
 
 __all__ = [
     "ImageDatasets",
     "ImageView",
     "score_transform",
+    "decode_image",
     "digits_dataset",
     "load_image_datasets",
     "detect_columns",
@@ -124,8 +126,9 @@ def column_values(ds: Dataset, column: str) -> np.ndarray:
     """One column as a numpy array, through arrow: ``np.asarray(ds[column])`` goes through a
     Python object per row (about 15 s per million rows, 50 s after a shuffle or filter)."""
     values = ds.data.column(column)
-    if ds._indices is not None:  # a shuffled, selected or filtered view: rows through its index map
-        values = pc.take(values, ds._indices.column(0))
+    index_map = dataset_index_map(ds)
+    if index_map is not None:  # a shuffled, selected or filtered view: rows through its index map
+        values = pc.take(values, index_map.column(0))
     return values.to_numpy()
 
 
@@ -191,7 +194,9 @@ def _open(value: Any):
     raise TypeError(f"unsupported image value {type(value).__name__}")
 
 
-def _decode(value: Any, split: str, row: int):
+def decode_image(value: Any, split: str, row: int):
+    """The RGB PIL image of a row's value (PIL image or undecoded ``{"bytes", "path"}``); a file
+    that does not decode raises ``ValueError`` naming ``split``, ``row`` and the path."""
     try:
         img = _open(value)
         img.load()
@@ -222,7 +227,7 @@ class ImageView(torch.utils.data.Dataset):
         rows = [int(r) for r in rows]
         batch = self.dataset[rows]
         return [
-            {"pixel_values": self.transform(_decode(value, self.split, row)), "labels": label, INDEX_KEY: row}
+            {"pixel_values": self.transform(decode_image(value, self.split, row)), "labels": label, INDEX_KEY: row}
             for value, label, row in zip(batch[self.image_column], batch[self.label_column], rows)
         ]
 
@@ -237,7 +242,7 @@ class ImageView(torch.utils.data.Dataset):
 
 def _decodable(value: Any) -> bool:
     try:
-        _decode(value, "", 0)
+        decode_image(value, "", 0)
         return True
     except ValueError:
         return False
@@ -299,7 +304,7 @@ def _check_eval_classes(labels: np.ndarray, trained: np.ndarray, names: list[str
 
 
 def _fingerprint(train: Dataset, labels: np.ndarray) -> str:
-    digest = hashlib.sha256(f"{len(train)}:{train._fingerprint}:".encode())
+    digest = hashlib.sha256(f"{len(train)}:{dataset_fingerprint(train)}:".encode())
     digest.update(labels.astype(np.int64).tobytes())
     return digest.hexdigest()[:16]
 

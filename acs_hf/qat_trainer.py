@@ -30,6 +30,10 @@ __all__ = ["ImageClassificationTrainer", "QATTrainer"]
 logger = logging.getLogger(__name__)
 
 
+#: Every BatchNorm class (torch's common base, ``_BatchNorm``, is private).
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 @contextlib.contextmanager
 def _batchnorm_eval_if_single(model: nn.Module, batch_size: int):
     """A batch of one sample has no batch statistics: BatchNorm would raise ("Expected more than 1
@@ -37,7 +41,7 @@ def _batchnorm_eval_if_single(model: nn.Module, batch_size: int):
     processes) trains with the running statistics instead."""
     norms = []
     if batch_size == 1:  # every step passes here: scan the model only for the rare single-sample batch
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS) and m.training]
     if not norms:
         yield
         return

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from .reporting import SelectionReporter
 from .sampler import CoresetSampler, subset_hash
 from .scoring import INDEX_KEY, TeacherCache, TrainingScores, score_dataset
 from .selection import coreset_size, draw_pool, selection_generator
+from .upstream import dataset_fingerprint, is_damaged_file_error, trainer_output_dir
 from .view_cache import ScoreViewCache, split_transform
 
 __all__ = ["ACSTrainer"]
@@ -116,7 +118,7 @@ class ACSTrainer(QATTrainer):
             self.num_samples if self.selector.selects_all else coreset_size(self.num_samples, acs_args.fraction)
         )
         self.score_dataset = score_dataset
-        fingerprint = getattr(self.train_dataset, "_fingerprint", None)
+        fingerprint = dataset_fingerprint(self.train_dataset)
         self.data_fingerprint = data_fingerprint or (f"{self.num_samples}:{fingerprint}" if fingerprint else None)
         self.steps_per_epoch: int | None = None
         self._resume_epochs: int | None = None  # epochs done by a checkpoint of another process count
@@ -365,6 +367,11 @@ class ACSTrainer(QATTrainer):
         return self._teacher_cache
 
     @property
+    def teacher_cache(self) -> TeacherCache | None:
+        """The teacher-probability cache, once the first scoring round has built it."""
+        return self._teacher_cache
+
+    @property
     def teacher_cache_dir(self) -> str | None:
         d = self.acs_args.teacher_cache_dir
         if d == "memory":
@@ -424,7 +431,7 @@ class ACSTrainer(QATTrainer):
         if self.subset is not None:
             if self.args.should_save:
                 checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-                save_acs_state(self, os.path.join(self._get_output_dir(trial=trial), checkpoint))
+                save_acs_state(self, os.path.join(trainer_output_dir(self, trial), checkpoint))
             self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
 
@@ -439,6 +446,8 @@ class ACSTrainer(QATTrainer):
         try:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         except Exception as e:  # safetensors and torch raise several types for a damaged file
+            if not is_damaged_file_error(e):
+                raise
             raise ValueError(
                 f"checkpoint {resume_from_checkpoint} cannot be loaded ({type(e).__name__}: {e}); it is damaged: "
                 "resume from an earlier checkpoint"
@@ -460,23 +469,23 @@ class ACSTrainer(QATTrainer):
         if not self.selector.selects_all:
             self.run_id = run_identity(resume_from_checkpoint)  # a resume continues its run
             if resume_from_checkpoint is not None and self.args.save_strategy != "no":
-                check_checkpoints_ahead(self, self._get_output_dir(trial=trial), resume_from_checkpoint)
+                check_checkpoints_ahead(self, trainer_output_dir(self, trial), resume_from_checkpoint)
         return epochs_trained, steps_in_epoch
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if self._resume_epochs is not None and self.lr_scheduler is not None:
             # The saved schedule counted the old steps; continue the new one at the same epoch.
-            from torch.optim.lr_scheduler import LambdaLR, _enable_get_lr_call
+            from torch.optim.lr_scheduler import LambdaLR
 
             if not isinstance(self.lr_scheduler, LambdaLR):
                 raise ValueError(
                     f"resuming on another process count needs a LambdaLR schedule (every lr_scheduler_type of "
                     f"transformers), got {type(self.lr_scheduler).__name__}; relaunch on the original count"
                 )
-            self.lr_scheduler.last_epoch = self.state.global_step
-            with _enable_get_lr_call(self.lr_scheduler):
-                lrs = self.lr_scheduler.get_lr()
-            for group, lr in zip(self.lr_scheduler.optimizer.param_groups, lrs):
-                group["lr"] = lr
-            self.lr_scheduler._last_lr = list(lrs)
+            # One public step() from the step before sets every group's LR (and get_last_lr()) for
+            # global_step; torch warns that no optimizer step came first, which is the point here.
+            self.lr_scheduler.last_epoch = self.state.global_step - 1
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                self.lr_scheduler.step()

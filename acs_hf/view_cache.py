@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import ImageView, _decode
+from .data import ImageView, decode_image
 from .scoring import INDEX_KEY
 
 __all__ = ["ScoreViewCache", "split_transform"]
@@ -121,7 +121,7 @@ class ScoreViewCache(Dataset):
     def _pixels(self, row: int, value: Any = None) -> np.ndarray:
         if value is None:
             value = self.view.dataset[row][self.view.image_column]
-        img = _decode(value, self.view.split, row)
+        img = decode_image(value, self.view.split, row)
         for step in self.pil_steps:
             img = step(img)
         return np.asarray(img, dtype=np.uint8)

@@ -89,7 +89,8 @@ class PeakRSS:
     def __init__(self, interval: float = 0.05) -> None:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
 
-    def _rss(self) -> int:
+    @staticmethod
+    def rss() -> int:
         total = 0
         proc = psutil.Process()
         for p in (proc, *proc.children(recursive=True)):
@@ -101,11 +102,11 @@ class PeakRSS:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self.rss())
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakRSS:
-        self.peak = self._rss()
+        self.peak = self.rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -113,7 +114,7 @@ class PeakRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._rss())
+        self.peak = max(self.peak, self.rss())
 
 
 class TimedReporter(SelectionReporter):
@@ -144,7 +145,7 @@ def tiny_model() -> nn.Module:
 def run_size(n: int, args, work: Path) -> dict:
     """One ACS run of 2 epochs (2 rounds) at N = n; every part's seconds and the memory."""
     data_dir = build_dataset(Path(args.data_dir), n)
-    rss0 = PeakRSS()._rss()
+    rss0 = PeakRSS.rss()
     start = time.perf_counter()
     raw = load_image_datasets(str(data_dir), cache_dir=str(Path(args.data_dir) / "hf_cache"))
     load_seconds = time.perf_counter() - start
@@ -191,7 +192,7 @@ def run_size(n: int, args, work: Path) -> dict:
         state_seconds.append(time.perf_counter() - t)
 
     acs_trainer_module.save_acs_state = timed_save
-    rss_prepared = PeakRSS()._rss()
+    rss_prepared = PeakRSS.rss()
     try:
         with PeakRSS() as peak:
             start = time.perf_counter()
@@ -204,7 +205,7 @@ def run_size(n: int, args, work: Path) -> dict:
     sampler.set_subset(trainer.subset)
     order = list(iter(sampler))
     sampler_seconds = time.perf_counter() - t
-    cache_mb = trainer._teacher_cache.nbytes / 2**20 if trainer._teacher_cache is not None else 0.0
+    cache_mb = trainer.teacher_cache.nbytes / 2**20 if trainer.teacher_cache is not None else 0.0
     rounds = []
     for i, record in enumerate(trainer.history):
         part = {k: record.get(k, 0.0) for k in ("data_seconds", "student_seconds", "wait_seconds", *OUTSIDE[:3])}

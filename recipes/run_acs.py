@@ -24,6 +24,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from acs_hf import ACSArguments, QuantConfig
 from acs_hf.arguments import DataArguments, ModelArguments, RunArguments
 from acs_hf.pipeline import default_output_dir, run_acs
+from acs_hf.upstream import parser_destinations
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "digits_demo.yaml"
 
@@ -47,7 +48,7 @@ def parse(argv: list[str]):
         if not config.is_file():
             parser.error(f"config file {config} does not exist")
         values = yaml.safe_load(config.read_text()) or {}
-        known = {a.dest for a in parser._actions}
+        known = parser_destinations(parser)
         unknown = sorted(set(values) - known)
         if unknown:
             parser.error(f"unknown keys in {config}: {', '.join(unknown)}")

@@ -53,9 +53,12 @@ __all__ = [
     "layer_configs_from_table",
     "prepare_packed_weights",
     "unpack_weights",
+    "unpack_state_dict",
     "read_checkpoint",
     "check_model_args",
     "check_tensor_names",
+    "packed_state",
+    "weights_metadata",
     "QUANT_METHOD",
     "WEIGHTS_NAME",
 ]
@@ -165,11 +168,7 @@ def save_quantized(
 
     Returns the directory. Each file is written under a temporary name and renamed into place.
     """
-    qmods = quant_modules(model)
-    if not qmods:
-        raise ValueError("save_quantized: the model has no quantized layers; call quantize_model first")
-    if not quantizers_initialized(model):
-        raise RuntimeError("save_quantized: some quantizers are uninitialised; call calibrate_quantizers first")
+    _check_packable(model, "save_quantized")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if model_config is None and "architecture" not in cfg:
         raise ValueError(
@@ -178,28 +177,56 @@ def save_quantized(
         )
     check_model_args(model_args, "save_quantized: model_args")
 
-    state, layers = _packed_state(model, qmods)
-    checkpoint_id = uuid.uuid4().hex
-    quantization_config = {
-        "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
-        "library": "acs_hf",
-        "library_version": _library_version(),
-        "checkpoint_id": checkpoint_id,
-        "config": config.to_dict() if config is not None else None,
-        "layers": layers,
-    }
+    state, quantization_config = packed_state(model, config.to_dict() if config is not None else None)
     if model_config is not None:
         content = {**model_config, "quantization_config": quantization_config}
     else:
         content = _timm_config(model, quantization_config, model_args, data_config, label_names)
     config_text = json.dumps(content, indent=2)
-    metadata = _weights_metadata(checkpoint_id, layers, json.loads(config_text), state)
+    metadata = weights_metadata(quantization_config, json.loads(config_text), state)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
     atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config_text))
     return directory
+
+
+def _check_packable(model: nn.Module, where: str) -> None:
+    if not quant_modules(model):
+        raise ValueError(f"{where}: the model has no quantized layers; call quantize_model first")
+    if not quantizers_initialized(model):
+        raise RuntimeError(f"{where}: some quantizers are uninitialised; call calibrate_quantizers first")
+
+
+def packed_state(
+    model: nn.Module, config: dict[str, Any] | None = None, where: str = "save_quantized"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What :func:`save_quantized` writes for the quantized ``model``: its tensors by state-dict
+    name (each quantized weight as packed codes, on the CPU) and the ``quantization_config`` block
+    (layer table, a new ``checkpoint_id``, ``config``: the :class:`QuantConfig` as a dict, or
+    ``None``). transformers' ``save_pretrained`` of a loaded model writes the same
+    (:class:`acs_hf.hf_quantizer.LSQHfQuantizer`); ``where`` names the caller in errors."""
+    _check_packable(model, where)
+    state, layers = _packed_state(model, quant_modules(model))
+    quantization_config = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "library": "acs_hf",
+        "library_version": _library_version(),
+        "checkpoint_id": uuid.uuid4().hex,
+        "config": config,
+        "layers": layers,
+    }
+    return state, quantization_config
+
+
+def weights_metadata(
+    quantization_config: dict[str, Any], config_json: dict[str, Any], state: Mapping[str, torch.Tensor]
+) -> dict[str, str]:
+    """The weights file's metadata for ``state`` (as :func:`packed_state` gives it) saved beside
+    ``config_json``, the config.json as a loader will read it back (with ``quantization_config``):
+    the checkpoint id and the digests that :func:`read_checkpoint` checks."""
+    return _weights_metadata(quantization_config["checkpoint_id"], quantization_config["layers"], config_json, state)
 
 
 def _packed_state(model: nn.Module, qmods) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
@@ -223,7 +250,7 @@ def _packed_state(model: nn.Module, qmods) -> tuple[dict[str, torch.Tensor], dic
     return state, layers
 
 
-def _weights_metadata(checkpoint_id: str, layers: dict, cfg: dict, state: dict[str, torch.Tensor]) -> dict[str, str]:
+def _weights_metadata(checkpoint_id: str, layers: dict, cfg: dict, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """The weights file's metadata: what :func:`read_checkpoint` checks. ``cfg`` is config.json as a
     loader reads it back (JSON turns tuples into lists, int keys into strings)."""
     return {
@@ -237,14 +264,14 @@ def _weights_metadata(checkpoint_id: str, layers: dict, cfg: dict, state: dict[s
 
 
 def _timm_config(model, quantization_config: dict, model_args, data_config, label_names) -> dict[str, Any]:
-    from timm.models._hub import save_config_for_hf
+    from ..upstream import save_timm_config
 
     model_config = {"quantization_config": quantization_config}
     if label_names:
         model_config["label_names"] = list(label_names)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CONFIG_NAME
-        save_config_for_hf(model, str(path), model_config=model_config, model_args=model_args, data_config=data_config)
+        save_timm_config(model, str(path), model_config=model_config, model_args=model_args, data_config=data_config)
         cfg = json.loads(path.read_text())
     # The root num_classes is the one timm and transformers' TimmWrapper read; the wrapper also
     # passes model_args to timm.create_model, and a second num_classes there is a TypeError.
@@ -501,6 +528,24 @@ def unpack_weights(model: nn.Module, layers: dict[str, Any], where: str = "load_
     if not quantizers_initialized(model):
         raise ValueError(f"{where}: the checkpoint holds uninitialised quantizers")
     return model
+
+
+def unpack_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], layers: dict[str, Any], prefix: str = "", where: str = "load"
+) -> None:
+    """In place: the packed codes of each quantized layer in ``state`` (a checkpoint's tensors, keys
+    ``prefix`` + the names of ``model``, a quantized model) become the float weight
+    ``(code - Qn) * step``, with the step of ``state``, so that ``model.load_state_dict`` takes
+    a checkpoint folder's tensors (transformers' Trainer resuming from one); float weights are left
+    as they are."""
+    for name, info in layers.items():
+        key, step = f"{prefix}{name}.weight", state.get(f"{prefix}{name}.weight_quantizer.step")
+        packed = state.get(key)
+        if packed is None or packed.dtype != torch.uint8 or step is None:
+            continue
+        config = model.get_submodule(name).layer_config
+        weight = _weight_from_codes(name, packed.cpu(), step.detach().cpu(), config, info["weight_shape"], where)
+        state[key] = weight.to(device=packed.device, dtype=step.dtype)
 
 
 def check_digest(meta: dict[str, str], qcfg: dict[str, Any], where: str) -> None:

@@ -1,0 +1,120 @@
+"""The one seam to private APIs of transformers, torch, timm, datasets and argparse.
+
+Every use of a private name of those libraries goes through this module, each entry saying what it
+relies on and which public API would replace it. :func:`check_upstream` verifies that the
+installed versions still have all of it (``tests/test_upstream.py`` runs it in CI), so an upstream
+change fails there with a message naming the entry, not in a user's run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+import zipfile
+from typing import Any
+
+__all__ = [
+    "TORCH_OVERRIDES",
+    "TRAINER_OVERRIDES",
+    "check_upstream",
+    "dataset_fingerprint",
+    "dataset_index_map",
+    "is_damaged_file_error",
+    "parser_destinations",
+    "save_timm_config",
+    "trainer_output_dir",
+]
+
+#: The private ``transformers.Trainer`` methods ACSTrainer overrides, with the parameters it relies
+#: on and why. Public replacement: none today (transformers offers callbacks for none of these).
+TRAINER_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
+    "_get_train_sampler": (("train_dataset",), "the fixed-length coreset sampler"),
+    "_save_checkpoint": (("model", "trial"), "the selection state written before the Trainer's files"),
+    "_load_from_checkpoint": (("resume_from_checkpoint", "model"), "the selection state restored first"),
+    "_init_training_state": (
+        ("max_steps", "num_update_steps_per_epoch", "num_train_epochs", "resume_from_checkpoint", "trial"),
+        "the step count of a resume on another process count",
+    ),
+    "_load_optimizer_and_scheduler": (("checkpoint",), "the LR schedule of a resume on another process count"),
+    "_get_output_dir": (("trial",), "where the Trainer writes checkpoint-* (called, not overridden)"),
+}
+
+
+#: Private ``torch.nn.Module`` hooks overridden, with the parameters relied on. Public replacement:
+#: ``register_load_state_dict_pre_hook`` (but it cannot see ``strict`` and the error lists).
+TORCH_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
+    "_load_from_state_dict": (("state_dict", "prefix"), "LSQ steps loaded into uninitialised quantizers"),
+}
+
+
+def trainer_output_dir(trainer: Any, trial: Any = None) -> str:
+    """Where ``trainer`` writes ``checkpoint-*`` folders. Relies on ``Trainer._get_output_dir``
+    (hyperparameter-search trials get sub-folders); public: ``args.output_dir`` without trials."""
+    return trainer._get_output_dir(trial=trial)
+
+
+def dataset_fingerprint(dataset: Any) -> str | None:
+    """The ``datasets`` fingerprint of a ``Dataset`` (its content and every transform applied), or
+    None for other datasets. Relies on ``Dataset._fingerprint``; no public accessor exists."""
+    return getattr(dataset, "_fingerprint", None)
+
+
+def dataset_index_map(dataset: Any) -> Any | None:
+    """The arrow index map of a shuffled, selected or filtered ``datasets.Dataset`` (a one-column
+    table of row numbers into ``dataset.data``), or None. Relies on ``Dataset._indices``; public
+    alternative: ``flatten_indices()``, which copies the data."""
+    return getattr(dataset, "_indices", None)
+
+
+def save_timm_config(model: Any, config_path: str, **kwargs: Any) -> None:
+    """Write timm's ``config.json`` for ``model`` (``kwargs``: ``model_config``, ``model_args``,
+    ``data_config``). Relies on ``timm.models._hub.save_config_for_hf``; public alternative:
+    ``timm.models.save_for_hf``, which also writes the weights."""
+    from timm.models._hub import save_config_for_hf
+
+    save_config_for_hf(model, config_path, **kwargs)
+
+
+def parser_destinations(parser: Any) -> set[str]:
+    """Every destination an ``argparse`` parser fills. Relies on ``ArgumentParser._actions``; no
+    public accessor exists."""
+    return {action.dest for action in parser._actions}
+
+
+def is_damaged_file_error(error: BaseException) -> bool:
+    """Whether an exception from loading a checkpoint means a damaged or truncated file (as opposed
+    to an architecture mismatch, out of memory or an API change)."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, (SafetensorError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError)):
+        return True
+    # torch.load reports a truncated archive as a plain RuntimeError.
+    return isinstance(error, RuntimeError) and "PytorchStreamReader" in str(error)
+
+
+def check_upstream() -> list[str]:
+    """What the installed libraries lack of this module's entries (empty when all is there)."""
+    import argparse
+
+    import datasets
+    import timm.models._hub as timm_hub
+    from torch import nn
+    from transformers import Trainer
+
+    problems = []
+    for owner, overrides in (("transformers.Trainer", TRAINER_OVERRIDES), ("torch.nn.Module", TORCH_OVERRIDES)):
+        cls = Trainer if owner.startswith("transformers") else nn.Module
+        for name, (params, why) in overrides.items():
+            method = getattr(cls, name, None)
+            found = () if method is None else tuple(inspect.signature(method).parameters)
+            missing = [p for p in params if p not in found]
+            if method is None or missing:
+                problems.append(f"{owner}.{name} ({why}) lacks {missing or 'the method'}")
+    ds = datasets.Dataset.from_dict({"x": [0, 1, 2]}).select([2, 0])
+    if not isinstance(getattr(ds, "_fingerprint", None), str) or getattr(ds, "_indices", None) is None:
+        problems.append("datasets.Dataset._fingerprint / _indices are gone")
+    if not callable(getattr(timm_hub, "save_config_for_hf", None)):
+        problems.append("timm.models._hub.save_config_for_hf is gone")
+    if not hasattr(argparse.ArgumentParser(), "_actions"):
+        problems.append("argparse.ArgumentParser._actions is gone")
+    return problems
