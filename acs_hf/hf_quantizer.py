@@ -17,14 +17,20 @@ so transformers copies the packed codes in as they are; afterwards it unpacks th
 weights ``(code - Qn) * step``: the model computes exactly what :func:`acs_hf.load_quantized`
 builds. Without acs_hf, transformers stops on the packed weights' shapes (after a warning that
 names ``acs_hf_lsq``) instead of returning a model with missing weights.
+
+Such a model also goes back: ``save_pretrained`` (and so ``push_to_hub`` and the checkpoints of a
+plain ``transformers.Trainer``, which may continue its QAT: the step sizes are parameters) writes
+the folder :func:`acs_hf.save_quantized` writes, packed codes included, with a new checkpoint id.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
+import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 # Submodules, not ``transformers.quantizers``: this runs right after ``quantizers.auto`` is
@@ -39,14 +45,15 @@ from .quantization.checkpoint import (
     check_model_args,
     check_quantization_config,
     check_tensor_names,
+    packed_state,
     prepare_packed_weights,
     read_checkpoint,
+    unpack_state_dict,
     unpack_weights,
+    weights_metadata,
 )
 
 __all__ = ["LSQQuantizationConfig", "LSQHfQuantizer", "quantized_root"]
-
-logger = logging.getLogger(__name__)
 
 
 class LSQQuantizationConfig(QuantizationConfigMixin):
@@ -66,7 +73,8 @@ class LSQQuantizationConfig(QuantizationConfigMixin):
 
 
 class LSQHfQuantizer(HfQuantizer):
-    """Loads a pre-quantized acs_hf checkpoint into transformers' ``from_pretrained``.
+    """Loads a pre-quantized acs_hf checkpoint into transformers' ``from_pretrained``, and saves
+    the loaded model (``save_pretrained``) in the same packed format.
 
     It does not quantize float models on the fly: quantization happens in training
     (:func:`acs_hf.quantize_model`, ``recipes/run_acs.py``), which learns the step sizes.
@@ -105,22 +113,60 @@ class LSQHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         where = f"from_pretrained({model.config.name_or_path!r})"
-        unpack_weights(quantized_root(model), self.layers, where)
+        root = quantized_root(model)
+        unpack_weights(root, self.layers, where)
+        # load_state_dict of a saved folder's tensors (a Trainer resuming from its checkpoint)
+        root.register_load_state_dict_pre_hook(functools.partial(_unpack_incoming, layers=self.layers))
         return model
 
-    def is_serializable(self) -> bool:
-        # transformers raises after this and points to the logged reason.
-        logger.warning(
-            "save_pretrained would write float weights under a quantization_config that says packed codes; "
-            "save with acs_hf.save_quantized(acs_hf.hf_quantizer.quantized_root(model), directory, ...) instead"
-        )
-        return False
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        # save_pretrained writes what get_state_dict_and_metadata gives: the packed format.
+        return True
+
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """What ``save_pretrained`` writes: the tensors :func:`acs_hf.save_quantized` writes (packed
+        codes, step sizes, under the layer table's names) with their metadata (checkpoint id and the
+        digests the loaders check), and a new ``quantization_config`` block on ``model.config``, which
+        transformers writes to config.json right after this call."""
+        where = f"save_pretrained({model.config.name_or_path!r})"
+        previous = self.quantization_config.to_dict()
+        state, block = packed_state(quantized_root(model), previous.get("config"), where)
+        self.quantization_config = model.config.quantization_config = LSQQuantizationConfig(**block)
+        self.layers = block["layers"]
+        written = _config_as_saved(model)
+        return state, weights_metadata(block, written, state)
 
     @property
     def is_trainable(self) -> bool:
-        # Trainer checkpoints go through save_pretrained (refused above): continue QAT from
-        # acs_hf.load_quantized(...) with acs_hf's trainers instead.
-        return False
+        # The LSQ step sizes (and the float weights) are parameters, and Trainer checkpoints go
+        # through save_pretrained, which writes the packed format: a plain Trainer continues QAT.
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+
+def _unpack_incoming(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, *args: Any, layers: dict) -> None:
+    unpack_state_dict(module, state, layers, prefix, f"load_state_dict({type(module).__name__})")
+
+
+def _config_as_saved(model: nn.Module) -> dict[str, Any]:
+    """config.json as ``save_pretrained`` is about to write it: what the weights' digests are of.
+
+    transformers sets ``dtype`` and ``architectures`` after asking for the state dict, so they are
+    set here first, to the same values; timm's ``pretrained_cfg`` gets back the ``num_classes`` that
+    transformers drops on loading, as :func:`acs_hf.save_quantized` writes it.
+    """
+    config = model.config
+    config.dtype = str(model.dtype).split(".")[1]
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    if "transformers_weights" in config:  # config.save_pretrained drops it before writing
+        delattr(config, "transformers_weights")
+    pretrained_cfg = getattr(config, "pretrained_cfg", None)
+    if config.model_type == "timm_wrapper" and isinstance(pretrained_cfg, dict):
+        pretrained_cfg.setdefault("num_classes", config.num_labels)
+    return json.loads(config.to_json_string(use_diff=True))
 
 
 def quantized_root(model: nn.Module) -> nn.Module:

@@ -240,11 +240,3 @@ def test_transformers_teacher_for_a_timm_student(recipe, vit_folder, tmp_path):
     assert records and all(np.isfinite(r["ds_mean"]) and r["ds_mean"] > 0 for r in records)  # DS needs the teacher
     assert 0 <= summary["metrics"]["eval_accuracy"] <= 1
     assert isinstance(load_quantized(out), torch.nn.Module)
-
-
-def test_save_pretrained_of_a_loaded_model_is_refused_with_the_way_out(timm_run, tmp_path, caplog):
-    model = AutoModelForImageClassification.from_pretrained(timm_run)
-    with caplog.at_level("WARNING", logger="acs_hf.hf_quantizer"), pytest.raises(ValueError, match="acs_hf_lsq"):
-        model.save_pretrained(tmp_path / "resaved")
-    assert "acs_hf.save_quantized" in caplog.text
-    assert not (tmp_path / "resaved" / "model.safetensors").exists()
