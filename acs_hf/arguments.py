@@ -321,7 +321,15 @@ class RunArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Write into an output_dir that holds another run's results (they are replaced). Without it "
-            "such a folder is refused unless --resume_from_checkpoint continues that run."
+            "help": "Write into an output_dir that holds another run's results (they are moved aside into a hidden "
+            "<output_dir>/.replaced-* folder first). Without it such a folder is refused unless "
+            "--resume_from_checkpoint continues that run."
+        },
+    )
+    export_onnx: bool = field(
+        default=False,
+        metadata={
+            "help": "Also write model.onnx beside the checkpoint: QuantizeLinear/DequantizeLinear around every "
+            "quantized layer, integer weights (int4 for 2-4 bits), for ONNX Runtime (pip install 'acs_hf[onnx]')."
         },
     )

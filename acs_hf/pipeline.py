@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -22,7 +23,7 @@ from .hub import HubPushError, base_model_id, push_folder_to_hub, write_model_ca
 from .metrics import make_compute_metrics, preprocess_logits_for_metrics
 from .models import check_model_name, create_model, image_processor_for, model_size_kwargs
 from .qat_trainer import ImageClassificationTrainer
-from .quantization import WEIGHTS_NAME, QuantConfig, quantize_model, save_quantized
+from .quantization import WEIGHTS_NAME, QuantConfig, export_onnx, quantize_model, save_quantized
 from .reporting import PLOT_NAME, RECORD_NAME
 from .run_checks import output_dir_lock, preflight
 from .selection import class_quotas, coreset_size
@@ -31,6 +32,9 @@ from .trainer import ACSTrainer
 __all__ = ["run_acs", "prepare_run_data", "default_output_dir", "save_student"]
 
 logger = logging.getLogger(__name__)
+
+#: The ONNX file ``--export_onnx`` writes beside the checkpoint.
+ONNX_NAME = "model.onnx"
 
 
 def default_output_dir(model_args: ModelArguments, quant_args: QuantConfig, acs_args: ACSArguments) -> str:
@@ -105,13 +109,17 @@ def run_acs(
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the packed folder ourselves
     if push and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (the repo to create or update)")
+    if run_args.export_onnx:
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"--export_onnx needs {', '.join(missing)}: pip install 'acs_hf[onnx]'")
     teacher_cache_dir = acs_args.teacher_cache_dir if acs_args.cache_teacher_outputs else "memory"
     preflight(training_args, teacher_cache_dir, push, run_args.overwrite_output_dir)
     # One writer per folder: the global main process holds the lock (see output_dir_lock).
     with output_dir_lock(training_args.output_dir, enabled=training_args.process_index == 0):
         if run_args.overwrite_output_dir:  # under the lock: never under a run still writing there
             set_aside_previous_run(training_args)
-        summary, trainer = _run(model_args, data_args, qconfig, acs_args, training_args, push)
+        summary, trainer = _run(model_args, data_args, qconfig, acs_args, training_args, push, run_args.export_onnx)
     # Last collective of the run, on every process; an exception above skips it on purpose: a
     # barrier would hang the failed run, and the launcher stops the other processes instead.
     trainer.end()
@@ -201,7 +209,9 @@ def save_student(
     )
 
 
-def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) -> tuple[dict[str, Any], ACSTrainer]:
+def _run(
+    model_args, data_args, qconfig, acs_args, training_args, push: bool, onnx: bool = False
+) -> tuple[dict[str, Any], ACSTrainer]:
     ds, fp_model = prepare_run_data(model_args, data_args, training_args)
     names = list(ds.id2label.values())
     if not acs_args.create_selector().selects_all:
@@ -243,7 +253,10 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
     trainer.save_metrics("train", train_result.metrics)
     out = Path(training_args.output_dir)
     if trainer.is_world_process_zero():  # the trained model is safe before evaluation, card or push can fail
-        save_student(trainer.accelerator.unwrap_model(trainer.model), out, model_args, qconfig, ds)
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        save_student(student, out, model_args, qconfig, ds)
+        if onnx:
+            export_onnx(student, out / ONNX_NAME, input_size=ds.data_config["input_size"])
     metrics = trainer.evaluate()
     fp_metrics = _fp_trainer(teacher, ds, training_args, compute_metrics, report_to=[]).evaluate(
         metric_key_prefix="fp_eval"
@@ -288,6 +301,7 @@ def _run(model_args, data_args, qconfig, acs_args, training_args, push: bool) ->
             model_card=str(card),
             selection_plot=str(out / plot) if plot else None,
             selection_log=str(out / RECORD_NAME) if (out / RECORD_NAME).is_file() else None,
+            onnx=str(out / ONNX_NAME) if onnx else None,
             compression=fp32_bytes / ckpt_bytes,
         )
         if push:

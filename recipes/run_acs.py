@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{m.get('fp_eval_accuracy', float('nan')):.4f}), "
             f"checkpoint {summary['compression']:.1f}x smaller than fp32"
         )
-        for key in ("checkpoint", "model_card", "selection_plot", "selection_log", "hub_url", "hub_error"):
+        for key in ("checkpoint", "model_card", "selection_plot", "selection_log", "onnx", "hub_url", "hub_error"):
             if summary.get(key):
                 print(f"{key:15s} {summary[key]}")
         print("metrics        ", json.dumps({k: round(v, 4) for k, v in m.items() if isinstance(v, float)}))
