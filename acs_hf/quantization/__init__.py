@@ -26,6 +26,7 @@ from .model import (
     quantizers_initialized,
 )
 from .modules import LayerQuantConfig, QuantConv2d, QuantLinear, QuantModule, is_quantizable
+from .onnx_export import export_onnx
 
 __all__ = [
     "WEIGHTS_NAME",
@@ -38,6 +39,7 @@ __all__ = [
     "calibrate_quantizers",
     "check_bits",
     "dequantize_model",
+    "export_onnx",
     "find_first_last",
     "is_quantizable",
     "layer_configs_from_table",

@@ -124,15 +124,16 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return torch.stack(parts, dim=1).reshape(-1)[:numel]
 
 
-def _weight_codes(module) -> torch.Tensor:
+def stored_weight_codes(module) -> torch.Tensor:
+    """A quantized layer's weight codes as stored, ``clamp(round(w / s), -Qn, Qp) + Qn`` (non-negative)."""
     wq = module.weight_quantizer
     qn, qp = wq.qrange
     w = module.weight.detach().float().cpu()
-    s = _broadcast_step(wq.step.detach().cpu(), w.dim())
+    s = broadcast_step(wq.step.detach().cpu(), w.dim())
     return (torch.round(w / s).clamp(-qn, qp) + qn).to(torch.uint8)
 
 
-def _broadcast_step(step: torch.Tensor, ndim: int) -> torch.Tensor:
+def broadcast_step(step: torch.Tensor, ndim: int) -> torch.Tensor:
     """float32 step(s), floored as in the fake-quant op, shaped to broadcast over an ``ndim`` weight."""
     step = step.float().clamp_min(STEP_FLOOR)
     return step.view(-1, *([1] * (ndim - 1))) if step.numel() > 1 else step
@@ -234,7 +235,7 @@ def _packed_state(model: nn.Module, qmods) -> tuple[dict[str, torch.Tensor], dic
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     layers: dict[str, dict[str, Any]] = {}
     for name, m in qmods:
-        codes = _weight_codes(m)
+        codes = stored_weight_codes(m)
         bits = m.weight_quantizer.bits
         state[f"{name}.weight"] = pack_codes(codes, bits)
         iq = m.input_quantizer
@@ -482,7 +483,7 @@ def _weight_from_codes(
     expected_steps = shape[0] if config.per_channel else 1
     if step.numel() != expected_steps:
         raise ValueError(f"{where}: layer {name!r} has {step.numel()} weight steps, expected {expected_steps}")
-    return (codes.float() - qn) * _broadcast_step(step, len(shape))
+    return (codes.float() - qn) * broadcast_step(step, len(shape))
 
 
 def layer_configs_from_table(model: nn.Module, layers: dict[str, Any], where: str) -> dict[str, LayerQuantConfig]:

@@ -1,0 +1,451 @@
+"""Export an LSQ-quantized model to ONNX with QuantizeLinear / DequantizeLinear (QDQ) nodes.
+
+Every quantized layer becomes ``DequantizeLinear(integer weight codes, learnt step, zero point 0)``
+feeding its Conv / Gemm / MatMul (``axis=0`` for per-channel steps), and, when its input is
+quantized, ``QuantizeLinear -> DequantizeLinear`` on that input at the learnt activation step. The
+weight codes are the ones :func:`~acs_hf.save_quantized` stores, ``clamp(round(w / s), -Qn, Qp)``.
+
+Containers (opset 21): signed LSQ codes go in ``int*``, unsigned in ``uint*``. 8-bit codes and 5-7
+bit codes use ``int8`` / ``uint8``. With ``int4=True``, 2-4 bit weights are stored as ``INT4``
+initializers (two codes a byte) and 4-bit activations use ``int4`` / ``uint4``. 2-3 bit activations
+use ``int8`` / ``uint8`` unless ``int4_narrow_activations=True``: onnxruntime 1.32 fails to load
+a graph with ``Clip -> QuantizeLinear(int4)`` unless its ``ClipQuantRewrite`` optimizer is disabled
+(``InferenceSession(..., disabled_optimizers=["ClipQuantRewrite"])``). A code range narrower than its container is
+enforced by a float ``Clip`` to ``[-Qn * s, Qp * s]`` before ``QuantizeLinear``, which is exact.
+
+The graph is traced by ``torch.onnx.export(dynamo=True)`` through the model's own forward, with
+each layer's quantizers swapped for export-time modules (custom ops whose eager meaning is LSQ's
+fake quantization and whose ONNX translation is the QDQ pair), so timm's "same" padding, padding
+modes and any model code around the layers export as they run. Needs the ``onnx`` extra
+(``pip install acs_hf[onnx]``: onnx, onnxscript, onnxruntime), imported on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import broadcast_step, stored_weight_codes
+from .lsq import LSQQuantizer, lsq_fake_quant, quant_range
+from .model import quant_modules
+from .modules import QuantModule
+
+__all__ = ["export_onnx"]
+
+logger = logging.getLogger(__name__)
+
+#: Smallest opset with INT4 / UINT4 QuantizeLinear and DequantizeLinear.
+INT4_OPSET = 21
+_INT4_TYPES = (22, 21)  # onnx TensorProto.INT4, UINT4
+
+
+# -- custom ops: LSQ math in eager mode, QDQ nodes in ONNX ------------------------------------------
+@torch.library.custom_op("acs_hf::quant_dequant", mutates_args=())
+def _quant_dequant(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool, container: int) -> torch.Tensor:
+    """LSQ fake quantization of ``x`` at the per-tensor ``scale``; ``container`` (4 or 8) is for export."""
+    return lsq_fake_quant(x, scale.reshape(1), bits, signed).clone()
+
+
+@_quant_dequant.register_fake
+def _(x, scale, bits, signed, container):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("acs_hf::dequant_weight", mutates_args=())
+def _dequant_weight(codes: torch.Tensor, scale: torch.Tensor, container: int) -> torch.Tensor:
+    """``codes * scale`` (per output channel when ``scale`` is 1-D); ``container`` is for export."""
+    return codes.float() * broadcast_step(scale, codes.dim())
+
+
+@_dequant_weight.register_fake
+def _(codes, scale, container):
+    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+
+
+def _translation_table() -> dict[Any, Any]:
+    """ONNX translations of the custom ops (onnxscript, traced at export)."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnxscript import opset21 as op
+
+    def quant_dequant(x, scale, bits: int, signed: bool, container: int):
+        zero = op.Constant(value=ir.tensor(np.zeros((), dtype=_numpy_dtype(signed, container))))
+        qn, qp = quant_range(bits, signed)
+        if (qn, qp) != quant_range(container, signed):  # narrower than the container: clip first
+            lo, hi = op.Constant(value_float=float(-qn)), op.Constant(value_float=float(qp))
+            x = op.Clip(x, op.Mul(scale, lo), op.Mul(scale, hi))
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero), scale, zero)
+
+    def dequant_weight(codes, scale, container: int):
+        zero = op.Constant(value=ir.tensor(np.zeros(tuple(scale.shape), dtype=_numpy_dtype(True, container))))
+        if container == 4:  # int8 codes -> INT4, folded into an INT4 initializer after export
+            codes = op.Cast(codes, to=ir.DataType.INT4)
+        axis = {"axis": 0} if len(scale.shape) == 1 else {}
+        return op.DequantizeLinear(codes, scale, zero, **axis)
+
+    return {
+        torch.ops.acs_hf.quant_dequant.default: quant_dequant,
+        torch.ops.acs_hf.dequant_weight.default: dequant_weight,
+    }
+
+
+def _numpy_dtype(signed: bool, container: int) -> Any:
+    import ml_dtypes
+    import numpy as np
+
+    return {
+        (True, 4): ml_dtypes.int4,
+        (False, 4): ml_dtypes.uint4,
+        (True, 8): np.int8,
+        (False, 8): np.uint8,
+    }[(signed, container)]
+
+
+# -- export-time stand-ins for the quantizers -----------------------------------------------------
+def _scale(q: LSQQuantizer) -> torch.Tensor:
+    """The step as the fake-quant op uses it (float32, floored); 0-d when per-tensor (ONNX's scalar scale)."""
+    s = broadcast_step(q.step.detach(), 1)
+    return s if q.per_channel else s.reshape(())
+
+
+class _WeightDQ(nn.Module):
+    """Stands in for a weight quantizer: returns ``DequantizeLinear(codes, s)``, ignoring the float weight."""
+
+    def __init__(self, layer: QuantModule, container: int) -> None:
+        super().__init__()
+        self.container = container
+        qn, _ = layer.weight_quantizer.qrange
+        # the codes save_quantized stores (offset by Qn there), as signed int8
+        codes = (stored_weight_codes(layer).to(torch.int16) - qn).to(torch.int8)
+        self.register_buffer("codes", codes.to(layer.weight.device))
+        self.register_buffer("scale", _scale(layer.weight_quantizer))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.acs_hf.dequant_weight(self.codes, self.scale, self.container)
+
+
+class _InputQDQ(nn.Module):
+    """Stands in for an input quantizer: ``QuantizeLinear -> DequantizeLinear`` at the learnt step."""
+
+    def __init__(self, quantizer: LSQQuantizer, container: int) -> None:
+        super().__init__()
+        self.bits, self.signed, self.container = quantizer.bits, quantizer.signed, container
+        self.register_buffer("scale", _scale(quantizer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.acs_hf.quant_dequant(x, self.scale, self.bits, self.signed, self.container)
+
+
+def _container(bits: int, int4: bool) -> int:
+    return 4 if int4 and bits <= 4 else 8
+
+
+def _check_exportable(model: nn.Module) -> None:
+    """Refuse quantizers that are uninitialised or observing, and non-float32 quantized layers."""
+    for name, m in quant_modules(model):
+        for q in m.quantizers():
+            if not q.is_initialized or q.observing:
+                raise RuntimeError(
+                    f"export_onnx: the quantizer {q.name or name!r} is not calibrated; call "
+                    "acs_hf.calibrate_quantizers(model, batches) (or load a calibrated checkpoint) first"
+                )
+        if m.weight.dtype != torch.float32:
+            raise ValueError(f"export_onnx: layer {name!r} is {m.weight.dtype}; call model.float() first")
+
+
+@contextlib.contextmanager
+def _deploy_view(model: nn.Module, int4: bool, int4_narrow_activations: bool) -> Iterator[nn.Module]:
+    """The model in eval mode with every quantizer swapped for its export-time stand-in; restored on exit."""
+    modes = {m: m.training for m in model.modules()}
+    saved = [(m, m.weight_quantizer, m.input_quantizer) for _, m in quant_modules(model)]
+    try:
+        for m, wq, iq in saved:
+            m.weight_quantizer = _WeightDQ(m, _container(wq.bits, int4))
+            if iq is not None:
+                narrow_ok = int4_narrow_activations or iq.bits == 4
+                m.input_quantizer = _InputQDQ(iq, _container(iq.bits, int4 and narrow_ok))
+        yield model.eval()
+    finally:
+        for m, wq, iq in saved:
+            m.weight_quantizer, m.input_quantizer = wq, iq
+        for m, training in modes.items():
+            m.training = training
+
+
+class _Logits(nn.Module):
+    """The wrapped model's logits: a Tensor output as is, else ``.logits`` (transformers) or item 0."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(out, torch.Tensor):
+            return out
+        logits = getattr(out, "logits", None)
+        if logits is None and isinstance(out, (tuple, list)) and out:
+            logits = out[0]
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"export_onnx: cannot find the logits in the model's output ({type(out).__name__})")
+        return logits
+
+
+# -- example input, graph clean-up, saving ----------------------------------------------------------
+def _example_input(
+    model: nn.Module, example_input: torch.Tensor | None, input_size: Sequence[int] | None, dynamic_batch: bool
+) -> torch.Tensor:
+    """A float32 batch on the model's device; at least 2 images with a dynamic batch (torch.export
+    specialises a batch of 1)."""
+    device = next(model.parameters()).device
+    if example_input is None:
+        size = tuple(input_size) if input_size is not None else _model_input_size(model)
+        example_input = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    x = example_input.detach().to(device=device, dtype=torch.float32)
+    if dynamic_batch and x.shape[0] < 2:
+        x = x.expand(2, *x.shape[1:]).contiguous()
+    return x
+
+
+def _model_input_size(model: nn.Module) -> tuple[int, ...]:
+    """(C, H, W) from timm's ``pretrained_cfg`` or a transformers ``config`` (``num_channels``, ``image_size``)."""
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if size:
+        return tuple(size)
+    config = getattr(model, "config", None)
+    image_size = getattr(config, "image_size", None)
+    if image_size is not None:
+        h, w = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+        return getattr(config, "num_channels", 3), h, w
+    raise ValueError("export_onnx: give example_input or input_size; the model does not say its input size")
+
+
+def _clean_up(model: Any) -> None:
+    """Store ``Cast(int8 codes -> INT4 / UINT4)`` on an initializer as an INT4 / UINT4 initializer of
+    the same name, drop what is unused (the float weights the codes replace) and take the wrapper's
+    ``model.`` prefix off the initializer names (``layer1.0.conv1.weight_quantizer.codes``)."""
+    import onnx_ir as ir
+    import onnxscript
+
+    def keep_int4_casts(node: ir.Node) -> bool | None:  # converted below, keeping the codes' names
+        return False if node.op_type == "Cast" and node.attributes.get_int("to") in _INT4_TYPES else None
+
+    onnxscript.optimizer.optimize_ir(model, should_fold=keep_int4_casts)
+    graph = model.graph
+    for cast in [n for n in graph if n.op_type == "Cast" and n.inputs[0].is_initializer()]:
+        to = ir.DataType(cast.attributes.get_int("to"))
+        source = cast.inputs[0]
+        if to not in _INT4_TYPES or len(source.uses()) != 1:
+            continue
+        source.const_value = ir.tensor(source.const_value.numpy().astype(to.numpy()), dtype=to, name=source.name)
+        source.dtype = to
+        cast.outputs[0].replace_all_uses_with(source)
+        graph.remove(cast, safe=True)
+    onnxscript.optimizer.remove_unused_nodes(model)
+    for value in list(graph.initializers.values()):
+        if value.name.startswith("model.") and value.name[6:] not in graph.initializers:
+            value.name = value.name[6:]
+
+
+def _keep_float_biases(model: Any) -> None:
+    """Move the float bias of each Conv / Gemm whose weight is dequantized into an Add after it.
+
+    onnxruntime's "WeightBiasQuantization" rounds such a bias to int32 codes at input scale x weight
+    scale, which at 2-4 bits moves outputs by a good share of an activation step; LSQ adds the bias
+    in float, and so does the exported graph."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    for node in [n for n in graph if n.op_type in ("Conv", "Gemm") and len(n.inputs) == 3]:
+        weight, bias = node.inputs[1].producer(), node.inputs[2]
+        if weight is None or weight.op_type != "DequantizeLinear" or bias is None or bias.const_value is None:
+            continue
+        if len(bias.uses()) != 1 or weight.inputs[0].const_value is None or node.attributes.get_float("beta", 1) != 1:
+            continue
+        if node.op_type == "Conv":  # (C,) -> (C, 1, 1) to broadcast over (N, C, H, W)
+            shape = (-1, *[1] * (len(weight.inputs[0].const_value.shape) - 2))
+            bias.const_value = ir.tensor(bias.const_value.numpy().reshape(shape), name=bias.name)
+            bias.shape = ir.Shape(bias.const_value.shape)
+        unbiased = ir.node(node.op_type, list(node.inputs[:2]), node.attributes)
+        add = ir.node("Add", [unbiased.outputs[0], bias])
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [unbiased, add], node.outputs, add.outputs)
+
+
+def _save_atomically(model: Any, path: Path) -> None:
+    """Save to a temporary directory beside ``path`` under the final names, then rename into place:
+    the external-data file (for models over protobuf's 2 GB) first, the model last."""
+    import onnx
+    import onnx_ir as ir
+
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    data_name = f"{path.name}.data" if total > 1_800_000_000 else None
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+        ir.save(model, Path(tmp) / path.name, external_data=data_name)
+        onnx.checker.check_model(str(Path(tmp) / path.name), full_check=True)
+        if data_name is not None:
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+        os.replace(Path(tmp) / path.name, path)
+
+
+def _const(value: Any, op_type: str | None = None) -> Any:
+    """The numpy value of ``value`` (an initializer), or of the initializer feeding a single
+    ``op_type`` node's first input (returns that node too); ``None`` when it is not constant."""
+    if value is None:
+        return None
+    if op_type is None:
+        return None if value.const_value is None else value.const_value.numpy()
+    node = value.producer()
+    if node is None or node.op_type != op_type or len(value.uses()) != 1:
+        return None
+    inputs = [_const(v) for v in node.inputs]
+    return None if any(v is None for v in inputs) else (node, inputs)
+
+
+def _batchnorm_fold(bn: Any) -> dict[str, Any] | None:
+    """What folding ``bn`` into the quantized Conv before it needs, or ``None`` when the pattern
+    (DQ(x) -> Conv <- DQ(w codes), Conv -> BN, all parameters constant) is not there."""
+    import numpy as np
+
+    conv = bn.inputs[0].producer()
+    params = [_const(v) for v in bn.inputs[1:]]
+    if conv is None or conv.op_type != "Conv" or len(bn.inputs[0].uses()) != 1 or any(p is None for p in params):
+        return None
+    x_dq, w_dq = conv.inputs[0].producer(), _const(conv.inputs[1], "DequantizeLinear")
+    x_scale = _const(x_dq.inputs[1]) if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
+    bias = _const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else 0.0
+    if w_dq is None or x_scale is None or x_scale.size != 1 or bias is None or bn.outputs[0].is_graph_output():
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    eps = bn.attributes.get_float("epsilon", 1e-5)
+    a = gamma / np.sqrt(var + eps)
+    w_scale = (np.broadcast_to(w_dq[1][1].astype(np.float64), a.shape) * a).astype(np.float32)
+    b_scale = (float(x_scale) * w_scale.astype(np.float64)).astype(np.float32)
+    if not (b_scale > 0).all():  # a zero or negative BN gain (timm zero-initialises some): keep the BN
+        return None
+    b_codes = np.round((beta - mean * a + a * bias) / b_scale)
+    if np.abs(b_codes).max() >= 2**31:
+        return None
+    codes = w_dq[1][0]
+    return {"conv": conv, "codes": codes, "w_scale": w_scale, "b_codes": b_codes.astype(np.int32), "b_scale": b_scale}
+
+
+def _fold_batchnorm(model: Any) -> int:
+    """Fold each BatchNormalization after a quantized Conv into per-channel weight scales and an int32
+    bias (``fold_batchnorm`` of :func:`export_onnx`); returns how many were folded."""
+    import numpy as np
+    import onnx_ir as ir
+    import onnxscript
+
+    graph, folded = model.graph, 0
+    for bn in [n for n in graph if n.op_type == "BatchNormalization"]:
+        plan = _batchnorm_fold(bn)
+        if plan is None:
+            continue
+        conv, prefix, channels = plan["conv"], bn.outputs[0].name, plan["w_scale"].shape[0]
+        inits = {
+            "w_scale": plan["w_scale"],
+            "w_zero_point": np.zeros(channels, dtype=plan["codes"].dtype),
+            "bias_codes": plan["b_codes"],
+            "bias_scale": plan["b_scale"],
+            "bias_zero_point": np.zeros(channels, np.int32),
+        }
+        v = {k: ir.Value(name=f"{prefix}.{k}", const_value=ir.tensor(a)) for k, a in inits.items()}
+        for value in v.values():
+            graph.register_initializer(value)
+        codes = conv.inputs[1].producer().inputs[0]
+        dq_w = ir.node("DequantizeLinear", [codes, v["w_scale"], v["w_zero_point"]], {"axis": 0})
+        dq_b = ir.node("DequantizeLinear", [v["bias_codes"], v["bias_scale"], v["bias_zero_point"]], {"axis": 0})
+        new_conv = ir.node("Conv", [conv.inputs[0], dq_w.outputs[0], dq_b.outputs[0]], conv.attributes)
+        graph.insert_before(bn, [dq_w, dq_b, new_conv])
+        bn.outputs[0].replace_all_uses_with(new_conv.outputs[0])
+        folded += 1
+    onnxscript.optimizer.remove_unused_nodes(model)
+    return folded
+
+
+def _trace(model: nn.Module, x: torch.Tensor, opset: int, dynamic_batch: bool, input_name: str, output_name: str):
+    """The ONNX graph (an ``onnx_ir.Model``) of ``model`` traced by ``torch.onnx.export(dynamo=True)``,
+    with the custom ops translated to QDQ nodes and not yet optimised."""
+    program = torch.onnx.export(
+        model,
+        (x,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=[input_name],
+        output_names=[output_name],
+        dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic_batch else None,
+        custom_translation_table=_translation_table(),
+        optimize=False,  # _clean_up optimizes, keeping the INT4 casts for itself
+        verbose=False,
+    )
+    return program.model
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: torch.Tensor | None = None,
+    *,
+    input_size: Sequence[int] | None = None,
+    opset: int = INT4_OPSET,
+    int4: bool = True,
+    int4_narrow_activations: bool = False,
+    dynamic_batch: bool = True,
+    fold_batchnorm: bool = False,
+    input_name: str = "pixel_values",
+    output_name: str = "logits",
+) -> Path:
+    """Export a calibrated acs_hf-quantized model to an ONNX file with QDQ nodes (module docstring).
+
+    Args:
+        model: a model quantized with :func:`~acs_hf.quantize_model` and calibrated (or loaded); a
+            timm model, a transformers model (its ``logits`` are exported) or any module mapping an
+            image batch to logits. A model without quantized layers exports in float.
+        path: the ``.onnx`` file to write (parent directories are created; written atomically).
+        example_input: a batch used to trace the model (values do not matter). Default: random
+            images of ``input_size``, or of the model's own input size (timm ``pretrained_cfg``,
+            transformers ``config.image_size``).
+        input_size: ``(C, H, W)`` when ``example_input`` is not given.
+        opset: ONNX opset; INT4 containers need 21 or later.
+        int4: 2-4 bit weights as INT4 initializers and 4-bit activations in int4/uint4; ``False``
+            puts every code in int8/uint8 (with its LSQ range enforced by a Clip).
+        int4_narrow_activations: 2-3 bit activations in int4/uint4 too (then onnxruntime 1.32
+            needs ``disabled_optimizers=["ClipQuantRewrite"]``); default int8/uint8.
+        dynamic_batch: a symbolic batch dimension; ``False`` fixes the example's batch size.
+        fold_batchnorm: fold each BatchNormalization (positive gains) after a quantized Conv into the weight's
+            (then per-channel) scale and an int32 bias at ``input scale * weight scale``, so that
+            onnxruntime can run integer convolutions. The weight codes are unchanged; the outputs
+            differ from PyTorch only by float rounding and the bias's int32 rounding.
+        input_name, output_name: names of the graph's input and output.
+
+    Returns:
+        The path written.
+
+    Raises:
+        RuntimeError: a quantizer is not calibrated.
+        ValueError: an opset too old for INT4, or a quantized layer that is not float32.
+    """
+    if int4 and opset < INT4_OPSET:
+        raise ValueError(f"export_onnx: INT4 containers need opset >= {INT4_OPSET}, got {opset}; or pass int4=False")
+    _check_exportable(model)
+    if not quant_modules(model):
+        logger.warning("export_onnx: the model has no quantized layers; exporting it in floating point")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = _example_input(model, example_input, input_size, dynamic_batch)
+    with _deploy_view(model, int4, int4_narrow_activations), torch.no_grad():
+        onnx_model = _trace(_Logits(model).eval(), x, opset, dynamic_batch, input_name, output_name)
+    _clean_up(onnx_model)
+    if fold_batchnorm:
+        logger.info("export_onnx: folded %d BatchNormalization nodes", _fold_batchnorm(onnx_model))
+    _keep_float_biases(onnx_model)
+    _save_atomically(onnx_model, path)
+    return path

@@ -1,0 +1,247 @@
+#!/usr/bin/env python
+"""Deployment benchmark: acs_hf's ONNX export (QDQ) in ONNX Runtime on the CPU; prints a table, writes JSON.
+
+For one model (default ResNet-18 at 224x224) it exports the FP32 model and its LSQ-quantized
+versions with :func:`acs_hf.export_onnx`, then measures for each ONNX file:
+
+    file_bytes / size_over_fp32     the .onnx file size [W4A4 target: <= 1/6 of FP32]
+    latency_ms[b]                   median ONNX Runtime latency at batch b (default 1 and 32)
+    images_per_s[b]                 b / that latency [W8A8 target: faster than FP32]
+    agreement                       ONNX Runtime logits against the PyTorch model they come from
+                                    (max |diff|, share of images within 1e-4 of the logit scale,
+                                    top-1 agreement) on real images
+
+Rows: ``fp32``; ``w8a8`` and ``w4a4`` (the faithful QDQ export; W4A4 stores INT4 weights, first
+and last layer at 8 bits); ``w8a8_bnfold`` (``fold_batchnorm=True``: BatchNorm folded into
+per-channel weight scales and an int32 bias, so that ONNX Runtime can fuse DequantizeLinear ->
+Conv -> QuantizeLinear into integer QLinearConv; the same weight codes, outputs within float
+rounding of PyTorch). The sessions are timed in round-robin order, so load on a shared machine
+slows every row alike.
+
+The model is randomly initialised (timm init, then BatchNorm gains, biases and running statistics
+randomised so that no block is an identity, as timm's zero-initialised last BN gains would make
+it) and calibrated on scikit-learn's digits through the model's eval preprocessing; the
+agreement is measured on other digits images. Latency does not depend on the weights' values.
+
+    python recipes/benchmark_deploy.py --output deploy.json
+    python recipes/benchmark_deploy.py --quick --output /tmp/deploy.json   # tiny model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import timm
+import torch
+
+from acs_hf import QuantConfig, atomic_write_json, calibrate_quantizers, export_onnx, quantize_model
+from acs_hf.data import digits_dataset, prepare_datasets
+
+#: name -> (QuantConfig or None for FP32, export_onnx keywords)
+VARIANTS = {
+    "fp32": (None, {}),
+    "w8a8": (QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8), {}),
+    "w8a8_bnfold": (QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8), {"fold_batchnorm": True}),
+    "w4a4": (QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8), {}),
+}
+
+
+def build_model(name: str, seed: int) -> torch.nn.Module:
+    """A randomly initialised timm model whose BatchNorms are not identities (module docstring)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=1000).eval()
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            with torch.no_grad():
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+    return model
+
+
+def digits_batches(model: torch.nn.Module, image_size: int, n_calib: int, n_eval: int) -> tuple:
+    """(calibration images, evaluation images) from the digits set through the model's eval transform."""
+    ds = prepare_datasets(
+        digits_dataset(), model, image_size=image_size, max_train_samples=n_calib, max_eval_samples=n_eval
+    )
+    calib = torch.stack([ds.score_dataset[i]["pixel_values"] for i in range(n_calib)])
+    evals = torch.stack([ds.eval_dataset[i]["pixel_values"] for i in range(n_eval)])
+    return calib, evals
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def agreement(ort_logits: np.ndarray, torch_logits: np.ndarray) -> dict:
+    """How closely ONNX Runtime reproduces the PyTorch logits."""
+    diff = np.abs(ort_logits - torch_logits).max(axis=1)
+    scale = float(np.abs(torch_logits).max())
+    return {
+        "max_abs_diff": float(diff.max()),
+        "logit_scale": scale,
+        "within_1e-4_of_scale": float((diff <= 1e-4 * scale).mean()),
+        "top1_agreement": float((ort_logits.argmax(1) == torch_logits.argmax(1)).mean()),
+    }
+
+
+def export_variants(args, fp: torch.nn.Module, calib: torch.Tensor, evals: torch.Tensor, out_dir: Path) -> dict:
+    """Export every variant; returns name -> {path, file_bytes, torch_logits}."""
+    rows = {}
+    for name in args.variants:
+        config, kwargs = VARIANTS[name]
+        model = copy.deepcopy(fp)
+        if config is not None:
+            quantize_model(model, config)
+            calibrate_quantizers(model, calib.split(args.calib_batch))
+        start = time.perf_counter()
+        path = export_onnx(model.eval(), out_dir / f"{name}.onnx", calib[:2], **kwargs)
+        with torch.no_grad():
+            logits = model(evals).numpy()
+        rows[name] = {
+            "path": path,
+            "file_bytes": path.stat().st_size,
+            "torch_logits": logits,
+            "export_seconds": time.perf_counter() - start,
+        }
+    return rows
+
+
+def time_sessions(sessions: dict, inputs: dict[int, np.ndarray], warmup: int, iterations: int) -> dict:
+    """Median latency (ms) per (name, batch), the sessions run in round-robin order."""
+    times = {(name, b): [] for name in sessions for b in inputs}
+    for b, x in inputs.items():
+        for _ in range(warmup):
+            for s in sessions.values():
+                s.run(None, {s.get_inputs()[0].name: x})
+        for _ in range(iterations):
+            for name, s in sessions.items():
+                start = time.perf_counter()
+                s.run(None, {s.get_inputs()[0].name: x})
+                times[(name, b)].append(time.perf_counter() - start)
+    return {key: 1e3 * statistics.median(ts) for key, ts in times.items()}
+
+
+def measure(args, rows: dict, evals: torch.Tensor) -> dict:
+    """Agreement, file sizes and timings of every exported row (JSON-ready)."""
+    sessions = {name: session(r["path"], args.threads) for name, r in rows.items()}
+    g = np.random.default_rng(0)
+    inputs = {b: g.standard_normal((b, *evals.shape[1:]), dtype=np.float32) for b in args.batch_sizes}
+    latency = time_sessions(sessions, inputs, args.warmup, args.iterations)
+    fp_bytes = rows["fp32"]["file_bytes"] if "fp32" in rows else None
+    results = {}
+    for name, r in rows.items():
+        s = sessions[name]
+        logits = s.run(None, {s.get_inputs()[0].name: evals.numpy()})[0]
+        results[name] = {
+            "file_bytes": r["file_bytes"],
+            "size_over_fp32": r["file_bytes"] / fp_bytes if fp_bytes else None,
+            "export_seconds": r["export_seconds"],
+            "latency_ms": {str(b): latency[(name, b)] for b in args.batch_sizes},
+            "images_per_s": {str(b): 1e3 * b / latency[(name, b)] for b in args.batch_sizes},
+            "agreement": agreement(logits, r["torch_logits"]),
+        }
+    return results
+
+
+def targets(results: dict) -> dict:
+    """The issue's targets, judged on these measurements."""
+    out = {}
+    if "fp32" in results and "w4a4" in results:
+        out["w4a4_file_at_most_one_sixth_of_fp32"] = results["w4a4"]["size_over_fp32"] <= 1 / 6
+    fp = results.get("fp32")
+    for name in ("w8a8", "w8a8_bnfold"):
+        if fp and name in results:
+            out[f"{name}_faster_than_fp32"] = {
+                b: results[name]["latency_ms"][b] < fp["latency_ms"][b] for b in fp["latency_ms"]
+            }
+    return out
+
+
+def print_table(report: dict) -> None:
+    batches = list(next(iter(report["results"].values()))["latency_ms"])
+    head = ["variant", "MB", "x FP32"] + [f"ms b={b}" for b in batches] + [f"img/s b={b}" for b in batches]
+    head += ["top-1 agree", "max|diff|"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for name, r in report["results"].items():
+        ratio = f"{r['size_over_fp32']:.3f}" if r["size_over_fp32"] is not None else "-"
+        cells = [name, f"{r['file_bytes'] / 1e6:.2f}", ratio]
+        cells += [f"{r['latency_ms'][b]:.2f}" for b in batches] + [f"{r['images_per_s'][b]:.1f}" for b in batches]
+        cells += [f"{100 * r['agreement']['top1_agreement']:.1f}%", f"{r['agreement']['max_abs_diff']:.3g}"]
+        print("| " + " | ".join(cells) + " |")
+    print("targets:", report["targets"])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet18", help="timm model name")
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--iterations", type=int, default=30, help="timed runs per session and batch size")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--calib_images", type=int, default=32)
+    p.add_argument("--calib_batch", type=int, default=16)
+    p.add_argument("--eval_images", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, default=None, help="JSON file to write")
+    p.add_argument("--keep_models", type=Path, default=None, help="directory to keep the .onnx files in")
+    p.add_argument("--quick", action="store_true", help="tiny model and runs, for testing the script")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.image_size, args.batch_sizes = "test_resnet", 32, [1, 4]
+        args.iterations, args.warmup, args.calib_images, args.calib_batch, args.eval_images = 3, 1, 8, 8, 16
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    fp = build_model(args.model, args.seed)
+    calib, evals = digits_batches(fp, args.image_size, args.calib_images, args.eval_images)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = args.keep_models or Path(tmp)
+        rows = export_variants(args, fp, calib, evals, out_dir)
+        results = measure(args, rows, evals)
+    report = {
+        "model": args.model,
+        "image_size": args.image_size,
+        "init": "random (timm init; BatchNorm gains, biases and running statistics randomised)",
+        "calibration": f"{args.calib_images} digits training images, eval preprocessing",
+        "agreement_images": f"{args.eval_images} digits validation images",
+        "threads": args.threads,
+        "iterations": args.iterations,
+        "environment": {
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+        },
+        "results": results,
+        "targets": targets(results),
+    }
+    print_table(report)
+    if args.output is not None:
+        atomic_write_json(args.output, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
