@@ -9,22 +9,17 @@ ImageNet costs seconds, not a copy of its 140 GB of JPEG bytes.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow.compute as pc
-import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Image
 
-from .scoring import INDEX_KEY
-from .upstream import dataset_fingerprint, dataset_index_map
+from .images import ImageView, check_images, column_values, decode_image
+from .upstream import dataset_fingerprint
 
 __all__ = [
     "ImageDatasets",
@@ -122,16 +117,6 @@ def detect_columns(ds: Dataset, image_column: str | None = None, label_column: s
     return image_column, label_column
 
 
-def column_values(ds: Dataset, column: str) -> np.ndarray:
-    """One column as a numpy array, through arrow: ``np.asarray(ds[column])`` goes through a
-    Python object per row (about 15 s per million rows, 50 s after a shuffle or filter)."""
-    values = ds.data.column(column)
-    index_map = dataset_index_map(ds)
-    if index_map is not None:  # a shuffled, selected or filtered view: rows through its index map
-        values = pc.take(values, index_map.column(0))
-    return values.to_numpy()
-
-
 def class_names(ds: Dataset, label_column: str) -> list[str]:
     """Class names from the ClassLabel feature, else "0".."max label"."""
     feature = ds.features[label_column]
@@ -179,83 +164,6 @@ def _transforms(config: dict[str, Any], augmentation: dict | None) -> tuple[Any,
 
     train_only = {k: v for k, v in (augmentation or {}).items() if k not in _DATA_KEYS and v is not None}
     return create_transform(**config, is_training=True, **train_only), create_transform(**config, is_training=False)
-
-
-def _open(value: Any):
-    """The PIL image of a row's value (a PIL image, or ``{"bytes", "path"}`` undecoded), not yet decoded."""
-    from PIL import Image as PILImage
-
-    if isinstance(value, PILImage.Image):
-        return value
-    if isinstance(value, dict) and value.get("bytes") is not None:
-        return PILImage.open(io.BytesIO(value["bytes"]))
-    if isinstance(value, dict) and value.get("path"):
-        return PILImage.open(value["path"])
-    raise TypeError(f"unsupported image value {type(value).__name__}")
-
-
-def decode_image(value: Any, split: str, row: int):
-    """The RGB PIL image of a row's value (PIL image or undecoded ``{"bytes", "path"}``); a file
-    that does not decode raises ``ValueError`` naming ``split``, ``row`` and the path."""
-    try:
-        img = _open(value)
-        img.load()
-        return img.convert("RGB")  # grayscale, palette and RGBA all become RGB
-    except Exception as e:  # PIL raises many types for broken files
-        path = value.get("path") if isinstance(value, dict) else getattr(value, "filename", None)
-        where = f"{split} row {row}" + (f" ({path})" if path else "")
-        raise ValueError(f"cannot decode the image of {where}: {e}; pass --skip_bad_images to drop such rows") from e
-
-
-class ImageView(torch.utils.data.Dataset):
-    """Rows of a ``datasets.Dataset`` split, decoded and transformed on access.
-
-    Yields ``{"pixel_values", "labels", "index"}`` with ``index`` the row number, which is the key
-    of selection and of the teacher cache. ``__getitems__`` reads a whole batch of rows from arrow
-    at once (the DataLoader calls it). :attr:`labels` gives every label without decoding an image.
-    """
-
-    def __init__(self, dataset: Dataset, transform: Any, image_column: str, label_column: str, split: str) -> None:
-        self.dataset = dataset.select_columns([image_column, label_column])
-        self.transform = transform
-        self.image_column, self.label_column, self.split = image_column, label_column, split
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitems__(self, rows: list[int]) -> list[dict[str, Any]]:
-        rows = [int(r) for r in rows]
-        batch = self.dataset[rows]
-        return [
-            {"pixel_values": self.transform(decode_image(value, self.split, row)), "labels": label, INDEX_KEY: row}
-            for value, label, row in zip(batch[self.image_column], batch[self.label_column], rows)
-        ]
-
-    def __getitem__(self, row: int) -> dict[str, Any]:
-        return self.__getitems__([row])[0]
-
-    @functools.cached_property
-    def labels(self) -> np.ndarray:
-        """Every row's label (int64), read from the label column alone."""
-        return column_values(self.dataset, self.label_column).astype(np.int64)
-
-
-def _decodable(value: Any) -> bool:
-    try:
-        decode_image(value, "", 0)
-        return True
-    except ValueError:
-        return False
-
-
-def _unopenable(value: Any) -> bool:
-    """Whether PIL fails to recognise the image's header. Reads the first bytes of the file and
-    decodes nothing: catches empty, text and other non-image files, not truncated images."""
-    try:
-        _open(value).close()
-        return False
-    except Exception:  # PIL raises many types for broken files
-        return True
 
 
 @dataclass
@@ -309,69 +217,42 @@ def _fingerprint(train: Dataset, labels: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def _filter_workers(num_proc: int | None, num_rows: int) -> int | None:
-    """Processes for the bad-image check: as given, else every core for a large split (a process
-    pool costs about a second to start, more than checking a small split takes)."""
-    if num_proc is not None:
-        return num_proc if num_proc > 1 else None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores if cores > 1 and num_rows >= 20_000 else None
-
-
-def _stored_as_files(d: Dataset, image_column: str) -> bool:
-    """Whether the (undecoded) images are files on disk, as in an image folder."""
-    value = d[0][image_column] if len(d) else None
-    return isinstance(value, dict) and value.get("bytes") is None and bool(value.get("path"))
-
-
-def _check_files(d: Dataset, image_column: str, what: str, num_proc: int | None) -> None:
-    """Fail, before any training, on the files of an image folder that PIL cannot open (empty, text,
-    another format), listing them. Reads each file's header and decodes nothing, so truncated
-    images pass (``--skip_bad_images`` decodes every image). Cost, 50,000 32x32 JPEGs in the page
-    cache, 2 busy cores: 1.5-1.7 s in one process, 1.8-2.4 s in two (indexing the folder itself
-    took 5-12 s; a full decode 7 s); ``datasets`` caches the result for other ranks and resumes."""
-    if not _stored_as_files(d, image_column):
-        return
-    workers = _filter_workers(num_proc, len(d))
-    bad = d.filter(_unopenable, input_columns=image_column, num_proc=workers, desc=f"Opening {what} files")
-    if len(bad):
-        paths = ", ".join(v["path"] or "(in-memory bytes)" for v in bad.select(range(min(len(bad), 10)))[image_column])
-        raise ValueError(
-            f"{len(bad)} {what} files are not images PIL can open: {paths}{' ...' if len(bad) > 10 else ''}; "
-            "delete or replace them, or pass --skip_bad_images to drop them (it decodes every image once)"
-        )
-
-
-def _check_images(
-    train: Dataset, val: Dataset, image_column: str, skip_bad_images: bool, num_proc: int | None
-) -> tuple[Dataset, Dataset, int]:
-    """``(train, val, skipped)``: without ``skip_bad_images``, :func:`_check_files` on image
-    folders; with it, every image decoded once and the rows that fail dropped."""
-    if not skip_bad_images:
-        for d, what in ((train, "train"), (val, "eval")):
-            _check_files(d, image_column, what, num_proc)
-        return train, val, 0
-    before = len(train) + len(val)
-    train, val = (
-        d.filter(
-            _decodable,
-            input_columns=image_column,  # read no other column
-            num_proc=_filter_workers(num_proc, len(d)),
-            desc=f"Checking {what} images",
-        )
-        for d, what in ((train, "train"), (val, "eval"))
-    )
-    skipped = before - len(train) - len(val)
-    if skipped:
-        logger.warning("Skipped %d images that cannot be decoded", skipped)
-    return train, val, skipped
-
-
 def _truncate(d: Dataset, n: int | None, what: str, seed: int) -> Dataset:
     """A seeded random ``n`` rows of ``d`` (all of them when ``n`` is None or not smaller)."""
     if n is not None and n < 1:
         raise ValueError(f"{what} must be >= 1, got {n}")
     return d.shuffle(seed=seed).select(range(n)) if n is not None and n < len(d) else d
+
+
+def _trained_classes(train: Dataset, label_column: str, num_classes: int) -> np.ndarray:
+    """``[C]`` bool: which classes have images in the whole training split (before max_train_samples)."""
+    all_labels = column_values(train, label_column)
+    in_range = all_labels[(all_labels >= 0) & (all_labels < num_classes)].astype(np.int64)
+    return np.bincount(in_range, minlength=num_classes) > 0
+
+
+def _checked_labels(
+    train: Dataset, val: Dataset, label_column: str, names: list[str], trained: np.ndarray
+) -> np.ndarray:
+    """The training labels, once both splits' labels are checked (in range, evaluated classes trained)."""
+    train_labels = column_values(train, label_column)
+    _check_labels(train_labels, len(names), "train", label_column)
+    val_labels = column_values(val, label_column)
+    _check_labels(val_labels, len(names), "validation", label_column)
+    _check_eval_classes(val_labels, trained, names)
+    return train_labels
+
+
+def _undecoded_checked(
+    train: Dataset, val: Dataset, image_column: str, skip_bad_images: bool, num_proc: int | None
+) -> tuple[Dataset, Dataset, int]:
+    """Both splits with undecoded images, checked (see :func:`~acs_hf.images.check_images`), and non-empty."""
+    # Decode ourselves, so that a broken file names its split and row.
+    train, val = (d.cast_column(image_column, Image(decode=False)) for d in (train, val))
+    train, val, skipped = check_images(train, val, image_column, skip_bad_images, num_proc)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"empty split after filtering: {len(train)} training and {len(val)} validation images")
+    return train, val, skipped
 
 
 def prepare_datasets(
@@ -398,8 +279,8 @@ def prepare_datasets(
     whole training split is an error naming the class. Nothing here copies the image data:
     selection and filtering keep an index map over the arrow table. Without ``skip_bad_images``,
     image folders get a header-only pass that fails listing the files that are not images
-    (:func:`_check_files`); ``skip_bad_images`` instead decodes every image once and drops the
-    failures. Both run in ``num_proc`` processes (default: every core for splits of 20,000 rows
+    (:func:`~acs_hf.images.check_images`); ``skip_bad_images`` instead decodes every image once and
+    drops the failures. Both run in ``num_proc`` processes (default: every core for splits of 20,000 rows
     or more); on a dataset stored on disk (Hub, image folder, parquet) ``datasets`` caches the
     result, so other processes of the run and a resumed run reuse it: call this on the local
     main process first (``run_acs`` does).
@@ -411,28 +292,19 @@ def prepare_datasets(
     eval_split = str(val.split) if getattr(val, "split", None) else "validation"
     image_column, label_column = detect_columns(train, image_column, label_column)
     names = class_names(train, label_column)
-    all_labels = column_values(train, label_column)  # the whole split, before max_train_samples
-    in_range = all_labels[(all_labels >= 0) & (all_labels < len(names))].astype(np.int64)
-    trained = np.bincount(in_range, minlength=len(names)) > 0
+    trained = _trained_classes(train, label_column, len(names))
     train = _truncate(train, max_train_samples, "max_train_samples", seed)
     val = _truncate(val, max_eval_samples, "max_eval_samples", seed)
-    # Decode ourselves, so that a broken file names its split and row.
-    train, val = (d.cast_column(image_column, Image(decode=False)) for d in (train, val))
-    train, val, skipped = _check_images(train, val, image_column, skip_bad_images, num_proc)
-    if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"empty split after filtering: {len(train)} training and {len(val)} validation images")
-    train_labels = column_values(train, label_column)
-    _check_labels(train_labels, len(names), "train", label_column)
-    val_labels = column_values(val, label_column)
-    _check_labels(val_labels, len(names), "validation", label_column)
-    _check_eval_classes(val_labels, trained, names)
+    train, val, skipped = _undecoded_checked(train, val, image_column, skip_bad_images, num_proc)
+    train_labels = _checked_labels(train, val, label_column, names, trained)
     eval_config = data_config(model, image_size, augmentation)
     train_tf, eval_tf = _transforms(eval_config, augmentation)
     score_tf = eval_tf if score_image_size is None else score_transform(eval_config, score_image_size)
+    columns = (image_column, label_column)
     return ImageDatasets(
-        train_dataset=ImageView(train, train_tf, image_column, label_column, "train"),
-        score_dataset=ImageView(train, score_tf, image_column, label_column, "train"),
-        eval_dataset=ImageView(val, eval_tf, image_column, label_column, "validation"),
+        train_dataset=ImageView(train, train_tf, *columns, "train"),
+        score_dataset=ImageView(train, score_tf, *columns, "train"),
+        eval_dataset=ImageView(val, eval_tf, *columns, "validation"),
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
         num_skipped=skipped,

@@ -103,53 +103,13 @@ def write_model_card(
     ``results`` keys ``top-1 (quantized)`` / ``top-5 (quantized)`` are fractions in [0, 1].
     ``library``: ``timm`` or ``transformers``, the library of the student's architecture.
     """
-    if library not in ("timm", "transformers"):
-        raise ValueError(f"library must be 'timm' or 'transformers', got {library!r}")
-    directory = Path(directory)
-    wb, ab = quant_config.get("weight_bits"), quant_config.get("act_bits")
-    scheme = f"w{wb}a{ab}" if ab is not None else f"w{wb}"
-    eval_results = [
-        EvalResult(
-            task_type="image-classification",
-            dataset_type=dataset_name,
-            dataset_name=dataset_name,
-            dataset_split=eval_split,
-            metric_type=metric,
-            metric_name=label,
-            metric_value=round(value * 100, 2),
-        )  # fmt: skip
-        for key, metric, label in (
-            ("top-1 (quantized)", "accuracy", "top-1 accuracy"),
-            ("top-5 (quantized)", "top_5_accuracy", "top-5 accuracy"),
-        )
-        if (value := results.get(key)) is not None
-    ]
+    wb, scheme = quant_config.get("weight_bits"), _scheme(quant_config)
+    eval_results = _eval_results(results, dataset_name, eval_split)
     method = str(acs_settings.get("selection_method", "acs"))
     selector = SELECTORS[method]
     short = display_name(model_name)
-    name = f"{short}-{scheme}-{method}"
-    method_tags = [] if selector.selects_all else ["coreset", *(["acs"] if selector.acs_family else [])]
-    data = ModelCardData(
-        library_name=library,
-        license="apache-2.0",
-        tags=[
-            "image-classification",
-            library,
-            "quantized",
-            f"{wb}-bit",
-            scheme,
-            "lsq",
-            "qat",
-            *method_tags,
-            "acs_hf",
-        ],  # fmt: skip
-        datasets=[dataset_name],
-        metrics=["accuracy"],
-        base_model=base_model,
-        base_model_relation="quantized" if base_model else None,
-        pipeline_tag="image-classification",
-        model_name=name if eval_results else None,
-        eval_results=eval_results or None,
+    data = _card_data(
+        library, scheme, wb, selector, dataset_name, base_model, f"{short}-{scheme}-{method}", eval_results
     )
     card = ModelCard.from_template(
         data,
@@ -174,9 +134,73 @@ def write_model_card(
         image_size=image_size or 224,
         library=library,
     )
-    path = directory / "README.md"
+    path = Path(directory) / "README.md"
     atomic_write_bytes(path, str(card).encode())
     return path
+
+
+def _scheme(quant_config: dict[str, Any]) -> str:
+    """``w4a4``, or ``w4`` for weight-only quantization."""
+    wb, ab = quant_config.get("weight_bits"), quant_config.get("act_bits")
+    return f"w{wb}a{ab}" if ab is not None else f"w{wb}"
+
+
+def _eval_results(results: dict[str, Any], dataset_name: str, eval_split: str) -> list[EvalResult]:
+    """The quantized model's top-1 and top-5 (those known) for the card's ``model-index``."""
+    return [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            dataset_split=eval_split,
+            metric_type=metric,
+            metric_name=label,
+            metric_value=round(value * 100, 2),
+        )  # fmt: skip
+        for key, metric, label in (
+            ("top-1 (quantized)", "accuracy", "top-1 accuracy"),
+            ("top-5 (quantized)", "top_5_accuracy", "top-5 accuracy"),
+        )
+        if (value := results.get(key)) is not None
+    ]
+
+
+def _card_data(
+    library: str,
+    scheme: str,
+    weight_bits: Any,
+    selector: type,
+    dataset_name: str,
+    base_model: str | None,
+    name: str,
+    eval_results: list[EvalResult],
+) -> ModelCardData:
+    """The card's metadata: tags for the bit widths and the method, the base model, the results."""
+    if library not in ("timm", "transformers"):
+        raise ValueError(f"library must be 'timm' or 'transformers', got {library!r}")
+    method_tags = [] if selector.selects_all else ["coreset", *(["acs"] if selector.acs_family else [])]
+    return ModelCardData(
+        library_name=library,
+        license="apache-2.0",
+        tags=[
+            "image-classification",
+            library,
+            "quantized",
+            f"{weight_bits}-bit",
+            scheme,
+            "lsq",
+            "qat",
+            *method_tags,
+            "acs_hf",
+        ],  # fmt: skip
+        datasets=[dataset_name],
+        metrics=["accuracy"],
+        base_model=base_model,
+        base_model_relation="quantized" if base_model else None,
+        pipeline_tag="image-classification",
+        model_name=name if eval_results else None,
+        eval_results=eval_results or None,
+    )
 
 
 def push_folder_to_hub(

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import Trainer
 
 from .arguments import QATArguments
+from .batch import default_forward
 from .consistency import broadcast_module_state
 from .quantization import LSQQuantizer, calibrate_quantizers, quantizers_initialized
-from .scoring import default_forward
 
 __all__ = ["ImageClassificationTrainer", "QATTrainer"]
 
@@ -82,7 +82,7 @@ class ImageClassificationTrainer(Trainer):
     @staticmethod
     def forward_logits(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Logits of ``model`` for a batch: timm's ``model(pixel_values)`` or a transformers
-        model's ``.logits`` (see :func:`acs_hf.scoring.default_forward`)."""
+        model's ``.logits`` (see :func:`acs_hf.batch.default_forward`)."""
         return default_forward(model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

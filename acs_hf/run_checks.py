@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from .checkpointing import checkpoint_runs, latest_complete_checkpoint
+from .checkpoint_folders import checkpoint_runs, latest_complete_checkpoint
 from .quantization.checkpoint import WEIGHTS_NAME
 from .reporting import RECORD_NAME
 

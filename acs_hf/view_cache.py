@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import ImageView, decode_image
-from .scoring import INDEX_KEY
+from .batch import INDEX_KEY
+from .images import ImageView, decode_image
 
 __all__ = ["ScoreViewCache", "split_transform"]
 
@@ -61,7 +61,7 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 class ScoreViewCache(Dataset):
-    """``view`` (an :class:`~acs_hf.data.ImageView` under the eval transform) with its decoded,
+    """``view`` (an :class:`~acs_hf.images.ImageView` under the eval transform) with its decoded,
     resized and cropped ``uint8`` pixels cached on disk after their first read.
 
     Safe with DataLoader workers: every process maps the same files; a row is written by the one

@@ -40,7 +40,6 @@ from torch import nn
 from transformers import TrainingArguments
 from transformers.utils import logging as hf_logging
 
-import acs_hf.trainer as acs_trainer_module
 from acs_hf import ACSArguments, ACSTrainer, QuantConfig, SelectionReporter, atomic_write_json, quantize_model
 from acs_hf.data import load_image_datasets, prepare_datasets
 from acs_hf.sampler import CoresetSampler
@@ -184,22 +183,20 @@ def run_size(n: int, args, work: Path) -> dict:
     reporter = TimedReporter()
     trainer.add_callback(reporter)
     state_seconds: list[float] = []
-    save_state = acs_trainer_module.save_acs_state
+    save_state = trainer.selection.save
 
     def timed_save(*a, **kw):
         t = time.perf_counter()
-        save_state(*a, **kw)
+        identity = save_state(*a, **kw)
         state_seconds.append(time.perf_counter() - t)
+        return identity
 
-    acs_trainer_module.save_acs_state = timed_save
+    trainer.selection.save = timed_save  # this trainer's selection state only
     rss_prepared = PeakRSS.rss()
-    try:
-        with PeakRSS() as peak:
-            start = time.perf_counter()
-            trainer.train()
-            train_seconds = time.perf_counter() - start
-    finally:
-        acs_trainer_module.save_acs_state = save_state
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - start
     sampler = CoresetSampler(trainer.num_selected, seed=0)
     t = time.perf_counter()
     sampler.set_subset(trainer.subset)

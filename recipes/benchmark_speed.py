@@ -61,7 +61,8 @@ from acs_hf import (
     select_coreset,
 )
 from acs_hf.quantization import WEIGHTS_NAME
-from acs_hf.scoring import TeacherCache, score_dataset
+from acs_hf.scoring import score_dataset
+from acs_hf.teacher_cache import TeacherCache
 
 sys.path.insert(0, str(Path(__file__).parent))
 from jpeg_speed import bench_jpeg, run_args  # noqa: E402

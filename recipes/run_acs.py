@@ -23,7 +23,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from acs_hf import ACSArguments, QuantConfig
 from acs_hf.arguments import DataArguments, ModelArguments, RunArguments
-from acs_hf.pipeline import default_output_dir, run_acs
+from acs_hf.recipe import default_output_dir, run_acs
 from acs_hf.upstream import parser_destinations
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "digits_demo.yaml"

@@ -11,7 +11,7 @@ from trainer_utils import acs_trainer
 from transformers import TrainingArguments
 
 from acs_hf import ACSTrainer
-from acs_hf.checkpointing import PAIRING_KEY, is_complete_checkpoint, latest_complete_checkpoint
+from acs_hf.checkpoint_folders import PAIRING_KEY, is_complete_checkpoint, latest_complete_checkpoint
 from acs_hf.run_checks import preflight
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -139,7 +139,7 @@ def test_resume_reuses_the_fp_warmup_model(recipe, tmp_path, monkeypatch):
     def no_warmup(*args, **kwargs):
         raise AssertionError("a resumed run must not train the FP model again")
 
-    monkeypatch.setattr(acs_hf.pipeline, "_warmup", no_warmup)
+    monkeypatch.setattr(acs_hf.recipe, "_warmup", no_warmup)
     resumed = recipe.main([*argv, "--resume_from_checkpoint", str(checkpoint)])
     # Same teacher as the interrupted run, and the same final student.
     assert resumed["metrics"]["fp_eval_accuracy"] == first["metrics"]["fp_eval_accuracy"]
@@ -154,7 +154,7 @@ def no_data(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the bad argument was not caught before loading data")
 
-    monkeypatch.setattr(acs_hf.pipeline, "load_image_datasets", refuse)
+    monkeypatch.setattr(acs_hf.recipe, "load_image_datasets", refuse)
 
 
 @pytest.mark.parametrize(
@@ -229,7 +229,7 @@ def test_failed_push_keeps_the_model_and_exits_nonzero(recipe, tmp_path, monkeyp
     def failing_push(directory, repo_id, **kwargs):
         raise HubPushError(f"push to {repo_id!r} failed (simulated); the checkpoint is intact at {directory}")
 
-    monkeypatch.setattr(acs_hf.pipeline, "push_folder_to_hub", failing_push)
+    monkeypatch.setattr(acs_hf.recipe, "push_folder_to_hub", failing_push)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     with pytest.raises(SystemExit) as exit_info:
         recipe.main([DEMO, "--output_dir", str(tmp_path), *TINY_RUN, "--push_to_hub", "true", "--hub_model_id", "me/x"])
@@ -275,7 +275,7 @@ def test_empty_coreset_fails_before_the_warmup(recipe, tmp_path, monkeypatch):
     def no_warmup(*args, **kwargs):
         raise AssertionError("the empty coreset was not caught before the FP warm-up")
 
-    monkeypatch.setattr(acs_hf.pipeline, "_warmup", no_warmup)
+    monkeypatch.setattr(acs_hf.recipe, "_warmup", no_warmup)
     with pytest.raises(ValueError, match="fraction=0.001 of 64 samples selects no sample"):
         recipe.main([DEMO, "--output_dir", str(tmp_path), *TINY_RUN, "--fraction", "0.001"])
     # 0.1 of 64 digits: 6 slots per round for 10 classes, refused before the warm-up too
@@ -287,7 +287,7 @@ def test_truncated_fp_warmup_model_is_named(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from acs_hf.pipeline import _load_warmup
+    from acs_hf.recipe import _load_warmup
 
     model = timm.create_model("test_resnet", num_classes=3)
     path = tmp_path / "fp_warmup" / "model.safetensors"
@@ -431,3 +431,36 @@ def test_held_lock_is_touched_and_released_only_while_ours(tmp_path, quick_lock)
     with quick_lock.output_dir_lock(tmp_path):
         lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "now"}))  # taken over meanwhile
     assert json.loads(lock.read_text())["host"] == "elsewhere"  # not ours to remove
+
+
+def test_export_onnx_flag_writes_a_model_onnxruntime_runs(recipe, tmp_path):
+    """--export_onnx leaves model.onnx beside the checkpoint; ONNX Runtime gives the reloaded
+    checkpoint's predictions on the run's validation images."""
+    import onnxruntime as ort
+
+    from acs_hf.data import digits_dataset, prepare_datasets
+
+    out = tmp_path / "out"
+    summary = recipe.main([DEMO, "--output_dir", str(out), *TINY_RUN, "--export_onnx", "true"])
+    assert summary["onnx"] == str(out / "model.onnx") and (out / "model.onnx").is_file()
+    model = load_quantized(out).eval()
+    ds = prepare_datasets(digits_dataset(), model, image_size=32, max_eval_samples=32, seed=0)
+    x = torch.stack([ds.eval_dataset[i]["pixel_values"] for i in range(len(ds.eval_dataset))])
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_logits = torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
+    with torch.no_grad():
+        torch_logits = model(x)
+    assert torch.equal(onnx_logits.argmax(1), torch_logits.argmax(1))
+    # ONNX Runtime sums convolutions in another order: an activation at a rounding tie may take the
+    # neighbouring code in an 8-bit layer (stem, classifier). Most images must agree to float rounding.
+    close = ((onnx_logits - torch_logits).abs().amax(1) <= 1e-4).float().mean()
+    assert close >= 0.9, f"only {close:.0%} of images agree within 1e-4"
+
+
+def test_export_onnx_needs_the_extra(recipe, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(ValueError, match=r"--export_onnx needs onnxscript: pip install 'acs_hf\[onnx\]'"):
+        recipe.main([DEMO, "--output_dir", str(tmp_path), *TINY_RUN, "--export_onnx", "true"])

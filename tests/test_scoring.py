@@ -4,8 +4,10 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from acs_hf.scoring import INDEX_KEY, TeacherCache, score_dataset
+from acs_hf.batch import INDEX_KEY
+from acs_hf.scoring import score_dataset
 from acs_hf.selection import disagreement_score, entropy_score, error_vector_score
+from acs_hf.teacher_cache import TeacherCache
 
 N, C = 37, 5
 

@@ -99,11 +99,12 @@ def test_label_only_selectors_decode_no_image(tmp_path, method):
     acs = {"selection_method": method, "selection_interval": 1}
     through_loader = acs_trainer(tmp_path / "a", acs, {"num_train_epochs": 3}, ds=ds)
     # A view without labels (a datasets.Dataset's "labels" column would be read directly).
-    through_loader.score_dataset = torch.utils.data.Subset(ds, range(len(ds)))
+    through_loader.selection.scorer.score_dataset = torch.utils.data.Subset(ds, range(len(ds)))
     through_loader.train()
     from_labels = acs_trainer(tmp_path / "b", acs, {"num_train_epochs": 3}, ds=ds)
-    from_labels.score_dataset = LabelledView(ds)
-    from_labels._score_dataloader = lambda: pytest.fail("the scoring loader ran for a label-only selector")
+    scorer = from_labels.selection.scorer
+    scorer.score_dataset = LabelledView(ds)
+    scorer.score_dataloader = lambda: pytest.fail("the scoring loader ran for a label-only selector")
     from_labels.train()
     assert [r["subset_hash"] for r in from_labels.history] == [r["subset_hash"] for r in through_loader.history]
     assert "data_seconds" in through_loader.history[0] and "data_seconds" not in from_labels.history[0]
@@ -385,7 +386,7 @@ def test_interrupted_save_keeps_the_last_complete_checkpoint(tmp_path, monkeypat
     """A crash after the ACS state and before the Trainer finished its save: the newest checkpoint is
     incomplete, the previous complete one was not rotated away, and resuming from the incomplete one
     is refused naming the complete one."""
-    from acs_hf.checkpointing import latest_complete_checkpoint
+    from acs_hf.checkpoint_folders import latest_complete_checkpoint
 
     args = {"num_train_epochs": 3, "save_strategy": "epoch", "save_total_limit": 1}
     trainer = acs_trainer(tmp_path, args_kwargs=args)

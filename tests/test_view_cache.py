@@ -60,7 +60,7 @@ def test_same_scores_and_subsets_with_the_cache(views, tmp_path):
 
     class Spy(TrainerCallback):
         def on_selection(self, *args, **kwargs):
-            opened.append(cached._score_view_cache)
+            opened.append(cached.selection.scorer.view_cache)
 
     cached.add_callback(Spy())
     cached.train()

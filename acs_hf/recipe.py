@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, TrainingArguments
 
 from ._io import atomic_write, atomic_write_json
 from .arguments import ACSArguments, DataArguments, ModelArguments, RunArguments
-from .checkpointing import set_aside_previous_run
+from .checkpoint_folders import set_aside_previous_run
 from .data import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
 from .hub import HubPushError, base_model_id, push_folder_to_hub, write_model_card
 from .metrics import make_compute_metrics, preprocess_logits_for_metrics
@@ -213,31 +213,11 @@ def _run(
     model_args, data_args, qconfig, acs_args, training_args, push: bool, onnx: bool = False
 ) -> tuple[dict[str, Any], ACSTrainer]:
     ds, fp_model = prepare_run_data(model_args, data_args, training_args)
-    names = list(ds.id2label.values())
-    if not acs_args.create_selector().selects_all:
-        # A coreset of 0 samples, or fewer slots than classes, fails here, not after the warm-up.
-        coreset_size(len(ds.train_dataset), acs_args.fraction)
-        if acs_args.class_balanced:
-            class_quotas(torch.bincount(torch.as_tensor(ds.score_dataset.labels)), acs_args.fraction)
-    compute_metrics = make_compute_metrics(k=min(5, len(names)))
+    _check_coreset(ds, acs_args)
+    compute_metrics = make_compute_metrics(k=min(5, len(ds.id2label)))
     if model_args.fp_warmup_epochs > 0:
-        warm = Path(training_args.output_dir) / "fp_warmup" / WEIGHTS_NAME
-        if training_args.resume_from_checkpoint and warm.is_file():
-            # The teacher and the QAT starting point must be the model the interrupted run used.
-            _load_warmup(fp_model, warm)
-            logger.info("Resuming: FP warm-up model loaded from %s", warm)
-        else:
-            fp_model = _warmup(fp_model, ds, training_args, model_args, compute_metrics)
-            if training_args.process_index == 0:
-                state = {k: v.detach().cpu().contiguous() for k, v in fp_model.state_dict().items()}
-                atomic_write(warm, lambda tmp: save_file(state, tmp))
-
-    if model_args.teacher_model_name:
-        teacher = create_model(
-            model_args.teacher_model_name, True, len(names), model_args.image_size, dict(enumerate(names))
-        )
-    else:
-        teacher = copy.deepcopy(fp_model)
+        fp_model = _warm_model(fp_model, ds, training_args, model_args, compute_metrics)
+    teacher = _teacher(model_args, fp_model, list(ds.id2label.values()))
     student = quantize_model(copy.deepcopy(fp_model), qconfig)
 
     trainer = ACSTrainer(
@@ -257,6 +237,49 @@ def _run(
         save_student(student, out, model_args, qconfig, ds)
         if onnx:
             export_onnx(student, out / ONNX_NAME, input_size=ds.data_config["input_size"])
+    metrics = _evaluate(trainer, teacher, ds, training_args, compute_metrics)
+
+    summary: dict[str, Any] = {"output_dir": str(out), "metrics": metrics}
+    if trainer.is_world_process_zero():  # one writer for the shared output folder
+        run = (model_args, data_args, qconfig, acs_args, training_args)
+        summary.update(_publish(out, trainer, ds, fp_model, metrics, run, push, onnx))
+        atomic_write_json(out / "acs_summary.json", summary)
+    return summary, trainer
+
+
+def _check_coreset(ds, acs_args: ACSArguments) -> None:
+    """A coreset of 0 samples, or fewer slots than classes, fails here, not after the warm-up."""
+    if not acs_args.create_selector().selects_all:
+        coreset_size(len(ds.train_dataset), acs_args.fraction)
+        if acs_args.class_balanced:
+            class_quotas(torch.bincount(torch.as_tensor(ds.score_dataset.labels)), acs_args.fraction)
+
+
+def _warm_model(fp_model, ds, training_args: TrainingArguments, model_args: ModelArguments, compute_metrics):
+    """The FP model after its warm-up: the saved one when resuming, else trained (and saved) now."""
+    warm = Path(training_args.output_dir) / "fp_warmup" / WEIGHTS_NAME
+    if training_args.resume_from_checkpoint and warm.is_file():
+        # The teacher and the QAT starting point must be the model the interrupted run used.
+        _load_warmup(fp_model, warm)
+        logger.info("Resuming: FP warm-up model loaded from %s", warm)
+        return fp_model
+    fp_model = _warmup(fp_model, ds, training_args, model_args, compute_metrics)
+    if training_args.process_index == 0:
+        state = {k: v.detach().cpu().contiguous() for k, v in fp_model.state_dict().items()}
+        atomic_write(warm, lambda tmp: save_file(state, tmp))
+    return fp_model
+
+
+def _teacher(model_args: ModelArguments, fp_model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    if model_args.teacher_model_name:
+        return create_model(
+            model_args.teacher_model_name, True, len(names), model_args.image_size, dict(enumerate(names))
+        )
+    return copy.deepcopy(fp_model)
+
+
+def _evaluate(trainer: ACSTrainer, teacher, ds, training_args: TrainingArguments, compute_metrics) -> dict[str, Any]:
+    """The quantized model's evaluation, with the FP teacher's accuracy beside it."""
     metrics = trainer.evaluate()
     fp_metrics = _fp_trainer(teacher, ds, training_args, compute_metrics, report_to=[]).evaluate(
         metric_key_prefix="fp_eval"
@@ -264,56 +287,54 @@ def _run(
     metrics.update({k: v for k, v in fp_metrics.items() if k in ("fp_eval_accuracy", "fp_eval_top5")})
     _remove_if_empty(Path(training_args.output_dir) / "fp_warmup")  # the FP evaluation's Trainer made it
     trainer.save_metrics("eval", metrics)
+    return metrics
 
-    summary: dict[str, Any] = {"output_dir": str(out), "metrics": metrics}
-    if trainer.is_world_process_zero():  # one writer for the shared output folder
-        fp32_bytes = sum(t.numel() * 4 for t in fp_model.state_dict().values() if t.is_floating_point())
-        ckpt_bytes = (out / WEIGHTS_NAME).stat().st_size
-        dataset_id = data_args.dataset_name or (data_args.train_dir and "imagefolder") or DIGITS
-        results = {
-            "top-1 (quantized)": metrics.get("eval_accuracy"),
-            "top-5 (quantized)": metrics.get("eval_top5"),
-            "top-1 (FP teacher)": metrics.get("fp_eval_accuracy"),
-            "training images per epoch": trainer.num_selected,
-            "training set size": len(ds.train_dataset),
-        }
-        acs_settings = acs_args.settings()
-        acs_settings["num_train_epochs"] = training_args.num_train_epochs
-        plot = PLOT_NAME if (out / PLOT_NAME).is_file() else None
-        card = write_model_card(
-            out,
-            model_name=model_args.model_name,
-            dataset_name=dataset_id,
-            quant_config=qconfig.to_dict(),
-            acs_settings=acs_settings,
-            results=results,
-            fp32_bytes=fp32_bytes,
-            checkpoint_bytes=ckpt_bytes,
-            plot_name=plot,
-            base_model=base_model_id(model_args.model_name, model_args.pretrained),
-            library="transformers" if isinstance(fp_model, PreTrainedModel) else "timm",
-            eval_split=ds.eval_split,
-            image_size=ds.data_config["input_size"][-1],
-            repo_id=training_args.hub_model_id,
-        )
-        summary.update(
-            checkpoint=str(out),
-            model_card=str(card),
-            selection_plot=str(out / plot) if plot else None,
-            selection_log=str(out / RECORD_NAME) if (out / RECORD_NAME).is_file() else None,
-            onnx=str(out / ONNX_NAME) if onnx else None,
-            compression=fp32_bytes / ckpt_bytes,
-        )
-        if push:
-            try:
-                summary["hub_url"] = push_folder_to_hub(
-                    out,
-                    training_args.hub_model_id,
-                    private=training_args.hub_private_repo,
-                    token=training_args.hub_token,
-                )
-            except HubPushError as e:
-                summary["hub_error"] = str(e)
-                logger.error("%s", e)
-        atomic_write_json(out / "acs_summary.json", summary)
-    return summary, trainer
+
+def _publish(out: Path, trainer: ACSTrainer, ds, fp_model, metrics, run, push: bool, onnx: bool) -> dict[str, Any]:
+    """Write the model card (and push the folder); returns what the summary records of them."""
+    model_args, data_args, qconfig, acs_args, training_args = run
+    fp32_bytes = sum(t.numel() * 4 for t in fp_model.state_dict().values() if t.is_floating_point())
+    ckpt_bytes = (out / WEIGHTS_NAME).stat().st_size
+    results = {
+        "top-1 (quantized)": metrics.get("eval_accuracy"),
+        "top-5 (quantized)": metrics.get("eval_top5"),
+        "top-1 (FP teacher)": metrics.get("fp_eval_accuracy"),
+        "training images per epoch": trainer.num_selected,
+        "training set size": len(ds.train_dataset),
+    }
+    acs_settings = acs_args.settings()
+    acs_settings["num_train_epochs"] = training_args.num_train_epochs
+    plot = PLOT_NAME if (out / PLOT_NAME).is_file() else None
+    card = write_model_card(
+        out,
+        model_name=model_args.model_name,
+        dataset_name=data_args.dataset_name or (data_args.train_dir and "imagefolder") or DIGITS,
+        quant_config=qconfig.to_dict(),
+        acs_settings=acs_settings,
+        results=results,
+        fp32_bytes=fp32_bytes,
+        checkpoint_bytes=ckpt_bytes,
+        plot_name=plot,
+        base_model=base_model_id(model_args.model_name, model_args.pretrained),
+        library="transformers" if isinstance(fp_model, PreTrainedModel) else "timm",
+        eval_split=ds.eval_split,
+        image_size=ds.data_config["input_size"][-1],
+        repo_id=training_args.hub_model_id,
+    )
+    published = {
+        "checkpoint": str(out),
+        "model_card": str(card),
+        "selection_plot": str(out / plot) if plot else None,
+        "selection_log": str(out / RECORD_NAME) if (out / RECORD_NAME).is_file() else None,
+        "onnx": str(out / ONNX_NAME) if onnx else None,
+        "compression": fp32_bytes / ckpt_bytes,
+    }
+    if push:
+        try:
+            published["hub_url"] = push_folder_to_hub(
+                out, training_args.hub_model_id, private=training_args.hub_private_repo, token=training_args.hub_token
+            )
+        except HubPushError as e:
+            published["hub_error"] = str(e)
+            logger.error("%s", e)
+    return published

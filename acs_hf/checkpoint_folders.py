@@ -1,14 +1,7 @@
-"""The selection state inside Trainer checkpoints, and what makes a checkpoint safe to resume.
+"""Checkpoint folders: which are complete, whose run they belong to, which a resume may use.
 
-ACSTrainer writes, into ``checkpoint-<step>/`` and before the Trainer's own files:
-
-- ``acs_subset.npy``: the current coreset (and ``acs_selector_subset.npy`` for stateful selectors);
-- ``acs_state.json``: round counters, the selection history, the hash of the subset, the process
-  count and optimizer steps per epoch it was taken with, the fingerprint of the training data, and
-  the identity of the save: the run's id (random, made once per run and kept by its resumes) and
-  an id of this save, also recorded in the Trainer's ``trainer_state.json``.
-
-A checkpoint is complete only when ``acs_state.json`` and the Trainer's ``trainer_state.json``
+A checkpoint is complete only when ``acs_state.json`` (written first, by
+:meth:`acs_hf.selection_state.SelectionState.save`) and the Trainer's ``trainer_state.json``
 (written last by the Trainer, before it rotates old checkpoints) are both there and describe the
 same save: the same step, run and save id. A save never writes into a finished checkpoint of
 another run or another process count (their step numbers count other steps); a finished folder
@@ -32,19 +25,18 @@ import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
 
-from ._io import atomic_save_npy, atomic_write_json
 from .quantization.checkpoint import WEIGHTS_NAME
 from .reporting import PLOT_NAME, RECORD_NAME, SUBSET_DIR
-from .sampler import subset_hash
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
-    from .trainer import ACSTrainer
-
 __all__ = [
-    "save_acs_state",
-    "load_acs_state",
+    "read_state",
+    "check_same_run",
+    "read_array",
+    "clear_for_save",
+    "check_resume_layout",
     "is_complete_checkpoint",
     "latest_complete_checkpoint",
     "checkpoint_runs",
@@ -139,15 +131,15 @@ def _other_save(ckpt: Path, run_id: str, world_size: int) -> str | None:
     return None
 
 
-def _clear_for_save(trainer: ACSTrainer, ckpt: Path) -> None:
+def clear_for_save(ckpt: Path, run_id: str, world_size: int, step: int) -> None:
     """Refuse to save into another save's finished checkpoint; remove this run's stale one."""
     if not ckpt.exists():
         return
-    other = _other_save(ckpt, trainer.run_id, trainer.accelerator.num_processes)
+    other = _other_save(ckpt, run_id, world_size)
     if other is not None:
         raise RuntimeError(
-            f"{ckpt} already holds a checkpoint of {other}; this save (step {trainer.state.global_step}, run "
-            f"{trainer.run_id} on {trainer.accelerator.num_processes} process(es)) will not write into it. Move "
+            f"{ckpt} already holds a checkpoint of {other}; this save (step {step}, run "
+            f"{run_id} on {world_size} process(es)) will not write into it. Move "
             f"that folder out of {ckpt.parent}, then resume this run from its latest checkpoint"
         )
     # An interrupted save, or this run's own earlier save of this step (resumed from before it).
@@ -155,37 +147,8 @@ def _clear_for_save(trainer: ACSTrainer, ckpt: Path) -> None:
     shutil.rmtree(ckpt)
 
 
-def save_acs_state(trainer: ACSTrainer, checkpoint_dir: str | os.PathLike) -> None:
-    """Write the selection state of ``trainer`` into ``checkpoint_dir`` (the saving processes only),
-    and record the save's identity in ``trainer.state`` for the Trainer's ``trainer_state.json``."""
-    ckpt = Path(checkpoint_dir)
-    _clear_for_save(trainer, ckpt)
-    steps_per_epoch = trainer.steps_per_epoch
-    identity = {"run_id": trainer.run_id, "save_id": uuid.uuid4().hex[:16]}
-    state: dict[str, Any] = {
-        **identity,
-        "selection_round": trainer.selection_round,
-        "selected_epoch": trainer.selected_epoch,
-        "method": trainer.acs_args.selection_method,
-        "fraction": trainer.acs_args.fraction,
-        "num_samples": trainer.num_samples,
-        "data_fingerprint": trainer.data_fingerprint,
-        "subset_hash": subset_hash(trainer.subset),
-        "world_size": trainer.accelerator.num_processes,
-        "global_step": trainer.state.global_step,
-        "steps_per_epoch": steps_per_epoch,
-        "at_epoch_boundary": bool(steps_per_epoch) and trainer.state.global_step % steps_per_epoch == 0,
-        "history": trainer.history,
-    }
-    atomic_save_npy(ckpt / SUBSET_NAME, trainer.subset.numpy())
-    selector_subset = trainer.selector.state_dict().get("subset")
-    if selector_subset is not None:
-        atomic_save_npy(ckpt / SELECTOR_STATE_NAME, selector_subset.numpy())
-    atomic_write_json(ckpt / STATE_NAME, state)
-    trainer.state.stateful_callbacks[PAIRING_KEY] = {"args": {}, "attributes": identity}
-
-
-def _read_state(ckpt: Path) -> dict[str, Any]:
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """The ACS state of ``ckpt``, refused when missing, corrupt or not paired with the Trainer's."""
     path = ckpt / STATE_NAME
     hint = f"resume from the latest complete checkpoint in {ckpt.parent} ({latest_complete_checkpoint(ckpt.parent)})"
     if not path.is_file():
@@ -204,39 +167,30 @@ def _read_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def _load_npy(path: Path) -> torch.Tensor:
+def check_same_run(
+    state: dict[str, Any], ckpt: Path, method: str, num_samples: int, data_fingerprint: str | None
+) -> None:
+    """Refuse a checkpoint's state (``read_state``) that another method or other data selected."""
+    if state["method"] != method or state["num_samples"] != num_samples:
+        raise ValueError(
+            f"checkpoint {ckpt} selected with method={state['method']!r} over {state['num_samples']} samples; "
+            f"this run uses {method!r} over {num_samples}"
+        )
+    saved_fp = state.get("data_fingerprint")
+    if saved_fp is not None and data_fingerprint is not None and saved_fp != data_fingerprint:
+        raise ValueError(
+            f"checkpoint {ckpt} was trained on other data: training-set fingerprint {saved_fp} there, "
+            f"{data_fingerprint} now (same size, but another seed, --max_train_samples draw, data "
+            "folder or dataset revision?). Resume with the original data settings, or start a new run."
+        )
+
+
+def read_array(path: Path) -> torch.Tensor:
+    """A checkpoint's ``.npy`` array as a tensor, refused when missing or corrupt."""
     try:
         return torch.from_numpy(np.load(path))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is missing or corrupt ({e}); resume from an earlier checkpoint") from e
-
-
-def load_acs_state(trainer: ACSTrainer, checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """Restore the selection state of ``trainer`` from ``checkpoint``, refusing what would not
-    reproduce the interrupted run: another method, other data, a damaged file."""
-    ckpt = Path(checkpoint)
-    state = _read_state(ckpt)
-    args = trainer.acs_args
-    if state["method"] != args.selection_method or state["num_samples"] != trainer.num_samples:
-        raise ValueError(
-            f"checkpoint {ckpt} selected with method={state['method']!r} over {state['num_samples']} samples; "
-            f"this run uses {args.selection_method!r} over {trainer.num_samples}"
-        )
-    saved_fp = state.get("data_fingerprint")
-    if saved_fp is not None and trainer.data_fingerprint is not None and saved_fp != trainer.data_fingerprint:
-        raise ValueError(
-            f"checkpoint {ckpt} was trained on other data: training-set fingerprint {saved_fp} there, "
-            f"{trainer.data_fingerprint} now (same size, but another seed, --max_train_samples draw, data "
-            "folder or dataset revision?). Resume with the original data settings, or start a new run."
-        )
-    subset = _load_npy(ckpt / SUBSET_NAME)
-    if subset_hash(subset) != state["subset_hash"]:
-        raise ValueError(f"{ckpt / SUBSET_NAME} does not match the hash in {STATE_NAME}; the checkpoint is damaged")
-    if (ckpt / SELECTOR_STATE_NAME).is_file():
-        trainer.selector.load_state_dict({"subset": _load_npy(ckpt / SELECTOR_STATE_NAME)})
-    trainer.subset, trainer.selected_epoch = subset, state["selected_epoch"]
-    trainer.selection_round, trainer.history = state["selection_round"], state["history"]
-    return state
 
 
 def check_resume_layout(state: dict[str, Any], ckpt: Path, world_size: int) -> int | None:
@@ -287,16 +241,17 @@ def run_identity(resume_from_checkpoint: str | os.PathLike | None) -> str:
     return broadcast_object_list([uuid.uuid4().hex[:12]], from_process=0)[0]
 
 
-def check_checkpoints_ahead(trainer: ACSTrainer, output_dir: str | os.PathLike, resumed_from: str) -> None:
+def check_checkpoints_ahead(
+    output_dir: str | os.PathLike, resumed_from: str, step: int, world_size: int, run_id: str
+) -> None:
     """Refuse, before training, a resume that would save among finished checkpoints of another run
     or another process count: step numbers depend on the process count, so it would write into them,
     or beside them out of order. This run's own later checkpoints (a resume from an earlier one) are
     replaced as their steps are saved again."""
-    step, world_size = trainer.state.global_step, trainer.accelerator.num_processes
     others = [
         f"{p.name} ({other})"
         for p in _checkpoints(output_dir)
-        if _step(p) > step and (other := _other_save(p, trainer.run_id, world_size))
+        if _step(p) > step and (other := _other_save(p, run_id, world_size))
     ]
     if others:
         raise ValueError(
