@@ -19,6 +19,32 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_number(
+    name: str,
+    value: object,
+    low: float,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    integer: bool = False,
+    optional: bool = False,
+) -> None:
+    """Refuse ``value`` unless it is a finite number (an int when ``integer``) in ``[low, high]``
+    (``(low, high]`` when ``low_open``; no upper bound when ``high`` is None), or None when
+    ``optional``. The error names the argument, the value and what is accepted."""
+    if value is None and optional:
+        return
+    kind_ok = isinstance(value, int) and not isinstance(value, bool) if integer else _finite(value)
+    if kind_ok and (value > low if low_open else value >= low) and (high is None or value <= high):
+        return
+    kind = "an integer" if integer else "a number"
+    if high is None:
+        accepted = f"{'>' if low_open else '>='} {low}"
+    else:
+        accepted = f"in {'(' if low_open else '['}{low}, {high}]"
+    raise ValueError(f"{name} must be {kind} {accepted}{' or unset' if optional else ''}, got {value!r}")
+
+
 @dataclass
 class QATArguments:
     """How the quantized student learns: distillation, LSQ step-size learning rate, calibration."""
@@ -40,14 +66,10 @@ class QATArguments:
     )
 
     def __post_init__(self) -> None:
-        if not (_finite(self.kd_temperature) and self.kd_temperature > 0):
-            raise ValueError(f"kd_temperature must be a finite number > 0, got {self.kd_temperature!r}")
-        if not (_finite(self.kd_alpha) and 0 <= self.kd_alpha <= 1):
-            raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha!r}")
-        if not (_finite(self.step_lr_scale) and self.step_lr_scale > 0):
-            raise ValueError(f"step_lr_scale must be a finite number > 0, got {self.step_lr_scale!r}")
-        if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be an integer >= 1, got {self.calibration_batches!r}")
+        _check_number("kd_temperature", self.kd_temperature, 0, low_open=True)
+        _check_number("kd_alpha", self.kd_alpha, 0, 1)
+        _check_number("step_lr_scale", self.step_lr_scale, 0, low_open=True)
+        _check_number("calibration_batches", self.calibration_batches, 1, integer=True)
 
 
 @dataclass
@@ -121,10 +143,8 @@ class ACSArguments(QATArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.create_selector().check_fraction(self.fraction)
-        if not isinstance(self.selection_interval, int) or self.selection_interval < 1:
-            raise ValueError(f"selection_interval must be an integer >= 1 epoch, got {self.selection_interval!r}")
-        if self.score_batch_size is not None and self.score_batch_size < 1:
-            raise ValueError(f"score_batch_size must be >= 1, got {self.score_batch_size!r}")
+        _check_number("selection_interval", self.selection_interval, 1, integer=True)
+        _check_number("score_batch_size", self.score_batch_size, 1, integer=True, optional=True)
         self._check_score_source()
 
     def _check_score_source(self) -> None:
@@ -205,16 +225,9 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        if not (_finite(self.fp_warmup_epochs) and self.fp_warmup_epochs >= 0):
-            raise ValueError(f"fp_warmup_epochs must be a finite number >= 0, got {self.fp_warmup_epochs!r}")
-        if self.fp_warmup_learning_rate is not None and not (
-            _finite(self.fp_warmup_learning_rate) and self.fp_warmup_learning_rate > 0
-        ):
-            raise ValueError(
-                f"fp_warmup_learning_rate must be a finite number > 0, got {self.fp_warmup_learning_rate!r}"
-            )
-        if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        _check_number("fp_warmup_epochs", self.fp_warmup_epochs, 0)
+        _check_number("fp_warmup_learning_rate", self.fp_warmup_learning_rate, 0, low_open=True, optional=True)
+        _check_number("image_size", self.image_size, 8, integer=True, optional=True)
 
 
 @dataclass
@@ -279,14 +292,10 @@ class DataArguments:
     def __post_init__(self) -> None:
         for name, low in (("max_train_samples", 1), ("max_eval_samples", 1), ("preprocessing_num_workers", 1),
                           ("score_image_size", 8)):  # fmt: skip
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < low):
-                raise ValueError(f"{name} must be an integer >= {low} or unset, got {value!r}")
+            _check_number(name, getattr(self, name), low, integer=True, optional=True)
         for name in ("hflip", "vflip", "reprob"):
-            if not (_finite(getattr(self, name)) and 0 <= getattr(self, name) <= 1):
-                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
-        if not (_finite(self.color_jitter) and self.color_jitter >= 0):
-            raise ValueError(f"color_jitter must be a number >= 0, got {self.color_jitter!r}")
+            _check_number(name, getattr(self, name), 0, 1)
+        _check_number("color_jitter", self.color_jitter, 0)
         for name, upper in (("scale", 1.0), ("ratio", math.inf)):
             lo_hi = list(getattr(self, name))
             if len(lo_hi) != 2 or not all(_finite(v) and v > 0 for v in lo_hi) or not lo_hi[0] <= lo_hi[1] <= upper:
@@ -295,8 +304,7 @@ class DataArguments:
                 )
         if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation={self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
-        if self.crop_pct is not None and not (_finite(self.crop_pct) and 0 < self.crop_pct <= 1):
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        _check_number("crop_pct", self.crop_pct, 0, 1, low_open=True, optional=True)
         if self.auto_augment:
             from timm.data import create_transform
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
 
-from .quantization.checkpoint import WEIGHTS_NAME
+from .quantization.packed import WEIGHTS_NAME
 from .reporting import PLOT_NAME, RECORD_NAME, SUBSET_DIR
 
 if TYPE_CHECKING:

@@ -39,19 +39,16 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .quantization.checkpoint import (
+from .quantization.integrity import check_model_args, check_quantization_config, check_tensor_names, weights_metadata
+from .quantization.packed import (
     QUANT_METHOD,
     WEIGHTS_NAME,
-    check_model_args,
-    check_quantization_config,
-    check_tensor_names,
     packed_state,
     prepare_packed_weights,
-    read_checkpoint,
     unpack_state_dict,
     unpack_weights,
-    weights_metadata,
 )
+from .quantization.serialization import read_checkpoint
 
 __all__ = ["LSQQuantizationConfig", "LSQHfQuantizer", "quantized_root"]
 

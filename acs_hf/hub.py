@@ -11,7 +11,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ._io import atomic_write_bytes
 from .models import folder_config, is_transformers_name
-from .quantization.checkpoint import WEIGHTS_NAME
+from .quantization.packed import WEIGHTS_NAME
 from .selection import SELECTORS
 
 __all__ = [

@@ -22,7 +22,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from .checkpoint_folders import checkpoint_runs, latest_complete_checkpoint
-from .quantization.checkpoint import WEIGHTS_NAME
+from .quantization.packed import WEIGHTS_NAME
 from .reporting import RECORD_NAME
 
 __all__ = ["preflight", "output_dir_lock", "RunInUseError", "LOCK_NAME"]

@@ -15,6 +15,7 @@ from typing import Any
 
 __all__ = [
     "TORCH_OVERRIDES",
+    "TRANSFORMERS_QUANTIZER_REGISTRY",
     "TRAINER_OVERRIDES",
     "check_upstream",
     "dataset_fingerprint",
@@ -24,6 +25,12 @@ __all__ = [
     "save_timm_config",
     "trainer_output_dir",
 ]
+
+#: The transformers module that defines ``AutoHfQuantizer`` (the registry ``from_pretrained``
+#: consults) and ``register_quantizer`` / ``register_quantization_config``: ``import acs_hf`` registers
+#: right after it is imported (see ``acs_hf/__init__.py``). transformers documents the functions
+#: under ``transformers.quantizers``; the submodule that runs them is the detail relied on.
+TRANSFORMERS_QUANTIZER_REGISTRY = "transformers.quantizers.auto"
 
 #: The private ``transformers.Trainer`` methods ACSTrainer overrides, with the parameters it relies
 #: on and why. Public replacement: none today (transformers offers callbacks for none of these).
@@ -117,4 +124,19 @@ def check_upstream() -> list[str]:
         problems.append("timm.models._hub.save_config_for_hf is gone")
     if not hasattr(argparse.ArgumentParser(), "_actions"):
         problems.append("argparse.ArgumentParser._actions is gone")
+    problems += _check_quantizer_registry()
     return problems
+
+
+def _check_quantizer_registry() -> list[str]:
+    import transformers.quantizers as quantizers
+
+    names = ("AutoHfQuantizer", "register_quantizer", "register_quantization_config")
+    found = {name: getattr(getattr(quantizers, name, None), "__module__", None) for name in names}
+    moved = {name: module for name, module in found.items() if module != TRANSFORMERS_QUANTIZER_REGISTRY}
+    if moved:
+        return [
+            f"transformers.quantizers' {sorted(moved)} are no longer defined in {TRANSFORMERS_QUANTIZER_REGISTRY} "
+            f"(found in {sorted(set(map(str, moved.values())))}): `import acs_hf` would never register its quantizer"
+        ]
+    return []

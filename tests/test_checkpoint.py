@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import acs_hf.quantization.checkpoint as ckpt
+import acs_hf.quantization.serialization as serialization
 from acs_hf import QuantConfig, calibrate_quantizers, load_quantized, quantize_model, save_quantized
 from acs_hf.quantization import pack_codes, unpack_codes
 
@@ -93,7 +93,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("interrupted mid-save")
 
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(serialization, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         save_quantized(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left either
@@ -198,7 +198,7 @@ def test_packed_length_and_code_range_checked(tmp_path):
 
     saved(tmp_path)
     weights = tmp_path / "model.safetensors"
-    with ckpt.safe_open(weights, framework="pt") as f:
+    with safe_open(weights, framework="pt") as f:
         meta = f.metadata()
     tensors = load_file(weights)
     meta.pop("layers_sha256")

@@ -127,7 +127,7 @@ def test_older_save_without_digests_loads_unchecked(folder, saved, caplog):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = saved[1](x)
-        with caplog.at_level("INFO", logger="acs_hf.quantization.checkpoint"):
+        with caplog.at_level("INFO", logger="acs_hf.quantization.integrity"):
             assert torch.equal(load_quantized(folder)(x), ref)
             assert (AutoModelForImageClassification.from_pretrained(folder)(x).logits - ref).abs().max() <= 1e-5
     assert caplog.text.count("no architecture or tensor digests") == 2

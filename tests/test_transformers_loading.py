@@ -204,6 +204,59 @@ def test_registration_whichever_is_imported_first(first):
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
 
 
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("first", ["acs_hf", "transformers"])
+def test_registration_failure_raises(first):
+    """A registration that fails (here acs_hf's quantizer module cannot be imported) raises an
+    ImportError saying so in either import order, instead of a warning and a from_pretrained that
+    cannot read acs_hf checkpoints."""
+    imports = ["import acs_hf", "import transformers.quantizers.auto"]
+    if first == "transformers":
+        imports.reverse()
+    code = "\n".join(
+        [
+            "import sys",
+            "sys.modules['acs_hf.hf_quantizer'] = None  # its import now fails",
+            imports[0],
+            "try:",
+            f"    {imports[1]}",
+            "except ImportError as e:",
+            "    print('RAISED', e)",
+        ]
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RAISED acs_hf could not register its quantizer with transformers" in result.stdout, result.stdout
+
+
+def test_hook_that_cannot_run_raises():
+    """When the registry's spec has no loader that executes it (another import system in the way),
+    the hook refuses at the registry's import rather than letting it import unregistered."""
+    code = "\n".join(
+        [
+            "import importlib.machinery, sys",
+            "import acs_hf",
+            "class Legacy:",
+            "    def load_module(self, name): raise AssertionError('never loaded')",
+            "class Finder:",
+            "    def find_spec(self, name, path, target=None):",
+            "        if name == 'transformers.quantizers.auto':",
+            "            return importlib.machinery.ModuleSpec(name, Legacy())",
+            "sys.meta_path.insert(1, Finder())  # behind acs_hf's hook, ahead of the file finder",
+            "try:",
+            "    import transformers.quantizers.auto",
+            "except ImportError as e:",
+            "    print('RAISED', e)",
+        ]
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RAISED acs_hf cannot register its quantizer: transformers.quantizers.auto has no loader" in result.stdout
+
+
 def test_from_pretrained_with_a_hub_id_from_the_cache(timm_run, tmp_path):
     """A Hub repo id resolved from a pre-filled cache (offline): the same model as the folder."""
     commit = "0" * 40

@@ -52,3 +52,18 @@ def test_damaged_file_errors_are_told_apart():
     assert upstream.is_damaged_file_error(RuntimeError("PytorchStreamReader failed reading zip archive"))
     assert not upstream.is_damaged_file_error(RuntimeError("Error(s) in loading state_dict: size mismatch"))
     assert not upstream.is_damaged_file_error(MemoryError())
+
+
+def test_a_moved_quantizer_registry_is_reported(monkeypatch):
+    """The registry module the import hook waits for is pinned: were transformers to define its
+    quantizer registry elsewhere, the seam check names what moved and where."""
+    import transformers.quantizers as quantizers
+
+    moved = type("AutoHfQuantizer", (), {"__module__": "transformers.quantizers.registry"})
+    monkeypatch.setattr(quantizers, "AutoHfQuantizer", moved)
+    problems = upstream.check_upstream()
+    assert (
+        len(problems) == 1
+        and "['AutoHfQuantizer'] are no longer defined in transformers.quantizers.auto" in (problems[0])
+    ), problems
+    assert "found in ['transformers.quantizers.registry']" in problems[0]

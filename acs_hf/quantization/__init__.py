@@ -4,16 +4,6 @@ Each step is a function you can call alone (torchao-style); ``dequantize_model``
 Knows nothing of data, coreset selection or transformers.
 """
 
-from .checkpoint import (
-    WEIGHTS_NAME,
-    layer_configs_from_table,
-    load_quantized,
-    pack_codes,
-    prepare_packed_weights,
-    save_quantized,
-    unpack_codes,
-    unpack_weights,
-)
 from .lsq import LSQQuantizer, check_bits, lsq_fake_quant, quant_range
 from .model import (
     QuantConfig,
@@ -27,6 +17,15 @@ from .model import (
 )
 from .modules import LayerQuantConfig, QuantConv2d, QuantLinear, QuantModule, is_quantizable
 from .onnx_export import export_onnx
+from .packed import (
+    WEIGHTS_NAME,
+    layer_configs_from_table,
+    pack_codes,
+    prepare_packed_weights,
+    unpack_codes,
+    unpack_weights,
+)
+from .serialization import load_quantized, save_quantized
 
 __all__ = [
     "WEIGHTS_NAME",

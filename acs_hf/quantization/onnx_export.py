@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import broadcast_step, stored_weight_codes
 from .lsq import LSQQuantizer, lsq_fake_quant, quant_range
 from .model import quant_modules
 from .modules import QuantModule
+from .onnx_passes import clean_up, fold_batchnorm_nodes, keep_float_biases, save_atomically
+from .packed import broadcast_step, stored_weight_codes
 
 __all__ = ["export_onnx"]
 
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 #: Smallest opset with INT4 / UINT4 QuantizeLinear and DequantizeLinear.
 INT4_OPSET = 21
-_INT4_TYPES = (22, 21)  # onnx TensorProto.INT4, UINT4
 
 
 # -- custom ops: LSQ math in eager mode, QDQ nodes in ONNX ------------------------------------------
@@ -148,8 +147,10 @@ def _container(bits: int, int4: bool) -> int:
     return 4 if int4 and bits <= 4 else 8
 
 
-def _check_exportable(model: nn.Module) -> None:
-    """Refuse quantizers that are uninitialised or observing, and non-float32 quantized layers."""
+def _check_exportable(model: nn.Module, int4: bool, opset: int) -> None:
+    """Refuse INT4 below opset 21, quantizers that are uninitialised or observing, and non-float32 quantized layers."""
+    if int4 and opset < INT4_OPSET:
+        raise ValueError(f"export_onnx: INT4 containers need opset >= {INT4_OPSET}, got {opset}; or pass int4=False")
     for name, m in quant_modules(model):
         for q in m.quantizers():
             if not q.is_initialized or q.observing:
@@ -228,149 +229,6 @@ def _model_input_size(model: nn.Module) -> tuple[int, ...]:
     raise ValueError("export_onnx: give example_input or input_size; the model does not say its input size")
 
 
-def _clean_up(model: Any) -> None:
-    """Store ``Cast(int8 codes -> INT4 / UINT4)`` on an initializer as an INT4 / UINT4 initializer of
-    the same name, drop what is unused (the float weights the codes replace) and take the wrapper's
-    ``model.`` prefix off the initializer names (``layer1.0.conv1.weight_quantizer.codes``)."""
-    import onnx_ir as ir
-    import onnxscript
-
-    def keep_int4_casts(node: ir.Node) -> bool | None:  # converted below, keeping the codes' names
-        return False if node.op_type == "Cast" and node.attributes.get_int("to") in _INT4_TYPES else None
-
-    onnxscript.optimizer.optimize_ir(model, should_fold=keep_int4_casts)
-    graph = model.graph
-    for cast in [n for n in graph if n.op_type == "Cast" and n.inputs[0].is_initializer()]:
-        to = ir.DataType(cast.attributes.get_int("to"))
-        source = cast.inputs[0]
-        if to not in _INT4_TYPES or len(source.uses()) != 1:
-            continue
-        source.const_value = ir.tensor(source.const_value.numpy().astype(to.numpy()), dtype=to, name=source.name)
-        source.dtype = to
-        cast.outputs[0].replace_all_uses_with(source)
-        graph.remove(cast, safe=True)
-    onnxscript.optimizer.remove_unused_nodes(model)
-    for value in list(graph.initializers.values()):
-        if value.name.startswith("model.") and value.name[6:] not in graph.initializers:
-            value.name = value.name[6:]
-
-
-def _keep_float_biases(model: Any) -> None:
-    """Move the float bias of each Conv / Gemm whose weight is dequantized into an Add after it.
-
-    onnxruntime's "WeightBiasQuantization" rounds such a bias to int32 codes at input scale x weight
-    scale, which at 2-4 bits moves outputs by a good share of an activation step; LSQ adds the bias
-    in float, and so does the exported graph."""
-    import onnx_ir as ir
-
-    graph = model.graph
-    for node in [n for n in graph if n.op_type in ("Conv", "Gemm") and len(n.inputs) == 3]:
-        weight, bias = node.inputs[1].producer(), node.inputs[2]
-        if weight is None or weight.op_type != "DequantizeLinear" or bias is None or bias.const_value is None:
-            continue
-        if len(bias.uses()) != 1 or weight.inputs[0].const_value is None or node.attributes.get_float("beta", 1) != 1:
-            continue
-        if node.op_type == "Conv":  # (C,) -> (C, 1, 1) to broadcast over (N, C, H, W)
-            shape = (-1, *[1] * (len(weight.inputs[0].const_value.shape) - 2))
-            bias.const_value = ir.tensor(bias.const_value.numpy().reshape(shape), name=bias.name)
-            bias.shape = ir.Shape(bias.const_value.shape)
-        unbiased = ir.node(node.op_type, list(node.inputs[:2]), node.attributes)
-        add = ir.node("Add", [unbiased.outputs[0], bias])
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [unbiased, add], node.outputs, add.outputs)
-
-
-def _save_atomically(model: Any, path: Path) -> None:
-    """Save to a temporary directory beside ``path`` under the final names, then rename into place:
-    the external-data file (for models over protobuf's 2 GB) first, the model last."""
-    import onnx
-    import onnx_ir as ir
-
-    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    data_name = f"{path.name}.data" if total > 1_800_000_000 else None
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
-        ir.save(model, Path(tmp) / path.name, external_data=data_name)
-        onnx.checker.check_model(str(Path(tmp) / path.name), full_check=True)
-        if data_name is not None:
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
-        os.replace(Path(tmp) / path.name, path)
-
-
-def _const(value: Any, op_type: str | None = None) -> Any:
-    """The numpy value of ``value`` (an initializer), or of the initializer feeding a single
-    ``op_type`` node's first input (returns that node too); ``None`` when it is not constant."""
-    if value is None:
-        return None
-    if op_type is None:
-        return None if value.const_value is None else value.const_value.numpy()
-    node = value.producer()
-    if node is None or node.op_type != op_type or len(value.uses()) != 1:
-        return None
-    inputs = [_const(v) for v in node.inputs]
-    return None if any(v is None for v in inputs) else (node, inputs)
-
-
-def _batchnorm_fold(bn: Any) -> dict[str, Any] | None:
-    """What folding ``bn`` into the quantized Conv before it needs, or ``None`` when the pattern
-    (DQ(x) -> Conv <- DQ(w codes), Conv -> BN, all parameters constant) is not there."""
-    import numpy as np
-
-    conv = bn.inputs[0].producer()
-    params = [_const(v) for v in bn.inputs[1:]]
-    if conv is None or conv.op_type != "Conv" or len(bn.inputs[0].uses()) != 1 or any(p is None for p in params):
-        return None
-    x_dq, w_dq = conv.inputs[0].producer(), _const(conv.inputs[1], "DequantizeLinear")
-    x_scale = _const(x_dq.inputs[1]) if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
-    bias = _const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else 0.0
-    if w_dq is None or x_scale is None or x_scale.size != 1 or bias is None or bn.outputs[0].is_graph_output():
-        return None
-    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-    eps = bn.attributes.get_float("epsilon", 1e-5)
-    a = gamma / np.sqrt(var + eps)
-    w_scale = (np.broadcast_to(w_dq[1][1].astype(np.float64), a.shape) * a).astype(np.float32)
-    b_scale = (float(x_scale) * w_scale.astype(np.float64)).astype(np.float32)
-    if not (b_scale > 0).all():  # a zero or negative BN gain (timm zero-initialises some): keep the BN
-        return None
-    b_codes = np.round((beta - mean * a + a * bias) / b_scale)
-    if np.abs(b_codes).max() >= 2**31:
-        return None
-    codes = w_dq[1][0]
-    return {"conv": conv, "codes": codes, "w_scale": w_scale, "b_codes": b_codes.astype(np.int32), "b_scale": b_scale}
-
-
-def _fold_batchnorm(model: Any) -> int:
-    """Fold each BatchNormalization after a quantized Conv into per-channel weight scales and an int32
-    bias (``fold_batchnorm`` of :func:`export_onnx`); returns how many were folded."""
-    import numpy as np
-    import onnx_ir as ir
-    import onnxscript
-
-    graph, folded = model.graph, 0
-    for bn in [n for n in graph if n.op_type == "BatchNormalization"]:
-        plan = _batchnorm_fold(bn)
-        if plan is None:
-            continue
-        conv, prefix, channels = plan["conv"], bn.outputs[0].name, plan["w_scale"].shape[0]
-        inits = {
-            "w_scale": plan["w_scale"],
-            "w_zero_point": np.zeros(channels, dtype=plan["codes"].dtype),
-            "bias_codes": plan["b_codes"],
-            "bias_scale": plan["b_scale"],
-            "bias_zero_point": np.zeros(channels, np.int32),
-        }
-        v = {k: ir.Value(name=f"{prefix}.{k}", const_value=ir.tensor(a)) for k, a in inits.items()}
-        for value in v.values():
-            graph.register_initializer(value)
-        codes = conv.inputs[1].producer().inputs[0]
-        dq_w = ir.node("DequantizeLinear", [codes, v["w_scale"], v["w_zero_point"]], {"axis": 0})
-        dq_b = ir.node("DequantizeLinear", [v["bias_codes"], v["bias_scale"], v["bias_zero_point"]], {"axis": 0})
-        new_conv = ir.node("Conv", [conv.inputs[0], dq_w.outputs[0], dq_b.outputs[0]], conv.attributes)
-        graph.insert_before(bn, [dq_w, dq_b, new_conv])
-        bn.outputs[0].replace_all_uses_with(new_conv.outputs[0])
-        folded += 1
-    onnxscript.optimizer.remove_unused_nodes(model)
-    return folded
-
-
 def _trace(model: nn.Module, x: torch.Tensor, opset: int, dynamic_batch: bool, input_name: str, output_name: str):
     """The ONNX graph (an ``onnx_ir.Model``) of ``model`` traced by ``torch.onnx.export(dynamo=True)``,
     with the custom ops translated to QDQ nodes and not yet optimised."""
@@ -433,9 +291,7 @@ def export_onnx(
         RuntimeError: a quantizer is not calibrated.
         ValueError: an opset too old for INT4, or a quantized layer that is not float32.
     """
-    if int4 and opset < INT4_OPSET:
-        raise ValueError(f"export_onnx: INT4 containers need opset >= {INT4_OPSET}, got {opset}; or pass int4=False")
-    _check_exportable(model)
+    _check_exportable(model, int4, opset)
     if not quant_modules(model):
         logger.warning("export_onnx: the model has no quantized layers; exporting it in floating point")
     path = Path(path)
@@ -443,9 +299,9 @@ def export_onnx(
     x = _example_input(model, example_input, input_size, dynamic_batch)
     with _deploy_view(model, int4, int4_narrow_activations), torch.no_grad():
         onnx_model = _trace(_Logits(model).eval(), x, opset, dynamic_batch, input_name, output_name)
-    _clean_up(onnx_model)
+    clean_up(onnx_model)
     if fold_batchnorm:
-        logger.info("export_onnx: folded %d BatchNormalization nodes", _fold_batchnorm(onnx_model))
-    _keep_float_biases(onnx_model)
-    _save_atomically(onnx_model, path)
+        logger.info("export_onnx: folded %d BatchNormalization nodes", fold_batchnorm_nodes(onnx_model))
+    keep_float_biases(onnx_model)
+    save_atomically(onnx_model, path)
     return path

@@ -1,0 +1,161 @@
+"""Graph passes on the ONNX model that :func:`~acs_hf.export_onnx` traces (``onnx_ir`` models).
+
+:func:`clean_up` stores INT4 weight codes as INT4 initializers and drops the float weights they
+replace; :func:`keep_float_biases` keeps biases in float, as LSQ adds them; :func:`fold_batchnorm_nodes`
+folds BatchNormalization into quantized convolutions; :func:`save_atomically` writes the file. Each
+imports onnx / onnxscript / onnx_ir on first use (the ``onnx`` extra).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["INT4_TYPES", "clean_up", "fold_batchnorm_nodes", "keep_float_biases", "save_atomically"]
+
+INT4_TYPES = (22, 21)  # onnx TensorProto.INT4, UINT4
+
+
+def clean_up(model: Any) -> None:
+    """Store ``Cast(int8 codes -> INT4 / UINT4)`` on an initializer as an INT4 / UINT4 initializer of
+    the same name, drop what is unused (the float weights the codes replace) and take the wrapper's
+    ``model.`` prefix off the initializer names (``layer1.0.conv1.weight_quantizer.codes``)."""
+    import onnx_ir as ir
+    import onnxscript
+
+    def keep_int4_casts(node: ir.Node) -> bool | None:  # converted below, keeping the codes' names
+        return False if node.op_type == "Cast" and node.attributes.get_int("to") in INT4_TYPES else None
+
+    onnxscript.optimizer.optimize_ir(model, should_fold=keep_int4_casts)
+    graph = model.graph
+    for cast in [n for n in graph if n.op_type == "Cast" and n.inputs[0].is_initializer()]:
+        to = ir.DataType(cast.attributes.get_int("to"))
+        source = cast.inputs[0]
+        if to not in INT4_TYPES or len(source.uses()) != 1:
+            continue
+        source.const_value = ir.tensor(source.const_value.numpy().astype(to.numpy()), dtype=to, name=source.name)
+        source.dtype = to
+        cast.outputs[0].replace_all_uses_with(source)
+        graph.remove(cast, safe=True)
+    onnxscript.optimizer.remove_unused_nodes(model)
+    for value in list(graph.initializers.values()):
+        if value.name.startswith("model.") and value.name[6:] not in graph.initializers:
+            value.name = value.name[6:]
+
+
+def keep_float_biases(model: Any) -> None:
+    """Move the float bias of each Conv / Gemm whose weight is dequantized into an Add after it.
+
+    onnxruntime's "WeightBiasQuantization" rounds such a bias to int32 codes at input scale x weight
+    scale, which at 2-4 bits moves outputs by a good share of an activation step; LSQ adds the bias
+    in float, and so does the exported graph."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    for node in [n for n in graph if n.op_type in ("Conv", "Gemm") and len(n.inputs) == 3]:
+        weight, bias = node.inputs[1].producer(), node.inputs[2]
+        if weight is None or weight.op_type != "DequantizeLinear" or bias is None or bias.const_value is None:
+            continue
+        if len(bias.uses()) != 1 or weight.inputs[0].const_value is None or node.attributes.get_float("beta", 1) != 1:
+            continue
+        if node.op_type == "Conv":  # (C,) -> (C, 1, 1) to broadcast over (N, C, H, W)
+            shape = (-1, *[1] * (len(weight.inputs[0].const_value.shape) - 2))
+            bias.const_value = ir.tensor(bias.const_value.numpy().reshape(shape), name=bias.name)
+            bias.shape = ir.Shape(bias.const_value.shape)
+        unbiased = ir.node(node.op_type, list(node.inputs[:2]), node.attributes)
+        add = ir.node("Add", [unbiased.outputs[0], bias])
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [unbiased, add], node.outputs, add.outputs)
+
+
+def save_atomically(model: Any, path: Path) -> None:
+    """Save to a temporary directory beside ``path`` under the final names, then rename into place:
+    the external-data file (for models over protobuf's 2 GB) first, the model last."""
+    import onnx
+    import onnx_ir as ir
+
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    data_name = f"{path.name}.data" if total > 1_800_000_000 else None
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+        ir.save(model, Path(tmp) / path.name, external_data=data_name)
+        onnx.checker.check_model(str(Path(tmp) / path.name), full_check=True)
+        if data_name is not None:
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+        os.replace(Path(tmp) / path.name, path)
+
+
+def _const(value: Any, op_type: str | None = None) -> Any:
+    """The numpy value of ``value`` (an initializer), or of the initializer feeding a single
+    ``op_type`` node's first input (returns that node too); ``None`` when it is not constant."""
+    if value is None:
+        return None
+    if op_type is None:
+        return None if value.const_value is None else value.const_value.numpy()
+    node = value.producer()
+    if node is None or node.op_type != op_type or len(value.uses()) != 1:
+        return None
+    inputs = [_const(v) for v in node.inputs]
+    return None if any(v is None for v in inputs) else (node, inputs)
+
+
+def _batchnorm_fold(bn: Any) -> dict[str, Any] | None:
+    """What folding ``bn`` into the quantized Conv before it needs, or ``None`` when the pattern
+    (DQ(x) -> Conv <- DQ(w codes), Conv -> BN, all parameters constant) is not there."""
+    import numpy as np
+
+    conv = bn.inputs[0].producer()
+    params = [_const(v) for v in bn.inputs[1:]]
+    if conv is None or conv.op_type != "Conv" or len(bn.inputs[0].uses()) != 1 or any(p is None for p in params):
+        return None
+    x_dq, w_dq = conv.inputs[0].producer(), _const(conv.inputs[1], "DequantizeLinear")
+    x_scale = _const(x_dq.inputs[1]) if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
+    bias = _const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else 0.0
+    if w_dq is None or x_scale is None or x_scale.size != 1 or bias is None or bn.outputs[0].is_graph_output():
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    eps = bn.attributes.get_float("epsilon", 1e-5)
+    a = gamma / np.sqrt(var + eps)
+    w_scale = (np.broadcast_to(w_dq[1][1].astype(np.float64), a.shape) * a).astype(np.float32)
+    b_scale = (float(x_scale) * w_scale.astype(np.float64)).astype(np.float32)
+    if not (b_scale > 0).all():  # a zero or negative BN gain (timm zero-initialises some): keep the BN
+        return None
+    b_codes = np.round((beta - mean * a + a * bias) / b_scale)
+    if np.abs(b_codes).max() >= 2**31:
+        return None
+    codes = w_dq[1][0]
+    return {"conv": conv, "codes": codes, "w_scale": w_scale, "b_codes": b_codes.astype(np.int32), "b_scale": b_scale}
+
+
+def fold_batchnorm_nodes(model: Any) -> int:
+    """Fold each BatchNormalization after a quantized Conv into per-channel weight scales and an int32
+    bias (``fold_batchnorm`` of :func:`export_onnx`); returns how many were folded."""
+    import numpy as np
+    import onnx_ir as ir
+    import onnxscript
+
+    graph, folded = model.graph, 0
+    for bn in [n for n in graph if n.op_type == "BatchNormalization"]:
+        plan = _batchnorm_fold(bn)
+        if plan is None:
+            continue
+        conv, prefix, channels = plan["conv"], bn.outputs[0].name, plan["w_scale"].shape[0]
+        inits = {
+            "w_scale": plan["w_scale"],
+            "w_zero_point": np.zeros(channels, dtype=plan["codes"].dtype),
+            "bias_codes": plan["b_codes"],
+            "bias_scale": plan["b_scale"],
+            "bias_zero_point": np.zeros(channels, np.int32),
+        }
+        v = {k: ir.Value(name=f"{prefix}.{k}", const_value=ir.tensor(a)) for k, a in inits.items()}
+        for value in v.values():
+            graph.register_initializer(value)
+        codes = conv.inputs[1].producer().inputs[0]
+        dq_w = ir.node("DequantizeLinear", [codes, v["w_scale"], v["w_zero_point"]], {"axis": 0})
+        dq_b = ir.node("DequantizeLinear", [v["bias_codes"], v["bias_scale"], v["bias_zero_point"]], {"axis": 0})
+        new_conv = ir.node("Conv", [conv.inputs[0], dq_w.outputs[0], dq_b.outputs[0]], conv.attributes)
+        graph.insert_before(bn, [dq_w, dq_b, new_conv])
+        bn.outputs[0].replace_all_uses_with(new_conv.outputs[0])
+        folded += 1
+    onnxscript.optimizer.remove_unused_nodes(model)
+    return folded
