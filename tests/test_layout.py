@@ -30,3 +30,16 @@ def test_no_function_over_the_limit():
                 if length > MAX_FUNCTION_LINES:
                     over.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({length} lines)")
     assert not over, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps): {over}"
+
+
+def test_readme_layout_names_every_module():
+    """README's "Layout" section names every module of acs_hf (metrics/ and templates/ as folders)."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("## Layout") :]
+    section = section[: section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    unnamed = [
+        str(p.relative_to(PACKAGE))
+        for p in _modules()
+        if p.name != "__init__.py" and p.name not in section and "metrics" not in p.relative_to(PACKAGE).parts
+    ]
+    assert not unnamed, f"modules the README's Layout section does not name: {unnamed}"
