@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .arguments import ACSArguments
 from .batch import INDEX_KEY
 from .consistency import check_same_across_processes, module_fingerprint
-from .scoring import TrainingScores, score_dataset
+from .scoring import TrainingScores, scoring_pass
 from .selection import Selector, draw_pool
 from .teacher_cache import TeacherCache
 from .view_cache import ScoreViewCache
@@ -189,7 +189,7 @@ class RoundScorer:
             self._check_same_models(model, epoch)
         cache = self._get_teacher_cache()
         cached_before = len(cache) if cache is not None else 0
-        stats = score_dataset(
+        stats = scoring_pass(
             model,
             self.score_dataloader(None if to_score is None else to_score.nonzero().flatten()),
             accelerator,

@@ -27,7 +27,7 @@ from .batch import INDEX_KEY, default_forward
 from .selection import batch_statistics
 from .teacher_cache import TeacherCache
 
-__all__ = ["TrainingScores", "score_dataset", "gather_statistics"]
+__all__ = ["TrainingScores", "scoring_pass", "gather_statistics"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ TRIM_EVERY = 32
 
 
 @torch.no_grad()
-def score_dataset(
+def scoring_pass(
     model: nn.Module,
     dataloader: torch.utils.data.DataLoader,
     accelerator: Accelerator,

@@ -61,7 +61,7 @@ from acs_hf import (
     select_coreset,
 )
 from acs_hf.quantization import WEIGHTS_NAME
-from acs_hf.scoring import score_dataset
+from acs_hf.scoring import scoring_pass
 from acs_hf.teacher_cache import TeacherCache
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -249,7 +249,7 @@ def bench_scoring(args, device: torch.device) -> dict:
     calibrate_quantizers(student, [ds.x[:32].to(device)])
     student.eval()
     cache = TeacherCache(len(ds))
-    score_dataset(student, loader, accelerator, ["evs", "ds"], len(ds), teacher=fp, teacher_cache=cache)
+    scoring_pass(student, loader, accelerator, ["evs", "ds"], len(ds), teacher=fp, teacher_cache=cache)
 
     def plain() -> None:
         with torch.inference_mode(), accelerator.autocast():
@@ -257,7 +257,7 @@ def bench_scoring(args, device: torch.device) -> dict:
                 student(batch["pixel_values"])
 
     def scoring() -> None:
-        score_dataset(student, loader, accelerator, ["evs", "ds"], len(ds), teacher_cache=cache)
+        scoring_pass(student, loader, accelerator, ["evs", "ds"], len(ds), teacher_cache=cache)
 
     plain()
     r = ab_pairs(plain, scoring, args.pairs, device)

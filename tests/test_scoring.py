@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from acs_hf.batch import INDEX_KEY
-from acs_hf.scoring import score_dataset
+from acs_hf.scoring import scoring_pass
 from acs_hf.selection import disagreement_score, entropy_score, error_vector_score
 from acs_hf.teacher_cache import TeacherCache
 
@@ -61,7 +61,7 @@ def reference(ds, student, teacher):
 
 def test_scores_match_plain_loop(setup):
     ds, accelerator, loader, student, teacher = setup
-    out = score_dataset(student, loader, accelerator, ["evs", "ds", "entropy"], N, teacher=teacher)
+    out = scoring_pass(student, loader, accelerator, ["evs", "ds", "entropy"], N, teacher=teacher)
     assert student.training and teacher.training  # modes restored
     ref = reference(ds, student, teacher)
     assert torch.equal(out["labels"], ds.y)
@@ -75,17 +75,17 @@ def test_teacher_cache_skips_teacher_on_later_rounds(setup, tmp_path):
     student.train(), teacher.train()
     counter = Counter(teacher)
     cache = TeacherCache(N, directory=tmp_path)
-    first = score_dataset(student, loader, accelerator, ["evs", "ds"], N, teacher=teacher, teacher_cache=cache)
+    first = scoring_pass(student, loader, accelerator, ["evs", "ds"], N, teacher=teacher, teacher_cache=cache)
     assert counter.calls == len(loader) == 5
     assert cache.complete and len(cache) == N and cache.nbytes == N * C * 2
-    second = score_dataset(student, loader, accelerator, ["evs", "ds"], N, teacher=teacher, teacher_cache=cache)
+    second = scoring_pass(student, loader, accelerator, ["evs", "ds"], N, teacher=teacher, teacher_cache=cache)
     assert counter.calls == 5  # no teacher forward in round 2
     torch.testing.assert_close(second["ds"], ref["ds"], rtol=0, atol=2e-3)  # float16 teacher probabilities
     torch.testing.assert_close(first["ds"], second["ds"])
     # A new cache object over the same directory (a resumed run) reuses the memory-mapped file.
     reopened = TeacherCache(N, directory=tmp_path)
     assert reopened.complete
-    third = score_dataset(student, loader, accelerator, ["ds"], N, teacher=None, teacher_cache=reopened)
+    third = scoring_pass(student, loader, accelerator, ["ds"], N, teacher=None, teacher_cache=reopened)
     assert counter.calls == 5
     torch.testing.assert_close(third["ds"], second["ds"])
 
@@ -95,29 +95,29 @@ def test_in_memory_cache(setup):
     counter = Counter(teacher)
     cache = TeacherCache(N)
     for _ in range(3):
-        score_dataset(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=cache)
+        scoring_pass(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=cache)
     assert counter.calls == 5
 
 
 def test_missing_samples_and_teacher_are_errors(setup):
     ds, accelerator, loader, student, teacher = setup
     with pytest.raises(RuntimeError, match="never scored"):
-        score_dataset(student, loader, accelerator, ["evs"], N + 3)
+        scoring_pass(student, loader, accelerator, ["evs"], N + 3)
     with pytest.raises(ValueError, match="teacher"):
-        score_dataset(student, loader, accelerator, ["ds"], N)
+        scoring_pass(student, loader, accelerator, ["ds"], N)
 
 
 def test_cache_of_other_data_or_teacher_is_rebuilt(setup, tmp_path):
     ds, accelerator, loader, student, teacher = setup
     cache = TeacherCache(N, directory=tmp_path, fingerprint="teacher-a")
-    score_dataset(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=cache)
+    scoring_pass(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=cache)
     assert TeacherCache(N, directory=tmp_path, fingerprint="teacher-a").complete
     assert not TeacherCache(N + 1, directory=tmp_path, fingerprint="teacher-a").complete  # other N: ignored
     fresh = TeacherCache(N, directory=tmp_path, fingerprint="teacher-b")
     assert not fresh.complete and len(fresh) == 0
     other_teacher = make_model(5)
     counter = Counter(other_teacher)
-    out = score_dataset(student, loader, accelerator, ["ds"], N, teacher=other_teacher, teacher_cache=fresh)
+    out = scoring_pass(student, loader, accelerator, ["ds"], N, teacher=other_teacher, teacher_cache=fresh)
     assert counter.calls == 5  # every row recomputed with the new teacher
     ref = reference(ds, student, other_teacher)
     torch.testing.assert_close(out["ds"], ref["ds"], rtol=0, atol=2e-3)
@@ -153,7 +153,7 @@ def test_cache_does_not_depend_on_the_process_layout(tmp_path):
 def test_corrupt_cache_names_the_file(setup, tmp_path):
     ds, accelerator, loader, student, teacher = setup
     cache = TeacherCache(N, directory=tmp_path)
-    score_dataset(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=cache)
+    scoring_pass(student, loader, accelerator, ["ds"], N, teacher=teacher, teacher_cache=cache)
     rows = next(tmp_path.glob("teacher_probs_*.npy"))
     rows.write_bytes(rows.read_bytes()[:100])
     with pytest.raises(ValueError, match=f"{rows.name}.*delete .* to rebuild"):
@@ -163,5 +163,5 @@ def test_corrupt_cache_names_the_file(setup, tmp_path):
 def test_labels_only_pass_runs_no_model(setup):
     ds, accelerator, loader, student, teacher = setup
     counter = Counter(student)
-    out = score_dataset(student, loader, accelerator, [], N)
+    out = scoring_pass(student, loader, accelerator, [], N)
     assert counter.calls == 0 and set(out) == {"labels"} and torch.equal(out["labels"], ds.y)
