@@ -97,8 +97,8 @@ def _register_with_transformers() -> None:
     except Exception as e:
         raise ImportError(
             f"acs_hf could not register its quantizer with transformers ({type(e).__name__}: {e}); "
-            "transformers' from_pretrained would not read acs_hf checkpoints. Install a transformers version "
-            "within acs_hf's bounds (pip install -e '.[test]' resolves them)"
+            "transformers' from_pretrained would not read acs_hf checkpoints. If transformers was upgraded past "
+            "the versions acs_hf supports, reinstall acs_hf to get a supported one"
         ) from e
 
 
@@ -109,15 +109,24 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
     transformers' quantizer registry (measured: 0.01 s for ``import acs_hf`` now, against about
     3.3 s with torch, transformers and ``transformers.quantizers.auto``, of which the registry alone
     is 1.3 s); waiting for the registry's own import costs nothing and still registers before any
-    ``from_pretrained`` can consult it. A failure raises (:func:`_register_with_transformers`).
+    ``from_pretrained`` can consult it. A failure raises (:func:`_register_with_transformers`), and
+    the hook stays installed until a registration succeeds, so that a retried import raises again.
     """
 
+    def __init__(self) -> None:
+        self._finding = False
+
     def find_spec(self, name, path, target=None):
-        if name != _TRANSFORMERS_REGISTRY:
+        if name != _TRANSFORMERS_REGISTRY or self._finding:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from finding us again
-        spec = importlib.util.find_spec(name)
-        exec_module = getattr(spec.loader, "exec_module", None) if spec is not None else None
+        self._finding = True  # the lookup below passes through sys.meta_path again
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding = False
+        if spec is None:  # not there: the normal ModuleNotFoundError follows
+            return None
+        exec_module = getattr(spec.loader, "exec_module", None)
         if exec_module is None:
             raise ImportError(
                 f"acs_hf cannot register its quantizer: {name} has no loader that executes it ({spec!r}); "
@@ -127,6 +136,8 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
         def exec_then_register(module):
             exec_module(module)
             _register_with_transformers()
+            if self in sys.meta_path:  # registered: the hook's work is done
+                sys.meta_path.remove(self)
 
         spec.loader.exec_module = exec_then_register
         return spec

@@ -37,7 +37,7 @@ def _check_number(
     kind_ok = isinstance(value, int) and not isinstance(value, bool) if integer else _finite(value)
     if kind_ok and (value > low if low_open else value >= low) and (high is None or value <= high):
         return
-    kind = "an integer" if integer else "a number"
+    kind = "an integer" if integer else "a finite number"
     if high is None:
         accepted = f"{'>' if low_open else '>='} {low}"
     else:

@@ -8,9 +8,6 @@ change fails there with a message naming the entry, not in a user's run.
 
 from __future__ import annotations
 
-import inspect
-import pickle
-import zipfile
 from typing import Any
 
 __all__ = [
@@ -91,6 +88,9 @@ def parser_destinations(parser: Any) -> set[str]:
 def is_damaged_file_error(error: BaseException) -> bool:
     """Whether an exception from loading a checkpoint means a damaged or truncated file (as opposed
     to an architecture mismatch, out of memory or an API change)."""
+    import pickle
+    import zipfile
+
     from safetensors import SafetensorError
 
     if isinstance(error, (SafetensorError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError)):
@@ -102,6 +102,7 @@ def is_damaged_file_error(error: BaseException) -> bool:
 def check_upstream() -> list[str]:
     """What the installed libraries lack of this module's entries (empty when all is there)."""
     import argparse
+    import inspect
 
     import datasets
     import timm.models._hub as timm_hub

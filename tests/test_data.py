@@ -194,14 +194,14 @@ def test_augmentation_controls_reach_timm_transforms(model):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"hflip": 1.5}, "hflip must be a number in \\[0, 1\\], got 1.5"),
+        ({"hflip": 1.5}, "hflip must be a finite number in \\[0, 1\\], got 1.5"),
         ({"scale": [0.5]}, "scale must be two numbers"),
         ({"scale": [0.9, 0.5]}, "scale must be two numbers 0 < low <= high <= 1"),
         ({"ratio": [0, 1]}, "ratio must be two numbers"),
         ({"interpolation": "cubic"}, "interpolation='cubic' is not one of bilinear"),
-        ({"crop_pct": 1.5}, "crop_pct must be a number in \\(0, 1\\] or unset, got 1.5"),
+        ({"crop_pct": 1.5}, "crop_pct must be a finite number in \\(0, 1\\] or unset, got 1.5"),
         ({"auto_augment": "bogus"}, "auto_augment='bogus' is not a timm policy"),
-        ({"color_jitter": -1}, "color_jitter must be a number >= 0"),
+        ({"color_jitter": -1}, "color_jitter must be a finite number >= 0"),
     ],
 )
 def test_augmentation_arguments_validated(kwargs, message):

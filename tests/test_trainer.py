@@ -291,8 +291,8 @@ def test_world_size_mismatch_detected(tmp_path, monkeypatch):
         ({"fraction": None}, "fraction"),
         ({"selection_method": "random_dynamic", "evs_schedule": "cosnie"}, "evs_schedule='cosnie'"),
         # the one number check: argument, value and what is accepted, in full
-        ({"kd_temperature": 0}, r"^kd_temperature must be a number > 0, got 0$"),
-        ({"kd_alpha": True}, r"^kd_alpha must be a number in \[0, 1\], got True$"),
+        ({"kd_temperature": 0}, r"^kd_temperature must be a finite number > 0, got 0$"),
+        ({"kd_alpha": True}, r"^kd_alpha must be a finite number in \[0, 1\], got True$"),
         ({"calibration_batches": 1.5}, r"^calibration_batches must be an integer >= 1, got 1.5$"),
         ({"score_batch_size": 2.5}, r"^score_batch_size must be an integer >= 1 or unset, got 2.5$"),
     ],

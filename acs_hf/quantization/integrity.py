@@ -46,14 +46,14 @@ NON_ARCHITECTURE_KEYS = frozenset({"quantization_config", "pretrained_cfg", "lab
 def weights_metadata(
     quantization_config: dict[str, Any], config_json: dict[str, Any], state: Mapping[str, torch.Tensor]
 ) -> dict[str, str]:
-    """The weights file's metadata for ``state`` (as :func:`packed_state` gives it) saved beside
+    """The weights file's metadata for ``state`` (as :func:`.packed.packed_state` gives it) saved beside
     ``config_json``, the config.json as a loader will read it back (with ``quantization_config``):
-    the checkpoint id and the digests that :func:`read_checkpoint` checks."""
+    the checkpoint id and the digests that :func:`.serialization.read_checkpoint` checks."""
     return _weights_metadata(quantization_config["checkpoint_id"], quantization_config["layers"], config_json, state)
 
 
 def _weights_metadata(checkpoint_id: str, layers: dict, cfg: dict, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """The weights file's metadata: what :func:`read_checkpoint` checks. ``cfg`` is config.json as a
+    """The weights file's metadata: what :func:`.serialization.read_checkpoint` checks. ``cfg`` is config.json as a
     loader reads it back (JSON turns tuples into lists, int keys into strings)."""
     return {
         "format": "pt",

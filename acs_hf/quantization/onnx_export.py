@@ -241,7 +241,7 @@ def _trace(model: nn.Module, x: torch.Tensor, opset: int, dynamic_batch: bool, i
         output_names=[output_name],
         dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic_batch else None,
         custom_translation_table=_translation_table(),
-        optimize=False,  # _clean_up optimizes, keeping the INT4 casts for itself
+        optimize=False,  # clean_up optimizes, keeping the INT4 casts for itself
         verbose=False,
     )
     return program.model

@@ -129,7 +129,7 @@ def _batchnorm_fold(bn: Any) -> dict[str, Any] | None:
 
 def fold_batchnorm_nodes(model: Any) -> int:
     """Fold each BatchNormalization after a quantized Conv into per-channel weight scales and an int32
-    bias (``fold_batchnorm`` of :func:`export_onnx`); returns how many were folded."""
+    bias (``fold_batchnorm`` of :func:`~acs_hf.export_onnx`); returns how many were folded."""
     import numpy as np
     import onnx_ir as ir
     import onnxscript

@@ -5,8 +5,9 @@ A quantized layer's weight is stored as its integer codes (offset to be non-nega
 sizes; the ``quantization_config`` block's layer table records each layer's type, weight shape and
 bits. This module turns a quantized model into that state (:func:`packed_state`) and a float
 architecture plus that state back into the quantized model (:func:`prepare_packed_weights`, then
-:func:`unpack_weights`), checking every entry against the architecture. Files on disk:
-:mod:`.serialization`; their digests and checks: :mod:`.integrity`.
+:func:`unpack_weights`), checking every entry against the architecture. Reading and
+writing the files (whose names are defined here): :mod:`.serialization`; their digests and checks:
+:mod:`.integrity`.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def broadcast_step(step: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def check_packable(model: nn.Module, where: str) -> None:
+    """Refuse a model without quantized layers or with uninitialised quantizers (``where`` names the caller)."""
     if not quant_modules(model):
         raise ValueError(f"{where}: the model has no quantized layers; call quantize_model first")
     if not quantizers_initialized(model):
@@ -115,7 +117,7 @@ def check_packable(model: nn.Module, where: str) -> None:
 def packed_state(
     model: nn.Module, config: dict[str, Any] | None = None, where: str = "save_quantized"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """What :func:`save_quantized` writes for the quantized ``model``: its tensors by state-dict
+    """What :func:`.serialization.save_quantized` writes for the quantized ``model``: its tensors by state-dict
     name (each quantized weight as packed codes, on the CPU) and the ``quantization_config`` block
     (layer table, a new ``checkpoint_id``, ``config``: the :class:`QuantConfig` as a dict, or
     ``None``). transformers' ``save_pretrained`` of a loaded model writes the same

@@ -21,7 +21,6 @@ are written under a temporary name and renamed into place, safetensors only.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -54,8 +53,6 @@ from .packed import (
 
 __all__ = ["load_quantized", "read_checkpoint", "save_quantized"]
 
-logger = logging.getLogger(__name__)
-
 
 def save_quantized(
     model: nn.Module,
@@ -72,7 +69,7 @@ def save_quantized(
         model: a model prepared with :func:`quantize_model` and calibrated.
         directory: where to write (created if missing; other files in it are left alone).
         model_args: extra ``timm.create_model`` kwargs to record (architecture keys only, see
-            :data:`ALLOWED_MODEL_ARGS`), if timm did not record them.
+            :data:`.integrity.ALLOWED_MODEL_ARGS`), if timm did not record them.
         config: the :class:`QuantConfig` the model was quantized with, recorded for reference;
             loading needs only the per-layer table that is always written.
         data_config: the eval preprocessing the model was evaluated with (timm's
