@@ -384,7 +384,8 @@ def plot(cells: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; every method and its settings checked before any run."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_name", default="digits", help="digits (offline), a Hub id or a local dataset folder")
     parser.add_argument("--dataset_config_name", default=None)
@@ -434,6 +435,11 @@ def main(argv: list[str] | None = None) -> dict:
     if "random_dynamic" not in args.methods:
         parser.error("--methods must include the baseline random_dynamic (the paired intervals are taken against it)")
     ACSArguments(selection_method="acs_gumbel", selection_temperature=args.temperature, selection_share=args.share)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.set_verbosity_error()
 

@@ -154,44 +154,10 @@ def run_size(n: int, args, work: Path) -> dict:
     ds = prepare_datasets(raw, fp, image_size=8)
     labels = ds.score_dataset.labels
     prepare_seconds = time.perf_counter() - start
-    student = quantize_model(copy.deepcopy(fp), QuantConfig(4, 4, 8))
-    rank = int(os.environ.get("RANK", "0"))
-    targs = TrainingArguments(
-        output_dir=str(work / f"run_{n}"),
-        num_train_epochs=2,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        save_strategy="epoch",
-        logging_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        dataloader_num_workers=args.num_workers,
-        seed=0,
-    )
-    acs = ACSArguments(selection_method="acs", fraction=0.1, selection_interval=1)
-    trainer = ACSTrainer(
-        model=student,
-        args=targs,
-        train_dataset=ds.train_dataset,
-        acs_args=acs,
-        teacher_model=fp,
-        score_dataset=ds.score_dataset,
-        data_fingerprint=ds.fingerprint,
-        report_selection=False,
-    )
+    trainer = scale_trainer(n, args, work, fp, ds)
     reporter = TimedReporter()
     trainer.add_callback(reporter)
-    state_seconds: list[float] = []
-    save_state = trainer.selection.save
-
-    def timed_save(*a, **kw):
-        t = time.perf_counter()
-        identity = save_state(*a, **kw)
-        state_seconds.append(time.perf_counter() - t)
-        return identity
-
-    trainer.selection.save = timed_save  # this trainer's selection state only
+    state_seconds = time_state_saves(trainer)
     rss_prepared = PeakRSS.rss()
     with PeakRSS() as peak:
         start = time.perf_counter()
@@ -203,20 +169,11 @@ def run_size(n: int, args, work: Path) -> dict:
     order = list(iter(sampler))
     sampler_seconds = time.perf_counter() - t
     cache_mb = trainer.teacher_cache.nbytes / 2**20 if trainer.teacher_cache is not None else 0.0
-    rounds = []
-    for i, record in enumerate(trainer.history):
-        part = {k: record.get(k, 0.0) for k in ("data_seconds", "student_seconds", "wait_seconds", *OUTSIDE[:3])}
-        part.update(
-            record_seconds=reporter.seconds[i] if i < len(reporter.seconds) else 0.0,
-            sampler_seconds=sampler_seconds,
-            state_seconds=state_seconds[i] if i < len(state_seconds) else 0.0,
-        )
-        part["outside_forward_seconds"] = sum(part[k] for k in OUTSIDE)
-        rounds.append(part)
+    rounds = round_parts(trainer, reporter, sampler_seconds, state_seconds)
     trainer.end()
     return {
         "n": n,
-        "rank": rank,
+        "rank": int(os.environ.get("RANK", "0")),
         "world_size": trainer.accelerator.num_processes,
         "selected": len(order),
         "labels_checked": int(labels.size),
@@ -232,6 +189,65 @@ def run_size(n: int, args, work: Path) -> dict:
         "peak_rss_mb": peak.peak / 2**20,
         "peak_beyond_data_and_cache_mb": (peak.peak - rss_prepared) / 2**20 - cache_mb,
     }
+
+
+def scale_trainer(n: int, args, work: Path, fp, ds) -> ACSTrainer:
+    """The W4A4 ACS trainer of one size: 2 epochs, a round each, f = 0.1, checkpoints every epoch."""
+    student = quantize_model(copy.deepcopy(fp), QuantConfig(4, 4, 8))
+    targs = TrainingArguments(
+        output_dir=str(work / f"run_{n}"),
+        num_train_epochs=2,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        save_strategy="epoch",
+        logging_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=args.num_workers,
+        seed=0,
+    )
+    acs = ACSArguments(selection_method="acs", fraction=0.1, selection_interval=1)
+    return ACSTrainer(
+        model=student,
+        args=targs,
+        train_dataset=ds.train_dataset,
+        acs_args=acs,
+        teacher_model=fp,
+        score_dataset=ds.score_dataset,
+        data_fingerprint=ds.fingerprint,
+        report_selection=False,
+    )
+
+
+def time_state_saves(trainer: ACSTrainer) -> list[float]:
+    """Times each save of ``trainer``'s selection state into the returned list (this trainer only)."""
+    state_seconds: list[float] = []
+    save_state = trainer.selection.save
+
+    def timed_save(*a, **kw):
+        t = time.perf_counter()
+        identity = save_state(*a, **kw)
+        state_seconds.append(time.perf_counter() - t)
+        return identity
+
+    trainer.selection.save = timed_save  # this trainer's selection state only
+    return state_seconds
+
+
+def round_parts(trainer: ACSTrainer, reporter, sampler_seconds: float, state_seconds: list[float]) -> list[dict]:
+    """Each round's seconds by part, and their sum outside the forward passes."""
+    rounds = []
+    for i, record in enumerate(trainer.history):
+        part = {k: record.get(k, 0.0) for k in ("data_seconds", "student_seconds", "wait_seconds", *OUTSIDE[:3])}
+        part.update(
+            record_seconds=reporter.seconds[i] if i < len(reporter.seconds) else 0.0,
+            sampler_seconds=sampler_seconds,
+            state_seconds=state_seconds[i] if i < len(state_seconds) else 0.0,
+        )
+        part["outside_forward_seconds"] = sum(part[k] for k in OUTSIDE)
+        rounds.append(part)
+    return rounds
 
 
 def growth(results: list[dict], key) -> dict[str, float]:

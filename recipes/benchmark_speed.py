@@ -293,7 +293,8 @@ def print_table(results: dict, data: str = "synthetic") -> None:
         print(f"{key:34s} {value:12.3f}  {target}")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the defaults that depend on ``--quick`` and ``--device`` filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer timing pairs (under a minute on 2 cores)")
     parser.add_argument("--output_json", type=Path, default=Path("benchmark_speed.json"))
@@ -327,9 +328,15 @@ def main(argv: list[str] | None = None) -> dict:
     args.warmup = 2
     args.jpeg_samples = args.jpeg_samples or (256 if args.quick else 1024)
     args.jpeg_model = args.jpeg_model or ("resnet18" if args.device == "cuda" else "mobilenetv3_small_050")
-    device = torch.device(args.device)
+    if args.data == "jpeg":  # the real data path replaces the in-memory runs
+        args.skip += ["scoring", "wallclock"]
+    else:
+        args.skip += ["jpeg"]
+    return args
 
-    started = time.perf_counter()
+
+def run_benches(args: argparse.Namespace, device: torch.device) -> tuple[dict, dict[str, str]]:
+    """Every measurement not in ``--skip``; a failing one is recorded in the errors, the others still run."""
     results: dict = {}
     benches = {
         "step": lambda: bench_qat_step(args, device),
@@ -339,10 +346,6 @@ def main(argv: list[str] | None = None) -> dict:
         "wallclock": lambda: bench_wallclock(args, device),
         "jpeg": lambda: bench_jpeg(args, device),
     }
-    if args.data == "jpeg":  # the real data path replaces the in-memory runs
-        args.skip += ["scoring", "wallclock"]
-    else:
-        args.skip += ["jpeg"]
     errors = {}
     for name, bench in benches.items():
         if name not in args.skip:
@@ -353,9 +356,12 @@ def main(argv: list[str] | None = None) -> dict:
                 errors[name] = f"{type(e).__name__}: {e}"
                 print(f"[{name} FAILED: {errors[name]}]", flush=True)
             print(f"[{name}: {time.perf_counter() - t:.1f}s]", flush=True)
-    if errors:
-        results["errors"] = errors
-    results["meta"] = {
+    return results, errors
+
+
+def run_meta(args: argparse.Namespace, device: torch.device, seconds: float) -> dict:
+    """What the numbers were measured on and with."""
+    return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -371,8 +377,18 @@ def main(argv: list[str] | None = None) -> dict:
         "jpeg_model": args.jpeg_model if args.data == "jpeg" else None,
         "software": {m.__name__: m.__version__ for m in (torch, transformers, timm)},
         "command": " ".join(sys.argv),
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    results, errors = run_benches(args, device)
+    if errors:
+        results["errors"] = errors
+    results["meta"] = run_meta(args, device, time.perf_counter() - started)
     print_table(results, args.data)
     args.output_json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.output_json, results)  # never a half-written JSON
