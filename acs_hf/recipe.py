@@ -107,6 +107,8 @@ def run_acs(
         check_model_name(name)
         model_size_kwargs(name, model_args.image_size)  # a size the model cannot take fails now
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the packed folder ourselves
+    if training_args.device.type == "cpu":  # pinned memory needs an accelerator; torch warns at every loader
+        training_args.dataloader_pin_memory = False
     if push and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (the repo to create or update)")
     if run_args.export_onnx:

@@ -1,6 +1,7 @@
 """recipes/run_acs.py end to end on the embedded digits data (offline)."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,14 @@ def demo_run(tmp_path_factory, recipe):
     argv = [DEMO, "--output_dir", str(out), "--num_train_epochs", "2", "--fp_warmup_epochs", "1",
             "--selection_interval", "1", "--fraction", "0.3", "--max_train_samples", "300",
             "--max_eval_samples", "120"]  # fmt: skip
-    return out, recipe.main(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = recipe.main(argv)
+    return out, summary, caught
 
 
 def test_demo_outputs_present_and_reloadable(demo_run):
-    out, summary = demo_run
+    out, summary, _ = demo_run
     for name in ("model.safetensors", "config.json", "README.md", "acs_selection.png", "acs_selection.jsonl",
                  "all_results.json", "eval_results.json"):  # fmt: skip
         assert (out / name).is_file(), name
@@ -50,6 +54,12 @@ def test_demo_outputs_present_and_reloadable(demo_run):
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
     assert acc == pytest.approx(results["eval_accuracy"], abs=1e-6)
+
+
+def test_cpu_run_asks_for_no_pinned_memory(demo_run):
+    """Without an accelerator the recipe's data loaders do not pin memory (torch would warn at each one)."""
+    _, _, caught = demo_run
+    assert not [str(w.message) for w in caught if "pin_memory" in str(w.message)]
 
 
 def test_no_argument_uses_embedded_default(recipe):
