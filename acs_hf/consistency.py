@@ -21,7 +21,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["module_fingerprint", "broadcast_module_state", "check_same_across_processes", "distributed"]
+__all__ = [
+    "broadcast_module_state",
+    "check_same_across_processes",
+    "distributed",
+    "module_fingerprint",
+    "processes_by_value",
+]
 
 
 def distributed() -> bool:
@@ -64,20 +70,29 @@ def broadcast_module_state(module: nn.Module, src: int = 0) -> None:
         t.copy_(wire.to(t.device, t.dtype))
 
 
+def processes_by_value(value: str) -> dict[str, list[int]] | None:
+    """Every process's ``value``, gathered: each distinct value with the processes that hold it,
+    or None when all agree (or there is one process)."""
+    if not distributed():
+        return None
+    values: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if len(set(values)) == 1:
+        return None
+    groups: dict[str, list[int]] = {}
+    for rank, v in enumerate(values):
+        groups.setdefault(str(v), []).append(rank)
+    return groups
+
+
 def check_same_across_processes(what: str, value: str) -> None:
     """Raise on every process unless all processes pass the same ``value``.
 
     ``what`` names the thing compared in the error (e.g. ``"teacher weights"``), which lists the
     processes of each distinct value.
     """
-    if not distributed():
-        return
-    values: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    if len(set(values)) > 1:
-        groups: dict[str, list[int]] = {}
-        for rank, v in enumerate(values):
-            groups.setdefault(str(v), []).append(rank)
+    groups = processes_by_value(value)
+    if groups:
         detail = "; ".join(f"processes {ranks}: {v}" for v, ranks in groups.items())
         raise RuntimeError(
             f"the processes of this run disagree on the {what} ({detail}); every process must hold the same "

@@ -44,6 +44,7 @@ from .checkpoint_folders import (
     read_array,
     read_state,
 )
+from .consistency import processes_by_value
 from .images import ImageView
 from .round_scores import RoundScorer
 from .sampler import CoresetSampler, subset_hash
@@ -212,16 +213,9 @@ class SelectionState(TrainerCallback):
         )
 
     def _check_same_subset(self, subset: torch.Tensor) -> None:
-        """All processes must train on the same subset: compare hashes (one small all_gather)."""
-        accelerator = self.trainer.accelerator
-        if accelerator.num_processes == 1:
-            return
-        digest = int(subset_hash(subset)[:15], 16)
-        gathered = accelerator.gather(torch.tensor([digest], device=accelerator.device)).cpu().tolist()
-        if len(set(gathered)) > 1:
-            groups: dict[int, list[int]] = {}
-            for rank, h in enumerate(gathered):
-                groups.setdefault(h, []).append(rank)
+        """All processes must train on the same subset: compare hashes (one small gather)."""
+        groups = processes_by_value(subset_hash(subset))
+        if groups:
             raise RuntimeError(
                 "ACS selection diverged across processes: ranks "
                 + " vs ".join(str(ranks) for ranks in groups.values())
