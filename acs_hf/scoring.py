@@ -27,7 +27,11 @@ from .batch import INDEX_KEY, default_forward
 from .selection import batch_statistics
 from .teacher_cache import TeacherCache
 
-__all__ = ["TrainingScores", "scoring_pass", "gather_statistics"]
+__all__ = ["ORDER_KEY", "TrainingScores", "scoring_pass", "gather_statistics"]
+
+#: Optional key of :func:`gather_statistics`' input: when an index comes more than once (from several
+#: processes or batches), the entry with the largest order wins.
+ORDER_KEY = "order"
 
 logger = logging.getLogger(__name__)
 
@@ -234,11 +238,14 @@ def gather_statistics(
     :data:`INDEX_KEY`) as full ``[N]`` CPU tensors in dataset order, on every process.
 
     Every index in ``expected`` (an [N] bool mask; default: all) must have been scored by some
-    process; float statistics of the other samples are NaN. A collective: call on every process.
+    process; float statistics of the other samples are NaN. An index given more than once keeps
+    the entry with the largest :data:`ORDER_KEY` value (int64 lists under that key, when given).
+    A collective: call on every process.
     """
     device = accelerator.device
+    integer_keys = ("labels", INDEX_KEY, ORDER_KEY)
     cat = {
-        k: torch.cat(v) if v else torch.empty(0, dtype=torch.long if k in ("labels", INDEX_KEY) else torch.float32)
+        k: torch.cat(v) if v else torch.empty(0, dtype=torch.long if k in integer_keys else torch.float32)
         for k, v in local.items()
     }
     cat = {k: v.to(device) for k, v in cat.items()}
@@ -248,8 +255,11 @@ def gather_statistics(
         cat = {k: accelerator.pad_across_processes(v) if k != INDEX_KEY else v for k, v in cat.items()}
         cat = {k: accelerator.gather(v) for k, v in cat.items()}
     index = cat.pop(INDEX_KEY).cpu()
-    keep = index >= 0
-    index = index[keep]
+    order = cat.pop(ORDER_KEY, None)
+    rows = (index >= 0).nonzero().flatten()  # padding dropped
+    if order is not None:
+        rows = _latest_rows(index, order.cpu(), rows)
+    index = index[rows]
     seen = torch.zeros(num_samples, dtype=torch.bool)
     if index.numel() and (index.max() >= num_samples):
         raise RuntimeError(f"scoring pass: dataset index {int(index.max())} >= num_samples={num_samples}")
@@ -268,9 +278,18 @@ def gather_statistics(
             if v.is_floating_point()
             else torch.zeros(num_samples, dtype=v.dtype)
         )
-        full[index] = v.cpu()[keep]
+        full[index] = v.cpu()[rows]
         out[k] = full
     return out
+
+
+def _latest_rows(index: torch.Tensor, order: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Of ``rows``, the one with the largest ``order`` for each distinct ``index``."""
+    by_order = rows[torch.argsort(order[rows], stable=True)]
+    ranked = by_order[torch.argsort(index[by_order], stable=True)]  # by index, then by order
+    last = torch.ones(ranked.numel(), dtype=torch.bool)
+    last[:-1] = index[ranked][1:] != index[ranked][:-1]
+    return ranked[last]
 
 
 class TrainingScores:
@@ -278,9 +297,10 @@ class TrainingScores:
 
     ACSTrainer records each training batch's student logits (and the distillation teacher's
     probabilities, for ``ds``) under the batch's dataset indices; at the next selection round
-    :meth:`collect` gathers them from every process. A sample trained on several times keeps its
-    latest values. The statistics are of the *training* view (augmented, train mode), not the
-    un-augmented eval view of the scoring pass.
+    :meth:`collect` gathers them from every process. A sample trained on several times, on any
+    process, keeps its latest values: records are numbered in training order, the same on every
+    process (each trains the same number of batches per step). The statistics are of the
+    *training* view (augmented, train mode), not the un-augmented eval view of the scoring pass.
     """
 
     def __init__(self, stats: Sequence[str]) -> None:
@@ -288,7 +308,8 @@ class TrainingScores:
         self.clear()
 
     def clear(self) -> None:
-        self._local: dict[str, list[torch.Tensor]] = {k: [] for k in (*self.stats, INDEX_KEY)}
+        self._local: dict[str, list[torch.Tensor]] = {k: [] for k in (*self.stats, INDEX_KEY, ORDER_KEY)}
+        self._records = 0
 
     @torch.no_grad()
     def record(
@@ -298,19 +319,15 @@ class TrainingScores:
         for name, value in values.items():
             self._local[name].append(value.float().cpu())
         self._local[INDEX_KEY].append(index.detach().long().cpu())
+        self._local[ORDER_KEY].append(torch.full((index.numel(),), self._records, dtype=torch.long))
+        self._records += 1
 
     def collect(self, num_samples: int, accelerator: Accelerator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``(stats, seen)``: ``[N]`` statistics (NaN where not trained on) and the mask of samples
         trained on since :meth:`clear`, on every process (a collective). Later records win."""
-        index = torch.cat(self._local[INDEX_KEY]) if self._local[INDEX_KEY] else torch.empty(0, dtype=torch.long)
-        # Keep each index's last record: a stable sort puts repeats in recording order.
-        order = torch.sort(index, stable=True).indices
-        last = torch.ones(order.numel(), dtype=torch.bool)
-        last[:-1] = index[order][1:] != index[order][:-1]
-        keep = order[last]
-        local = {k: [torch.cat(v)[keep]] if v else [] for k, v in self._local.items() if k != INDEX_KEY}
-        local[INDEX_KEY] = [index[keep]]
-        local["labels"] = [torch.zeros(keep.numel(), dtype=torch.long)]  # placeholder: labels come from the data
+        local = dict(self._local)
+        rows = sum(i.numel() for i in local[INDEX_KEY])
+        local["labels"] = [torch.zeros(rows, dtype=torch.long)]  # placeholder: labels come from the data
         stats = gather_statistics(local, num_samples, accelerator, expected=torch.zeros(num_samples, dtype=torch.bool))
         stats.pop("labels")
         seen = ~torch.isnan(stats[self.stats[0]]) if self.stats else torch.zeros(num_samples, dtype=torch.bool)

@@ -165,3 +165,36 @@ def test_labels_only_pass_runs_no_model(setup):
     counter = Counter(student)
     out = scoring_pass(student, loader, accelerator, [], N)
     assert counter.calls == 0 and set(out) == {"labels"} and torch.equal(out["labels"], ds.y)
+
+
+def test_gather_keeps_the_latest_entry_of_a_repeated_index():
+    """An index that comes more than once (as from two processes that trained it in different
+    epochs) keeps the entry with the largest order, whatever its position; checked against the
+    values written by hand."""
+    from acs_hf.scoring import ORDER_KEY, gather_statistics
+
+    accelerator = Accelerator(cpu=True)
+    local = {  # index 2 three times (orders 5, 1, 9), index 0 twice (orders 7, 3), index 4 once
+        INDEX_KEY: [torch.tensor([2, 0, 2]), torch.tensor([4, 0, 2])],
+        ORDER_KEY: [torch.tensor([5, 7, 1]), torch.tensor([2, 3, 9])],
+        "evs": [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.4, 0.5, 0.6])],
+        "labels": [torch.tensor([1, 1, 1]), torch.tensor([1, 1, 1])],
+    }
+    out = gather_statistics(local, 5, accelerator, expected=torch.zeros(5, dtype=torch.bool))
+    expected = torch.tensor([0.2, float("nan"), 0.6, float("nan"), 0.4])
+    torch.testing.assert_close(out["evs"], expected, equal_nan=True)
+    assert ORDER_KEY not in out
+
+
+def test_training_scores_keep_each_samples_latest_record():
+    """A sample trained on twice keeps the statistics of its later batch (EVS by formula)."""
+    from acs_hf.scoring import TrainingScores
+
+    scores = TrainingScores(["evs"])
+    first, later = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])
+    scores.record(torch.tensor([3]), first, torch.tensor([0]), None)
+    scores.record(torch.tensor([1, 3]), torch.cat([first, later]), torch.tensor([0, 0]), None)
+    stats, seen = scores.collect(5, Accelerator(cpu=True))
+    assert seen.tolist() == [False, True, False, True, False]
+    expected = torch.linalg.vector_norm(torch.softmax(later, 1) - torch.tensor([[1.0, 0.0, 0.0]]), dim=1)
+    torch.testing.assert_close(stats["evs"][3:4], expected)
