@@ -53,10 +53,12 @@ SELECTOR_STATE_NAME = "acs_selector_subset.npy"
 TRAINER_STATE_NAME = "trainer_state.json"
 #: The entry of ``trainer_state.json``'s ``stateful_callbacks`` that names the save it belongs to.
 PAIRING_KEY = "ACSCheckpoint"
+#: The ONNX file ``--export_onnx`` writes beside the checkpoint (and its external data, if any).
+ONNX_NAME = "model.onnx"
 #: What a previous run leaves in its output folder; ``--overwrite_output_dir`` moves it aside.
 PREVIOUS_RUN_FILES = ("checkpoint-*", SUBSET_DIR, RECORD_NAME, PLOT_NAME, "teacher_cache", "fp_warmup", "runs",
                       WEIGHTS_NAME, "config.json", "preprocessor_config.json", "README.md", "acs_summary.json",
-                      "*_results.json", TRAINER_STATE_NAME)  # fmt: skip
+                      "*_results.json", TRAINER_STATE_NAME, ONNX_NAME, f"{ONNX_NAME}.data")  # fmt: skip
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, TrainingArguments
 
 from ._io import atomic_write, atomic_write_json
 from .arguments import ACSArguments, DataArguments, ModelArguments, RunArguments
-from .checkpoint_folders import set_aside_previous_run
+from .checkpoint_folders import ONNX_NAME, set_aside_previous_run
 from .data import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
 from .hub import HubPushError, base_model_id, push_folder_to_hub, write_model_card
 from .metrics import make_compute_metrics, preprocess_logits_for_metrics
@@ -32,9 +32,6 @@ from .trainer import ACSTrainer
 __all__ = ["run_acs", "prepare_run_data", "default_output_dir", "save_student"]
 
 logger = logging.getLogger(__name__)
-
-#: The ONNX file ``--export_onnx`` writes beside the checkpoint.
-ONNX_NAME = "model.onnx"
 
 
 def default_output_dir(model_args: ModelArguments, quant_args: QuantConfig, acs_args: ACSArguments) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
+from .arguments import _check_number
 from .checkpoint_folders import checkpoint_runs, latest_complete_checkpoint
 from .quantization.packed import WEIGHTS_NAME
 from .reporting import RECORD_NAME
@@ -49,6 +50,23 @@ def _check_epochs(args: TrainingArguments) -> None:
         return
     if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
         raise ValueError(f"num_train_epochs must be a finite number > 0 (or max_steps > 0), got {epochs!r}")
+
+
+#: TrainingArguments' batch settings the recipe uses: (name, lowest accepted value, may be unset).
+BATCH_SETTINGS = (
+    ("per_device_train_batch_size", 1, False),
+    ("per_device_eval_batch_size", 1, False),
+    ("gradient_accumulation_steps", 1, False),
+    ("eval_accumulation_steps", 1, True),
+    ("dataloader_num_workers", 0, False),
+)
+
+
+def _check_batches(args: TrainingArguments) -> None:
+    """transformers accepts a batch size of 0, which fails only at the first batch (after the data
+    and calibration) with torch's message: refuse it here."""
+    for name, low, optional in BATCH_SETTINGS:
+        _check_number(name, getattr(args, name), low, integer=True, optional=optional)
 
 
 def _check_report_to(args: TrainingArguments) -> None:
@@ -119,6 +137,7 @@ def _check_foreign_results(args: TrainingArguments, overwrite: bool) -> None:
 def preflight(args: TrainingArguments, teacher_cache_dir: str | None, push: bool, overwrite: bool) -> None:
     """Every check that needs neither data nor models. Resolves ``resume_from_checkpoint=true``."""
     _check_epochs(args)
+    _check_batches(args)
     _check_report_to(args)
     _resolve_resume(args)
     _check_foreign_results(args, overwrite)

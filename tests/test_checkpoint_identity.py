@@ -11,7 +11,12 @@ from trainer_utils import acs_trainer
 from transformers import TrainingArguments
 
 from acs_hf import ACSTrainer
-from acs_hf.checkpoint_folders import PAIRING_KEY, is_complete_checkpoint, latest_complete_checkpoint
+from acs_hf.checkpoint_folders import (
+    PAIRING_KEY,
+    is_complete_checkpoint,
+    latest_complete_checkpoint,
+    set_aside_previous_run,
+)
 from acs_hf.run_checks import preflight
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -129,6 +134,20 @@ def test_overwrite_refuses_to_resume_from_the_folder_it_clears(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="true", report_to=[])
     with pytest.raises(ValueError, match="drop --overwrite_output_dir to continue that run"):
         preflight(args, None, push=False, overwrite=True)
+
+
+def test_overwrite_moves_the_previous_runs_onnx_export_aside(tmp_path):
+    """A run with --export_onnx leaves model.onnx (and, for large models, model.onnx.data) beside its
+    checkpoint: an overwrite moves them aside with the rest, and leaves files no run writes."""
+    run_files = ["model.safetensors", "config.json", "README.md", "model.onnx", "model.onnx.data",
+                 "acs_selection.jsonl", "all_results.json"]  # fmt: skip
+    for name in [*run_files, "notes.txt"]:
+        (tmp_path / name).write_text(name)
+    (tmp_path / "selection").mkdir()
+    (tmp_path / "checkpoint-1").mkdir()
+    aside = set_aside_previous_run(TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    assert sorted(p.name for p in tmp_path.iterdir() if p != aside) == ["notes.txt"]
+    assert sorted(p.name for p in aside.iterdir()) == sorted([*run_files, "selection", "checkpoint-1"])
 
 
 def test_overwritten_run_interrupted_then_resumed_continues_only_the_new_run(recipe, tmp_path, monkeypatch):

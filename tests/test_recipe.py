@@ -171,6 +171,10 @@ def no_data(monkeypatch):
     ("argv", "message"),
     [
         (["--num_train_epochs", "0"], "num_train_epochs must be a finite number > 0"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be an integer >= 1, got 0"),
+        (["--per_device_eval_batch_size", "-2"], "per_device_eval_batch_size must be an integer >= 1, got -2"),
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be an integer >= 1, got 0"),
+        (["--dataloader_num_workers", "-1"], "dataloader_num_workers must be an integer >= 0, got -1"),
         (["--fp_warmup_epochs", "nan"], "fp_warmup_epochs must be a finite number >= 0, got nan"),
         (["--step_lr_scale", "inf"], "step_lr_scale must be a finite number > 0, got inf"),
         (
