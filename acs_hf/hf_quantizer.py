@@ -104,7 +104,8 @@ class LSQHfQuantizer(HfQuantizer):
         # layer table, architecture and tensor data as saved, then every tensor of the model present.
         cfg, tensors = read_checkpoint(files[0].parent, where)
         self.layers = cfg["quantization_config"]["layers"]  # the table checked, not another config's
-        prepare_packed_weights(quantized_root(model), self.layers, where)
+        outputs = cfg["quantization_config"].get("outputs")
+        prepare_packed_weights(quantized_root(model), self.layers, where, outputs=outputs)
         check_tensor_names(quantized_root(model), tensors, f"{where}: {files[0]}")
         return model
 

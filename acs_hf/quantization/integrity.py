@@ -49,7 +49,13 @@ def weights_metadata(
     """The weights file's metadata for ``state`` (as :func:`.packed.packed_state` gives it) saved beside
     ``config_json``, the config.json as a loader will read it back (with ``quantization_config``):
     the checkpoint id and the digests that :func:`.serialization.read_checkpoint` checks."""
-    return _weights_metadata(quantization_config["checkpoint_id"], quantization_config["layers"], config_json, state)
+    return _weights_metadata(quantization_config["checkpoint_id"], _tables(quantization_config), config_json, state)
+
+
+def _tables(qcfg: dict[str, Any]) -> dict[str, Any]:
+    """What the layer digest covers: the layer table, and the output quantizers' table where there is one
+    (older checkpoints have none, and keep their digests)."""
+    return qcfg["layers"] if qcfg.get("outputs") is None else {"layers": qcfg["layers"], "outputs": qcfg["outputs"]}
 
 
 def _weights_metadata(checkpoint_id: str, layers: dict, cfg: dict, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -91,10 +97,10 @@ def check_quantization_config(qcfg: dict[str, Any], where: str) -> None:
     method = qcfg.get("quant_method")
     if method not in READABLE_FORMATS:
         raise ValueError(f"{where}: unknown quant_method {method!r}; accepted: {sorted(READABLE_FORMATS)}")
-    if qcfg.get("format_version") != READABLE_FORMATS[method]:
+    if qcfg.get("format_version") not in READABLE_FORMATS[method]:
         raise ValueError(
             f"{where}: format_version {qcfg.get('format_version')!r} with quant_method {method!r}; this acs_hf "
-            f"reads {READABLE_FORMATS[method]} (upgrade acs_hf for newer checkpoints)"
+            f"reads {' or '.join(map(str, READABLE_FORMATS[method]))} (upgrade acs_hf for newer checkpoints)"
         )
     layers = qcfg.get("layers")
     if not isinstance(layers, dict) or not layers:
@@ -122,7 +128,7 @@ def check_digest(meta: dict[str, str], qcfg: dict[str, Any], where: str) -> None
             f"(checkpoint ids {meta.get('checkpoint_id')!r} and {qcfg.get('checkpoint_id')!r}); save again"
         )
     digest = meta.get("layers_sha256")
-    if digest is not None and digest != _layers_digest(qcfg["layers"]):
+    if digest is not None and digest != _layers_digest(_tables(qcfg)):
         raise ValueError(
             f"{where}: the layer table does not match the one {WEIGHTS_NAME} was saved with (config.json was "
             "edited or mixed with another save); restore the original config.json"

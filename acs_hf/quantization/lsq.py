@@ -108,6 +108,8 @@ class _LSQFakeQuant(torch.autograd.Function):
         # Autocast off and detached (non-view) inputs: the math stays float32 and torch.compile
         # sees one global state and no view bases, i.e. one graph per input dtype.
         with torch.autocast(x.device.type, enabled=False):
+            if s.numel() == 1:  # elementwise on x itself: the output is no view, so in-place ops may follow
+                return _kernels(compiled)[0](x.detach(), s.view(()), lo, hi)
             y = _kernels(compiled)[0](x2.detach(), s, lo, hi)
         return _from_matrix(y, x.shape, dims)
 

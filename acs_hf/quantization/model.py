@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .integer_graph import output_quantizers, plan_integer_graph, quantize_outputs, remove_output_quantizers
 from .lsq import LSQQuantizer, check_bits
 from .modules import LayerQuantConfig, QuantModule, is_quantizable, quant_class_for
 
@@ -45,6 +46,10 @@ class QuantConfig:
             the data instead of several, which makes a W4A4 ResNet-18 CPU train step about 1.2x
             cheaper (see ``recipes/benchmark_speed.py``). Needs a working ``torch.compile`` (a C++
             compiler on CPU, triton on GPU); the first step pays the compile (tens of seconds).
+        integer_graph: also quantize every tensor an integer runtime needs in integer form (both
+            inputs and the output of each residual addition, the stem's output; each tensor once), so
+            that ONNX Runtime runs every convolution and residual addition as an integer kernel
+            (:mod:`acs_hf.quantization.integer_graph`). Needs ``act_bits``. Off: the paper's placement.
     """
 
     weight_bits: int = field(default=4, metadata={"help": "Weight bits, 2..8."})
@@ -56,6 +61,13 @@ class QuantConfig:
     per_channel_weights: bool = field(default=False, metadata={"help": "One weight step per output channel."})
     exclude: list[str] = field(default_factory=list, metadata={"help": "Module-name patterns kept in FP."})
     compile_kernels: bool = field(default=False, metadata={"help": "torch.compile-fused LSQ kernels."})
+    integer_graph: bool = field(
+        default=False,
+        metadata={
+            "help": "Also quantize residual additions and the stem output (each tensor once), so that ONNX "
+            "Runtime runs every conv and residual add as an integer kernel; needs act_bits."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.act_bits, self.first_last_bits = _optional_bits(self.act_bits), _optional_bits(self.first_last_bits)
@@ -66,6 +78,12 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.per_channel_weights must be a bool, got {self.per_channel_weights!r}")
         if not isinstance(self.compile_kernels, bool):
             raise ValueError(f"QuantConfig.compile_kernels must be a bool, got {self.compile_kernels!r}")
+        if not isinstance(self.integer_graph, bool):
+            raise ValueError(f"QuantConfig.integer_graph must be a bool, got {self.integer_graph!r}")
+        if self.integer_graph and self.act_bits is None:
+            raise ValueError(
+                "QuantConfig.integer_graph=True quantizes activations and needs act_bits (2..8), got act_bits=None"
+            )
         if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude or []):
             raise ValueError(f"QuantConfig.exclude must be a list of strings, got {self.exclude!r}")
         self.exclude = list(self.exclude or [])
@@ -146,13 +164,19 @@ def _optional_bits(value: Any) -> Any:
 def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Swap every quantizable ``Conv2d``/``Linear`` for its LSQ version, in place; return the model.
 
-    See :meth:`QuantConfig.layer_configs` for which layers get which settings. The new quantizers
-    are uninitialised: call :func:`calibrate_quantizers` before training or scoring.
+    See :meth:`QuantConfig.layer_configs` for which layers get which settings; with
+    ``config.integer_graph`` modules also get output quantizers (:func:`plan_integer_graph`). The new
+    quantizers are uninitialised: call :func:`calibrate_quantizers` before training or scoring.
     """
     config = config or QuantConfig()
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ValueError("quantize_model: the model is already quantized")
-    return quantize_layers(model, config.layer_configs(model))
+    layers, outputs = config.layer_configs(model), {}
+    if config.integer_graph:
+        plan = plan_integer_graph(model, layers, config.act_bits, compiled=config.compile_kernels)
+        layers, outputs = plan.layers, plan.outputs
+    quantize_layers(model, layers)
+    return quantize_outputs(model, outputs)
 
 
 def quantize_layers(model: nn.Module, layers: Mapping[str, LayerQuantConfig]) -> nn.Module:
@@ -171,10 +195,10 @@ def quantize_layers(model: nn.Module, layers: Mapping[str, LayerQuantConfig]) ->
 
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Undo :func:`quantize_model` in place: every quantized layer becomes its float layer again,
-    with the same (latent, unquantized) Parameters; the quantizers are dropped."""
+    with the same (latent, unquantized) Parameters; the quantizers (output quantizers too) are dropped."""
     for name, module in quant_modules(model):
         model.set_submodule(name, module.to_float())
-    return model
+    return remove_output_quantizers(model)
 
 
 def quant_modules(model: nn.Module) -> list[tuple[str, QuantModule]]:
@@ -203,7 +227,7 @@ def calibrate_quantizers(
     """Initialise every LSQ step from data.
 
     Weight steps come from the weights; activation steps (and their signedness, where left to the
-    data) from the inputs each layer sees over ``batches`` (at most ``num_batches``), with
+    data) from the inputs each layer sees (and the outputs that output quantizers see) over ``batches`` (at most ``num_batches``), with
     activations passed through in full precision meanwhile. Runs in eval mode without gradients
     and restores the previous train/eval modes. A batch is a Tensor (passed positionally) or a
     mapping of keyword arguments.
@@ -214,6 +238,7 @@ def calibrate_quantizers(
     for _, m in qmods:
         m.weight_quantizer.init_from(m.weight)
     act_qs = [m.input_quantizer for _, m in qmods if m.input_quantizer is not None]
+    act_qs += [q for _, q in output_quantizers(model)]
     if not act_qs:
         return model
     modes = {m: m.training for m in model.modules()}

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .integer_graph import OutputQuantConfig, output_quantizers, quantize_outputs
 from .lsq import STEP_FLOOR, LSQQuantizer, quant_range
 from .model import quant_modules, quantize_layers, quantizers_initialized
 from .modules import LayerQuantConfig, quant_class_for
@@ -31,6 +32,7 @@ __all__ = [
     "check_packable",
     "check_packed_length",
     "layer_configs_from_table",
+    "output_configs_from_table",
     "pack_codes",
     "packed_length",
     "packed_state",
@@ -43,8 +45,10 @@ __all__ = [
 
 QUANT_METHOD = "acs_hf_lsq"  # named after the library: loaders that lack it print where to get it
 FORMAT_VERSION = 2
-#: quant_method -> format version, for every format this version reads.
-READABLE_FORMATS = {QUANT_METHOD: FORMAT_VERSION, "lsq": 1}
+#: Checkpoints with output quantizers (``QuantConfig.integer_graph``): the layer table plus an ``outputs`` table.
+OUTPUTS_FORMAT_VERSION = 3
+#: quant_method -> the format versions this version reads.
+READABLE_FORMATS = {QUANT_METHOD: (FORMAT_VERSION, OUTPUTS_FORMAT_VERSION), "lsq": (1,)}
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 LEGACY_CODES_SUFFIX = ".weight_codes"  # format 1
@@ -124,14 +128,16 @@ def packed_state(
     (:class:`acs_hf.hf_quantizer.LSQHfQuantizer`); ``where`` names the caller in errors."""
     check_packable(model, where)
     state, layers = _packed_state(model, quant_modules(model))
+    outputs = {name: {"bits": q.bits, "signed": q.signed} for name, q in output_quantizers(model)}
     quantization_config = {
         "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
+        "format_version": OUTPUTS_FORMAT_VERSION if outputs else FORMAT_VERSION,
         "library": "acs_hf",
         "library_version": _library_version(),
         "checkpoint_id": uuid.uuid4().hex,
         "config": config,
         "layers": layers,
+        **({"outputs": outputs} if outputs else {}),
     }
     return state, quantization_config
 
@@ -221,16 +227,41 @@ def layer_configs_from_table(model: nn.Module, layers: dict[str, Any], where: st
     return {name: _layer_config(name, info, modules.get(name), where) for name, info in layers.items()}
 
 
-def prepare_packed_weights(model: nn.Module, layers: dict[str, Any], where: str = "load_quantized") -> nn.Module:
-    """Quantize the float architecture ``model`` as the layer table says, each quantized weight a
-    flat uint8 placeholder of its packed length, in place.
+def output_configs_from_table(model: nn.Module, outputs: Any, where: str) -> dict[str, OutputQuantConfig]:
+    """The output quantizers of a checkpoint's ``outputs`` table (module name -> ``bits``, ``signed``),
+    each module checked to exist in ``model``."""
+    if outputs is None:
+        return {}
+    if not isinstance(outputs, dict):
+        raise ValueError(f"{where}: quantization_config.outputs must be an object, got {outputs!r}")
+    modules, configs = dict(model.named_modules()), {}
+    for name, info in outputs.items():
+        if name not in modules:
+            raise ValueError(f"{where}: output quantizer {name!r} of the checkpoint has no module in the architecture")
+        if not isinstance(info, dict) or not isinstance(info.get("signed"), bool):
+            raise ValueError(f"{where}: output quantizer {name!r}: entry must be {{bits, signed}}, got {info!r}")
+        try:
+            configs[name] = OutputQuantConfig(bits=info.get("bits"), signed=info["signed"])
+        except ValueError as e:
+            raise ValueError(f"{where}: output quantizer {name!r}: {e}") from None
+    return configs
+
+
+def prepare_packed_weights(
+    model: nn.Module, layers: dict[str, Any], where: str = "load_quantized", outputs: dict[str, Any] | None = None
+) -> nn.Module:
+    """Quantize the float architecture ``model`` as the layer table says (and give the modules of the
+    ``outputs`` table their output quantizers), each quantized weight a flat uint8 placeholder of its
+    packed length, in place.
 
     A loader that copies tensors by name (``load_state_dict``, transformers' ``from_pretrained``)
     then fills in the checkpoint's packed codes and step sizes; :func:`unpack_weights` turns the
     codes into the float weights afterwards.
     """
     configs = layer_configs_from_table(model, layers, where)
+    output_configs = output_configs_from_table(model, outputs, where)
     quantize_layers(model, configs)
+    quantize_outputs(model, output_configs)
     for name, config in configs.items():
         module = model.get_submodule(name)
         size = packed_length(math.prod(layers[name]["weight_shape"]), config.weight_bits)

@@ -195,7 +195,7 @@ def load_quantized(
     if model is None:
         model = _build_timm_model(cfg, where)
     layers = qcfg["layers"]
-    prepare_packed_weights(model, layers, where)
+    prepare_packed_weights(model, layers, where, outputs=qcfg.get("outputs"))
     if qcfg.get("format_version") == 1:  # codes under <layer>.weight_codes
         legacy = {n + LEGACY_CODES_SUFFIX: f"{n}.weight" for n in layers}
         tensors = {legacy.get(k, k): v for k, v in tensors.items()}

@@ -1,0 +1,302 @@
+"""The integer-graph placement: an LSQ quantizer on every tensor that an integer runtime needs in integer form.
+
+ONNX Runtime runs a Conv as an integer kernel (``QLinearConv``) only when its input comes out of a
+``DequantizeLinear`` and its output goes into a ``QuantizeLinear``, and a residual ``Add`` as
+``QLinearAdd`` only when both inputs and its output are quantized (its QDQ selectors; TensorRT and
+NNCF place quantizers the same way). The paper's placement quantizes only the inputs of convolutions
+and linear layers, so every convolution that feeds a residual addition, and the additions themselves,
+stay float. This placement adds LSQ quantizers, learnt like the others, so that
+
+- both inputs of every residual addition are quantized: the module that produces each one gets an
+  *output quantizer* (for ResNet: ``bn2`` and ``downsample.1``);
+- the addition's output is quantized: at the ReLU that follows it (``act2``: quantizing after the
+  ReLU with unsigned codes equals quantizing the sum, and ONNX Runtime drops the ReLU), or else at the
+  output of the block that returns it (MobileNetV2 / EfficientNet inverted residuals);
+- every tensor is quantized once: a quantized layer whose input is already quantized upstream (through
+  max pooling, identity, dropout or flatten) drops its own input quantizer, so a block's output is
+  quantized once and shared by the next block's convolutions and its shortcut;
+- a max pool's input is quantized rather than its output (max commutes with quantization), so the stem
+  convolution also gets an integer output.
+
+The additions are found in a ``torch.fx`` trace of the float model (``timm``'s untraceable helpers
+kept as leaves): any ``add`` of two computed tensors. An addition whose three tensors cannot all carry
+a quantizer (a module called twice, an input computed by a function rather than a module, a sum used
+inside the block that makes it, as in a ViT) stays float, and :func:`plan_integer_graph` logs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import weakref
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .lsq import LSQQuantizer, check_bits
+from .modules import LayerQuantConfig
+
+__all__ = [
+    "OutputQuantConfig",
+    "IntegerGraphPlan",
+    "plan_integer_graph",
+    "quantize_outputs",
+    "output_quantizers",
+    "remove_output_quantizers",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Modules whose output equals their input, or a selection of its elements: a quantized input stays quantized.
+_PASS_THROUGH = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Identity, nn.Dropout, nn.Flatten)
+#: Of those, the ones that compute something (the quantizer goes before them, shared with what follows).
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_NON_NEGATIVE = (nn.ReLU, nn.ReLU6)
+_ADDS = {operator.add, operator.iadd, torch.add}
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+@dataclass(frozen=True)
+class OutputQuantConfig:
+    """The quantizer on one module's output.
+
+    Args:
+        bits: code bits, 2..8.
+        signed: signedness of the codes; ``None`` decides it from the calibration data.
+        compiled: ``torch.compile``-fused fake-quant kernels.
+    """
+
+    bits: int
+    signed: bool | None = None
+    compiled: bool = False
+
+    def __post_init__(self) -> None:
+        check_bits("OutputQuantConfig.bits", self.bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class IntegerGraphPlan:
+    """What :func:`plan_integer_graph` decided.
+
+    Attributes:
+        layers: the per-layer settings, with the input quantizer dropped (``act_bits=None``) where the
+            input is already quantized upstream.
+        outputs: module name -> its output quantizer.
+        integer_adds: the residual additions made integer (named by the module that holds them).
+        float_adds: the additions that stay float, each with the reason.
+    """
+
+    layers: dict[str, LayerQuantConfig]
+    outputs: dict[str, OutputQuantConfig] = field(default_factory=dict)
+    integer_adds: list[str] = field(default_factory=list)
+    float_adds: list[str] = field(default_factory=list)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` graph of ``model`` with timm's untraceable modules and functions kept opaque."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+
+    leaves = tuple(get_notrace_modules())
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+
+    tracer = _Tracer(autowrap_functions=tuple(get_notrace_functions()))
+    was_training = model.training
+    try:
+        graph = tracer.trace(model.eval())
+    finally:
+        model.train(was_training)
+    return fx.GraphModule(tracer.root, graph)
+
+
+def _is_residual_add(node: fx.Node) -> bool:
+    """An addition of two computed tensors (not of a parameter, a buffer or a number)."""
+    is_add = (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
+    args = node.args[:2]
+    return is_add and len(args) == 2 and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in args)
+
+
+class _Planner:
+    """One pass over the traced graph: where each residual addition's three tensors get quantized."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
+        self.model = model
+        self.graph = graph
+        self.calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        self.scope_outputs: dict[str, set[fx.Node]] = {}
+        for node in graph.nodes:
+            for path in node.meta.get("nn_module_stack", {}):
+                if any(path not in u.meta.get("nn_module_stack", {}) for u in node.users):
+                    self.scope_outputs.setdefault(path, set()).add(node)
+
+    def _module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def _hookable(self, name: str) -> bool:
+        """A module called once, not a container, not an opaque graph root: its output can be quantized."""
+        return bool(name) and self.calls.get(name, 1) == 1 and not isinstance(self._module(name), _CONTAINERS)
+
+    def tensor_site(self, node: fx.Node) -> str | None:
+        """The module whose output quantizer quantizes the tensor ``node`` (``None`` when none can)."""
+        while node.op == "call_module" and isinstance(self._module(node.target), _POOLS):
+            node = node.args[0]  # quantize the pool's input: max commutes with quantization
+            if not isinstance(node, fx.Node):
+                return None
+        if node.op == "call_module":
+            return node.target if self._hookable(node.target) else None
+        return self.add_output_site(node) if _is_residual_add(node) else None
+
+    def add_output_site(self, node: fx.Node) -> str | None:
+        """Where the sum ``node`` is quantized: the ReLU that alone consumes it, else the innermost
+        module whose forward returns it (and nothing else)."""
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and self._hookable(users[0].target):
+            if type(self._module(users[0].target)) is nn.ReLU:
+                return users[0].target
+        for path in reversed(list(node.meta.get("nn_module_stack", {}))):
+            if self.scope_outputs.get(path) == {node}:
+                return path if self._hookable(path) else None
+        return None
+
+    def quantized_upstream(self, node: Any, outputs: Mapping[str, OutputQuantConfig]) -> OutputQuantConfig | None:
+        """The output quantizer that already quantizes the tensor ``node``, looking through pass-through modules."""
+        while isinstance(node, fx.Node):
+            site = self.tensor_site(node)
+            if site in outputs:
+                return outputs[site]
+            is_pass = node.op == "call_module" and isinstance(self._module(node.target), _PASS_THROUGH)
+            is_flatten = node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten")
+            if not (is_pass or is_flatten):
+                return None
+            node = node.args[0]
+        return None
+
+
+def _describe(node: fx.Node) -> str:
+    scope = list(node.meta.get("nn_module_stack", {}))
+    return f"{scope[-1] if scope else '<model>'} ({node.name})"
+
+
+def plan_integer_graph(
+    model: nn.Module, layers: Mapping[str, LayerQuantConfig], bits: int, compiled: bool = False
+) -> IntegerGraphPlan:
+    """Plan the integer-graph placement (module docstring) for the float ``model``.
+
+    Args:
+        model: the float model, before :func:`~acs_hf.quantize_layers` swaps its layers.
+        layers: the per-layer settings of the paper's placement (:meth:`QuantConfig.layer_configs`).
+        bits: bits of the new activation quantizers (the model's activation bits).
+        compiled: ``torch.compile``-fused fake-quant kernels for them.
+
+    Returns:
+        The plan; additions that stay float are logged at WARNING with the reason.
+    """
+    check_bits("bits", bits)
+    plan = IntegerGraphPlan(layers=dict(layers))
+    try:
+        graph = _trace(model).graph
+    except Exception as e:  # noqa: BLE001 - any tracing failure leaves the paper's placement
+        reason = f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e})"
+        logger.warning("integer_graph: %s; every residual addition stays float", reason)
+        plan.float_adds.append(f"all: {reason}")
+        return plan
+    planner = _Planner(model, graph)
+    config = OutputQuantConfig(bits=bits, compiled=compiled)
+    for node in graph.nodes:
+        if not _is_residual_add(node):
+            continue
+        sites = [planner.tensor_site(a) for a in node.args[:2]] + [planner.add_output_site(node)]
+        if None in sites or sites[0] == sites[1]:
+            which = ["first input", "second input", "sum"][sites.index(None)] if None in sites else "inputs"
+            plan.float_adds.append(f"{_describe(node)}: its {which} is not the output of a module called once")
+            continue
+        for site in sites:
+            # Signed codes unless a ReLU makes the tensor non-negative: calibration cannot tell, since a
+            # zero-initialised BatchNorm (timm's last BN of a block) gives zeros.
+            unsigned = isinstance(model.get_submodule(site), _NON_NEGATIVE)
+            plan.outputs.setdefault(site, replace(config, signed=not unsigned))
+        plan.integer_adds.append(_describe(node))
+    # A layer whose input is quantized upstream at its own bit width uses that quantizer.
+    for node in graph.nodes:
+        setting = plan.layers.get(node.target) if node.op == "call_module" else None
+        if setting is None or setting.act_bits is None or not node.args:
+            continue
+        upstream = planner.quantized_upstream(node.args[0], plan.outputs)
+        if upstream is not None and upstream.bits == setting.act_bits:
+            plan.layers[node.target] = LayerQuantConfig(**{**setting.to_dict(), "act_bits": None, "act_signed": None})
+    if plan.float_adds:
+        listed = "; ".join(plan.float_adds[:4]) + (
+            f"; and {len(plan.float_adds) - 4} more" if len(plan.float_adds) > 4 else ""
+        )
+        logger.warning(
+            "integer_graph: %d of %d residual additions stay float: %s",
+            len(plan.float_adds),
+            len(plan.float_adds) + len(plan.integer_adds),
+            listed,
+        )
+    logger.info(
+        "integer_graph: %d residual additions integer, %d output quantizers",
+        len(plan.integer_adds),
+        len(plan.outputs),
+    )
+    return plan
+
+
+# -- output quantizers on modules -----------------------------------------------------------------
+#: Modules that carry the hook (it does nothing once their quantizer is removed; torch keeps no public
+#: way to find a hook again without its handle).
+_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _quantize_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook: the module's output through its ``output_quantizer`` (if it still has one)."""
+    quantizer = getattr(module, "output_quantizer", None)
+    return quantizer(output) if quantizer is not None else None
+
+
+def quantize_outputs(model: nn.Module, outputs: Mapping[str, OutputQuantConfig]) -> nn.Module:
+    """Give each named module an ``output_quantizer`` (an :class:`LSQQuantizer`) applied to its output
+    by a forward hook, in place; uninitialised until :func:`~acs_hf.calibrate_quantizers`."""
+    for name, config in outputs.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantize_outputs: the model has no module {name!r}") from None
+        if isinstance(module, _CONTAINERS) or hasattr(module, "output_quantizer"):
+            raise ValueError(f"quantize_outputs: module {name!r} cannot take an output quantizer")
+        device = next((t.device for t in [*module.parameters(), *module.buffers()]), None)
+        quantizer = LSQQuantizer(
+            config.bits, signed=config.signed, compiled=config.compiled, name=f"{name}.output_quantizer"
+        )
+        module.output_quantizer = quantizer.to(device) if device is not None else quantizer
+        if module not in _HOOKED:
+            module.register_forward_hook(_quantize_output)
+            _HOOKED.add(module)
+    return model
+
+
+def output_quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
+    """``(module name, quantizer)`` for every output quantizer of ``model``."""
+    return [
+        (n, m.output_quantizer)
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "output_quantizer", None), LSQQuantizer)
+    ]
+
+
+def remove_output_quantizers(model: nn.Module) -> nn.Module:
+    """Undo :func:`quantize_outputs` in place: the quantizers go (their hooks then do nothing)."""
+    for name, _ in output_quantizers(model):
+        del model.get_submodule(name).output_quantizer
+    return model
