@@ -236,9 +236,8 @@ def plan_integer_graph(
         if upstream is not None and upstream.bits == setting.act_bits:
             plan.layers[node.target] = LayerQuantConfig(**{**setting.to_dict(), "act_bits": None, "act_signed": None})
     if plan.float_adds:
-        listed = "; ".join(plan.float_adds[:4]) + (
-            f"; and {len(plan.float_adds) - 4} more" if len(plan.float_adds) > 4 else ""
-        )
+        more = len(plan.float_adds) - 4
+        listed = "; ".join(plan.float_adds[:4]) + (f"; and {more} more" if more > 0 else "")
         logger.warning(
             "integer_graph: %d of %d residual additions stay float: %s",
             len(plan.float_adds),

@@ -227,7 +227,8 @@ def calibrate_quantizers(
     """Initialise every LSQ step from data.
 
     Weight steps come from the weights; activation steps (and their signedness, where left to the
-    data) from the inputs each layer sees (and the outputs that output quantizers see) over ``batches`` (at most ``num_batches``), with
+    data) from the inputs each layer sees (and the outputs that output quantizers see) over
+    ``batches`` (at most ``num_batches``), with
     activations passed through in full precision meanwhile. Runs in eval mode without gradients
     and restores the previous train/eval modes. A batch is a Tensor (passed positionally) or a
     mapping of keyword arguments.
