@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_save_npy"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_save_npy", "atomic_save_npz"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -37,14 +37,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """``np.save`` streamed to the temporary file: a 2.5 GB teacher cache shard is never held twice."""
-
+def _atomic_numpy(path: str | os.PathLike, save: Callable[[Any], None]) -> None:
     def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a bare name
-            np.save(f, array)
+        with open(tmp, "wb") as f:  # a file object: numpy would add ".npy" / ".npz" to a bare name
+            save(f)
 
     atomic_write(path, write)
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """``np.save`` streamed to the temporary file: a 2.5 GB teacher cache shard is never held twice."""
+    _atomic_numpy(path, lambda f: np.save(f, array))
+
+
+def atomic_save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` of named arrays, written atomically."""
+    _atomic_numpy(path, lambda f: np.savez(f, **arrays))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:

@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "read_state",
     "check_same_run",
     "read_array",
+    "read_arrays",
     "clear_for_save",
     "check_resume_layout",
     "is_complete_checkpoint",
@@ -50,6 +52,8 @@ logger = logging.getLogger(__name__)
 STATE_NAME = "acs_state.json"
 SUBSET_NAME = "acs_subset.npy"
 SELECTOR_STATE_NAME = "acs_selector_subset.npy"
+#: The training-pass records a round with ``reuse_training_scores`` reuses (indices and statistics).
+TRAINING_SCORES_NAME = "acs_training_scores.npz"
 TRAINER_STATE_NAME = "trainer_state.json"
 #: The entry of ``trainer_state.json``'s ``stateful_callbacks`` that names the save it belongs to.
 PAIRING_KEY = "ACSCheckpoint"
@@ -192,6 +196,15 @@ def read_array(path: Path) -> torch.Tensor:
     try:
         return torch.from_numpy(np.load(path))
     except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is missing or corrupt ({e}); resume from an earlier checkpoint") from e
+
+
+def read_arrays(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's ``.npz`` arrays as tensors by name, refused when missing or corrupt."""
+    try:
+        with np.load(path) as arrays:
+            return {name: torch.from_numpy(arrays[name]) for name in arrays.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is missing or corrupt ({e}); resume from an earlier checkpoint") from e
 
 

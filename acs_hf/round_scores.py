@@ -8,6 +8,7 @@ each round's statistics.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from .trainer import ACSTrainer
 
 __all__ = ["RoundScorer"]
+
+logger = logging.getLogger(__name__)
 
 
 class RoundScorer:
@@ -139,6 +142,25 @@ class RoundScorer:
         return self._teacher_cache
 
     # ------------------------------------------------------------------ training-pass scores
+    def training_records(self) -> dict[str, torch.Tensor] | None:
+        """The training-pass records of every process since the last round, as a checkpoint keeps
+        them (a collective; ``None`` without ``reuse_training_scores``)."""
+        if self.training_scores is None:
+            return None
+        return self.training_scores.state_dict(self.num_samples, self.trainer.accelerator)
+
+    def restore_training_records(self, records: dict[str, torch.Tensor] | None, checkpoint: str) -> None:
+        """Take back :meth:`training_records` from ``checkpoint`` (the main process keeps them)."""
+        if self.training_scores is None:
+            return
+        if records is None:
+            logger.warning(
+                "%s holds no training-pass scores (saved without --reuse_training_scores, or by an older acs_hf): "
+                "the next round scores its whole pool, unlike the interrupted run",
+                checkpoint,
+            )
+        self.training_scores.load_state_dict(records, keep=self.trainer.accelerator.is_main_process)
+
     def remember_teacher_logits(self, logits: torch.Tensor) -> None:
         """Keep the distillation forward's teacher logits: the training-pass DS reuses them."""
         self._last_teacher_logits = logits

@@ -311,6 +311,34 @@ class TrainingScores:
         self._local: dict[str, list[torch.Tensor]] = {k: [] for k in (*self.stats, INDEX_KEY, ORDER_KEY)}
         self._records = 0
 
+    def state_dict(self, num_samples: int, accelerator: Accelerator) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the records since :meth:`clear`, from every process (a
+        collective; the same on every process): the dataset indices of the samples trained on,
+        under :data:`INDEX_KEY`, and each one's latest statistics under their names."""
+        stats, seen = self.collect(num_samples, accelerator)
+        index = seen.nonzero().flatten()
+        return {INDEX_KEY: index, **{name: stats[name][index] for name in self.stats}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor] | None, keep: bool = True) -> None:
+        """Start again from a :meth:`state_dict` (``None``: no records): its records count as older
+        than any recorded from now on. ``keep=False`` (every process but one) holds none of them:
+        :meth:`collect` gathers them from the process that keeps them. Call on every process, so
+        that all number their records alike."""
+        if state is None:
+            self.clear()
+            return
+        missing = [name for name in (INDEX_KEY, *self.stats) if name not in state]
+        if missing:
+            raise ValueError(f"training-pass scores lack {missing}; these statistics need {list(self.stats)}")
+        self.clear()
+        index = state[INDEX_KEY].long()
+        if keep and index.numel():
+            for name in self.stats:
+                self._local[name].append(state[name].float())
+            self._local[INDEX_KEY].append(index)
+            self._local[ORDER_KEY].append(torch.zeros_like(index))
+        self._records = 1
+
     @torch.no_grad()
     def record(
         self, index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, teacher_probs: torch.Tensor | None

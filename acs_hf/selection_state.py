@@ -9,6 +9,8 @@ through :meth:`~SelectionState.state_dict` and :meth:`~SelectionState.load_state
 Into ``checkpoint-<step>/``, before the Trainer's own files, :meth:`~SelectionState.save` writes:
 
 - ``acs_subset.npy``: the current coreset (and ``acs_selector_subset.npy`` for stateful selectors);
+- ``acs_training_scores.npz`` (with ``reuse_training_scores``): the training-pass records of every
+  process since the last round, which the next round reuses;
 - ``acs_state.json``: round counters, the selection history, the hash of the subset, the process
   count and optimizer steps per epoch it was taken with, the fingerprint of the training data, and
   the identity of the save: the run's id (random, made once per run and kept by its resumes) and
@@ -32,16 +34,19 @@ import torch
 from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
-from ._io import atomic_save_npy, atomic_write_json
+from ._io import atomic_save_npy, atomic_save_npz, atomic_write_json
 from .arguments import ACSArguments
+from .batch import INDEX_KEY
 from .checkpoint_folders import (
     SELECTOR_STATE_NAME,
     STATE_NAME,
     SUBSET_NAME,
+    TRAINING_SCORES_NAME,
     check_resume_layout,
     check_same_run,
     clear_for_save,
     read_array,
+    read_arrays,
     read_state,
 )
 from .consistency import processes_by_value
@@ -266,33 +271,43 @@ class SelectionState(TrainerCallback):
         """Note the run's identity (a resume continues its run)."""
         self.run_id = run_id
 
-    def state_dict(self) -> dict[str, Any]:
-        """What a resume restores: the subset, the round counters, the history, the selector's state."""
+    def state_dict(self, training_scores: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """What a resume restores: the subset, the round counters, the history, the selector's state,
+        and ``training_scores`` (the scorer's ``training_records()``, a collective, so gathered by the caller)."""
         return {
             "subset": self.subset,
             "selected_epoch": self.selected_epoch,
             "selection_round": self.selection_round,
             "history": self.history,
             "selector": self.selector.state_dict(),
+            "training_scores": training_scores,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], checkpoint: str = "the state") -> None:
         """Take back what :meth:`state_dict` gave (the sampler, once built, switches to the subset)."""
         if state.get("selector"):
             self.selector.load_state_dict(state["selector"])
         self.subset, self.selected_epoch = state["subset"], state["selected_epoch"]
         self.selection_round, self.history = state["selection_round"], state["history"]
+        self.scorer.restore_training_records(state.get("training_scores"), checkpoint)
         if self.sampler is not None:
             self.sampler.set_subset(self.subset)
 
-    def save(self, checkpoint_dir: str | os.PathLike, global_step: int, world_size: int) -> dict[str, str]:
-        """Write the selection state into ``checkpoint_dir`` (the saving processes only); returns
-        the save's identity, for the Trainer's ``trainer_state.json``."""
+    def save(
+        self,
+        checkpoint_dir: str | os.PathLike,
+        global_step: int,
+        world_size: int,
+        training_scores: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, str]:
+        """Write the selection state into ``checkpoint_dir`` (the saving processes only), with
+        ``training_scores`` as :meth:`state_dict` takes them; returns the save's identity, for the
+        Trainer's ``trainer_state.json``."""
         ckpt = Path(checkpoint_dir)
         clear_for_save(ckpt, self.run_id, world_size, global_step)
         steps_per_epoch = self.steps_per_epoch
         identity = {"run_id": self.run_id, "save_id": uuid.uuid4().hex[:16]}
-        saved = self.state_dict()
+        saved = self.state_dict(training_scores)
         state: dict[str, Any] = {
             **identity,
             "selection_round": saved["selection_round"],
@@ -312,6 +327,9 @@ class SelectionState(TrainerCallback):
         selector_subset = saved["selector"].get("subset")
         if selector_subset is not None:
             atomic_save_npy(ckpt / SELECTOR_STATE_NAME, selector_subset.numpy())
+        if training_scores is not None:
+            atomic_save_npz(ckpt / TRAINING_SCORES_NAME, {k: v.numpy() for k, v in training_scores.items()})
+            state["training_scores_hash"] = subset_hash(training_scores[INDEX_KEY])
         atomic_write_json(ckpt / STATE_NAME, state)
         return identity
 
@@ -327,6 +345,14 @@ class SelectionState(TrainerCallback):
             raise ValueError(f"{ckpt / SUBSET_NAME} does not match the hash in {STATE_NAME}; the checkpoint is damaged")
         has_selector_state = (ckpt / SELECTOR_STATE_NAME).is_file()
         selector = {"subset": read_array(ckpt / SELECTOR_STATE_NAME)} if has_selector_state else {}
+        training_scores = None
+        if "training_scores_hash" in state:
+            training_scores = read_arrays(ckpt / TRAINING_SCORES_NAME)
+            if subset_hash(training_scores.get(INDEX_KEY, torch.empty(0))) != state["training_scores_hash"]:
+                raise ValueError(
+                    f"{ckpt / TRAINING_SCORES_NAME} does not match the hash in {STATE_NAME}; the checkpoint is damaged"
+                )
         resume_epochs = check_resume_layout(state, ckpt, world_size)  # checks first: a refused resume touches nothing
-        self.load_state_dict({**state, "subset": subset, "selector": selector})
+        state = {**state, "subset": subset, "selector": selector, "training_scores": training_scores}
+        self.load_state_dict(state, str(ckpt))
         return resume_epochs

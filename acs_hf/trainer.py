@@ -137,10 +137,12 @@ class ACSTrainer(QATTrainer):
         # The save first clears a stale folder of this step (or refuses another save's), and
         # no process writes its files there before that (the barrier).
         if self.subset is not None:
+            training_scores = self.selection.scorer.training_records()  # a collective: every process's records
             if self.args.should_save:
                 checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
                 folder = os.path.join(trainer_output_dir(self, trial), checkpoint)
-                identity = self.selection.save(folder, self.state.global_step, self.accelerator.num_processes)
+                step, processes = self.state.global_step, self.accelerator.num_processes
+                identity = self.selection.save(folder, step, processes, training_scores)
                 self.state.stateful_callbacks[PAIRING_KEY] = {"args": {}, "attributes": identity}
             self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)

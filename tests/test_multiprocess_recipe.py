@@ -5,6 +5,7 @@ must still score, cache and select with one model on every process (process 0's)
 at an epoch boundary, on one or two processes, must select exactly the uninterrupted run's subsets.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,11 +18,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "run_acs.py")
+STOP_AFTER_CHECKPOINT = str(Path(__file__).with_name("stop_after_checkpoint.py"))
 #: The command of the issue that found the bug (2 epochs, a selection every epoch, f = 0.3).
 COMMAND = ["--use_cpu", "--num_train_epochs", "2", "--selection_interval", "1", "--fraction", "0.3"]
 
 
-def launch(processes: int, *argv: str) -> subprocess.CompletedProcess:
+def launch(processes: int, *argv: str, script: str = RECIPE) -> subprocess.CompletedProcess:
     """``accelerate launch --multi_gpu --num_processes N recipes/run_acs.py ...`` with this interpreter."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--main_process_port", "0", "--num_processes", str(processes)]  # fmt: skip
@@ -29,7 +31,7 @@ def launch(processes: int, *argv: str) -> subprocess.CompletedProcess:
         launcher.append("--multi_gpu")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("WORLD_SIZE", None)
-    return subprocess.run([*launcher, RECIPE, *argv], env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([*launcher, script, *argv], env=env, capture_output=True, text=True, timeout=900)
 
 
 def subsets(out: Path) -> dict[str, list[int]]:
@@ -85,3 +87,34 @@ def test_epoch_boundary_resume_selects_the_uninterrupted_subsets(disk_run, tmp_p
     assert subsets(out)["epoch_0001"] == subsets(disk_run)["epoch_0001"]
     assert [r["epoch"] for r in records(out)] == [0, 1]  # the history carried over, one new round
     assert records(out)[1]["world_size"] == processes
+
+
+#: Issue 31's command, smaller: training-pass scores reused, a pool of half the data, a round every epoch.
+REUSE_COMMAND = [str(ROOT / "recipes" / "configs" / "digits_demo.yaml"), "--model_name", "test_resnet",
+                 "--max_train_samples", "200", "--max_eval_samples", "32", "--fp_warmup_epochs", "1",
+                 "--num_train_epochs", "2", "--selection_interval", "1", "--fraction", "0.25",
+                 "--save_strategy", "epoch", "--reuse_training_scores", "true",
+                 "--score_pool_fraction", "0.5"]  # fmt: skip
+
+
+def selection_digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "selection").glob("*.npy"))}
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_epoch_boundary_resume_with_training_pass_scores_selects_the_uninterrupted_subsets(tmp_path, processes):
+    """Issue 31: killed right after the epoch-0 checkpoint and resumed, a run that reuses training-pass
+    scores selects the uninterrupted run's subsets. Before, the records of epoch 0's training were not
+    in the checkpoint: the resumed round at epoch 1 reused none and scored a fresh pool instead."""
+    argv = [*REUSE_COMMAND, *(["--use_cpu", "true"] if processes > 1 else [])]
+    whole = launch(processes, *argv, "--output_dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-6000:]
+    out = tmp_path / "resumed"
+    killed = launch(processes, *argv, "--output_dir", str(out), script=STOP_AFTER_CHECKPOINT)
+    assert killed.returncode != 0 and not (out / "model.safetensors").exists(), killed.stderr[-6000:]
+    assert sorted(selection_digests(out)) == ["epoch_0000.npy"]
+    resumed = launch(processes, *argv, "--output_dir", str(out), "--resume_from_checkpoint", "true")
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert selection_digests(out) == selection_digests(tmp_path / "whole")
+    assert [r["reused_samples"] for r in records(out)] == [r["reused_samples"] for r in records(tmp_path / "whole")]
+    assert sorted(selection_digests(out)) == ["epoch_0000.npy", "epoch_0001.npy"]

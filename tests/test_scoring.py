@@ -198,3 +198,33 @@ def test_training_scores_keep_each_samples_latest_record():
     assert seen.tolist() == [False, True, False, True, False]
     expected = torch.linalg.vector_norm(torch.softmax(later, 1) - torch.tensor([[1.0, 0.0, 0.0]]), dim=1)
     torch.testing.assert_close(stats["evs"][3:4], expected)
+
+
+def test_training_scores_restored_from_a_checkpoint_count_as_older_records():
+    """Issue 31: what a checkpoint keeps of the records (state_dict) comes back on resume; a record
+    made after the resume wins over a restored one, and a process that keeps none adds none."""
+    from acs_hf.scoring import TrainingScores
+
+    def evs(logits: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(torch.softmax(logits, 1) - torch.tensor([[1.0, 0.0, 0.0]]), dim=1)
+
+    accelerator = Accelerator(cpu=True)
+    first, later = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])
+    saved = TrainingScores(["evs"])
+    saved.record(torch.tensor([1, 3]), first, torch.tensor([0, 0]), None)
+    state = saved.state_dict(5, accelerator)
+    assert state["index"].tolist() == [1, 3]
+    torch.testing.assert_close(state["evs"], evs(first))
+
+    resumed = TrainingScores(["evs"])
+    resumed.load_state_dict(state)
+    resumed.record(torch.tensor([3]), later, torch.tensor([0]), None)
+    stats, seen = resumed.collect(5, accelerator)
+    assert seen.tolist() == [False, True, False, True, False]
+    torch.testing.assert_close(stats["evs"][[1, 3]], torch.cat([evs(first)[:1], evs(later)]))
+
+    elsewhere = TrainingScores(["evs"])
+    elsewhere.load_state_dict(state, keep=False)
+    assert not elsewhere.collect(5, accelerator)[1].any()
+    with pytest.raises(ValueError, match=r"training-pass scores lack \['ds'\]"):
+        TrainingScores(["evs", "ds"]).load_state_dict(state)
