@@ -4,6 +4,14 @@ Each step is a function you can call alone (torchao-style); ``dequantize_model``
 Knows nothing of data, coreset selection or transformers.
 """
 
+from .integer_graph import (
+    IntegerGraphPlan,
+    OutputQuantConfig,
+    output_quantizers,
+    plan_integer_graph,
+    quantize_outputs,
+    remove_output_quantizers,
+)
 from .lsq import LSQQuantizer, check_bits, lsq_fake_quant, quant_range
 from .model import (
     QuantConfig,
@@ -17,6 +25,7 @@ from .model import (
 )
 from .modules import LayerQuantConfig, QuantConv2d, QuantLinear, QuantModule, is_quantizable
 from .onnx_export import export_onnx
+from .onnx_runtime import integer_kernel_counts, onnx_session
 from .packed import (
     WEIGHTS_NAME,
     layer_configs_from_table,
@@ -29,6 +38,7 @@ from .serialization import load_quantized, save_quantized
 
 __all__ = [
     "WEIGHTS_NAME",
+    "IntegerGraphPlan",
     "LSQQuantizer",
     "LayerQuantConfig",
     "QuantConfig",
@@ -40,17 +50,24 @@ __all__ = [
     "dequantize_model",
     "export_onnx",
     "find_first_last",
+    "integer_kernel_counts",
     "is_quantizable",
     "layer_configs_from_table",
     "load_quantized",
     "lsq_fake_quant",
+    "onnx_session",
+    "output_quantizers",
+    "OutputQuantConfig",
     "pack_codes",
+    "plan_integer_graph",
     "prepare_packed_weights",
     "quant_modules",
     "quant_range",
     "quantize_layers",
     "quantize_model",
+    "quantize_outputs",
     "quantizers_initialized",
+    "remove_output_quantizers",
     "save_quantized",
     "unpack_codes",
     "unpack_weights",

@@ -32,10 +32,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from .integer_graph import output_quantizers
 from .lsq import LSQQuantizer, lsq_fake_quant, quant_range
 from .model import quant_modules
 from .modules import QuantModule
-from .onnx_passes import clean_up, fold_batchnorm_nodes, keep_float_biases, save_atomically
+from .onnx_passes import (
+    clean_up,
+    fold_batchnorm_nodes,
+    int8_weight_kernels,
+    keep_float_biases,
+    requantize_after_max_pool,
+    save_atomically,
+)
 from .packed import broadcast_step, stored_weight_codes
 
 __all__ = ["export_onnx"]
@@ -44,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: Smallest opset with INT4 / UINT4 QuantizeLinear and DequantizeLinear.
 INT4_OPSET = 21
+#: Zero point of signed activation codes stored as uint8 (what ONNX Runtime's x86 kernels take).
+U8_SIGNED_ZERO_POINT = 128
 
 
 # -- custom ops: LSQ math in eager mode, QDQ nodes in ONNX ------------------------------------------
@@ -69,6 +79,17 @@ def _(codes, scale, container):
     return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
 
 
+@torch.library.custom_op("acs_hf::quant_dequant_u8", mutates_args=())
+def _quant_dequant_u8(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """LSQ fake quantization of ``x`` at the per-tensor ``scale``, exported as uint8 codes (integer kernels)."""
+    return lsq_fake_quant(x, scale.reshape(1), bits, signed).clone()
+
+
+@_quant_dequant_u8.register_fake
+def _(x, scale, bits, signed):
+    return torch.empty_like(x)
+
+
 def _translation_table() -> dict[Any, Any]:
     """ONNX translations of the custom ops (onnxscript, traced at export)."""
     import numpy as np
@@ -90,8 +111,24 @@ def _translation_table() -> dict[Any, Any]:
         axis = {"axis": 0} if len(scale.shape) == 1 else {}
         return op.DequantizeLinear(codes, scale, zero, **axis)
 
+    def quant_dequant_u8(x, scale, bits: int, signed: bool):
+        # uint8 codes as ONNX Runtime's x86 integer kernels take them: signed codes offset by a zero
+        # point of 128; a range narrower than 8 bits clamped on the integer codes (a float Clip
+        # before QuantizeLinear would keep the producing Conv / Add out of integer kernels).
+        qn, qp = quant_range(bits, signed)
+        zero_point = U8_SIGNED_ZERO_POINT if signed else 0
+        zero = op.Constant(value=ir.tensor(np.array(zero_point, dtype=np.uint8)))
+        q = op.QuantizeLinear(x, scale, zero)
+        lo, hi = zero_point - qn, zero_point + qp
+        if (lo, hi) != (0, 255):
+            low = op.Constant(value=ir.tensor(np.array(lo, dtype=np.uint8)))
+            high = op.Constant(value=ir.tensor(np.array(hi, dtype=np.uint8)))
+            q = op.Clip(q, low, high)
+        return op.DequantizeLinear(q, scale, zero)
+
     return {
         torch.ops.acs_hf.quant_dequant.default: quant_dequant,
+        torch.ops.acs_hf.quant_dequant_u8.default: quant_dequant_u8,
         torch.ops.acs_hf.dequant_weight.default: dequant_weight,
     }
 
@@ -131,8 +168,9 @@ class _WeightDQ(nn.Module):
         return torch.ops.acs_hf.dequant_weight(self.codes, self.scale, self.container)
 
 
-class _InputQDQ(nn.Module):
-    """Stands in for an input quantizer: ``QuantizeLinear -> DequantizeLinear`` at the learnt step."""
+class _ActivationQDQ(nn.Module):
+    """Stands in for an input or output quantizer: ``QuantizeLinear -> DequantizeLinear`` at the
+    learnt step; ``container`` 0 means uint8 codes with an integer clamp (integer kernels)."""
 
     def __init__(self, quantizer: LSQQuantizer, container: int) -> None:
         super().__init__()
@@ -140,6 +178,8 @@ class _InputQDQ(nn.Module):
         self.register_buffer("scale", _scale(quantizer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.container == 0:
+            return torch.ops.acs_hf.quant_dequant_u8(x, self.scale, self.bits, self.signed)
         return torch.ops.acs_hf.quant_dequant(x, self.scale, self.bits, self.signed, self.container)
 
 
@@ -163,20 +203,31 @@ def _check_exportable(model: nn.Module, int4: bool, opset: int) -> None:
 
 
 @contextlib.contextmanager
-def _deploy_view(model: nn.Module, int4: bool, int4_narrow_activations: bool) -> Iterator[nn.Module]:
+def _deploy_view(
+    model: nn.Module, int4: bool, int4_narrow_activations: bool, integer_kernels: bool
+) -> Iterator[nn.Module]:
     """The model in eval mode with every quantizer swapped for its export-time stand-in; restored on exit."""
     modes = {m: m.training for m in model.modules()}
     saved = [(m, m.weight_quantizer, m.input_quantizer) for _, m in quant_modules(model)]
+    outputs = [(model.get_submodule(name), q) for name, q in output_quantizers(model)]
+
+    def activation(q: LSQQuantizer) -> _ActivationQDQ:
+        narrow_ok = int4_narrow_activations or q.bits == 4
+        return _ActivationQDQ(q, 0 if integer_kernels else _container(q.bits, int4 and narrow_ok))
+
     try:
         for m, wq, iq in saved:
             m.weight_quantizer = _WeightDQ(m, _container(wq.bits, int4))
             if iq is not None:
-                narrow_ok = int4_narrow_activations or iq.bits == 4
-                m.input_quantizer = _InputQDQ(iq, _container(iq.bits, int4 and narrow_ok))
+                m.input_quantizer = activation(iq)
+        for m, q in outputs:
+            m.output_quantizer = activation(q)
         yield model.eval()
     finally:
         for m, wq, iq in saved:
             m.weight_quantizer, m.input_quantizer = wq, iq
+        for m, q in outputs:
+            m.output_quantizer = q
         for m, training in modes.items():
             m.training = training
 
@@ -258,6 +309,7 @@ def export_onnx(
     int4_narrow_activations: bool = False,
     dynamic_batch: bool = True,
     fold_batchnorm: bool = False,
+    integer_kernels: bool | None = None,
     input_name: str = "pixel_values",
     output_name: str = "logits",
 ) -> Path:
@@ -282,6 +334,12 @@ def export_onnx(
             (then per-channel) scale and an int32 bias at ``input scale * weight scale``, so that
             onnxruntime can run integer convolutions. The weight codes are unchanged; the outputs
             differ from PyTorch only by float rounding and the bias's int32 rounding.
+        integer_kernels: write the graph for ONNX Runtime's integer kernels: activation codes in uint8
+            (signed ones at zero point 128, ranges under 8 bits clamped on the integer codes), 2-4 bit
+            weights as INT4 initializers cast to int8, BatchNorm folded (``fold_batchnorm``), each
+            MaxPool of codes quantized again at the same step. Default: on for models quantized with
+            ``QuantConfig(integer_graph=True)``, where every convolution and residual addition then
+            runs as ``QLinearConv`` / ``QLinearAdd``; ``int4_narrow_activations`` does not apply.
         input_name, output_name: names of the graph's input and output.
 
     Returns:
@@ -296,12 +354,18 @@ def export_onnx(
         logger.warning("export_onnx: the model has no quantized layers; exporting it in floating point")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if integer_kernels is None:
+        integer_kernels = bool(output_quantizers(model))
     x = _example_input(model, example_input, input_size, dynamic_batch)
-    with _deploy_view(model, int4, int4_narrow_activations), torch.no_grad():
+    with _deploy_view(model, int4, int4_narrow_activations, integer_kernels), torch.no_grad():
         onnx_model = _trace(_Logits(model).eval(), x, opset, dynamic_batch, input_name, output_name)
     clean_up(onnx_model)
-    if fold_batchnorm:
+    if integer_kernels:  # before the fold, which needs a dequantized input on each Conv
+        requantize_after_max_pool(onnx_model)
+    if fold_batchnorm or integer_kernels:
         logger.info("export_onnx: folded %d BatchNormalization nodes", fold_batchnorm_nodes(onnx_model))
+    if integer_kernels:
+        int8_weight_kernels(onnx_model)
     keep_float_biases(onnx_model)
     save_atomically(onnx_model, path)
     return path

@@ -13,7 +13,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INT4_TYPES", "clean_up", "fold_batchnorm_nodes", "keep_float_biases", "save_atomically"]
+__all__ = [
+    "INT4_TYPES",
+    "clean_up",
+    "fold_batchnorm_nodes",
+    "int8_weight_kernels",
+    "keep_float_biases",
+    "requantize_after_max_pool",
+    "save_atomically",
+]
 
 INT4_TYPES = (22, 21)  # onnx TensorProto.INT4, UINT4
 
@@ -116,15 +124,21 @@ def _batchnorm_fold(bn: Any) -> dict[str, Any] | None:
     gamma, beta, mean, var = (p.astype(np.float64) for p in params)
     eps = bn.attributes.get_float("epsilon", 1e-5)
     a = gamma / np.sqrt(var + eps)
-    w_scale = (np.broadcast_to(w_dq[1][1].astype(np.float64), a.shape) * a).astype(np.float32)
+    # A negative gain gives the channel a negative weight scale (the codes, and their INT4 storage, are
+    # kept); a zero gain zeroes the channel's codes (the channel is its bias alone).
+    codes, zeroed = w_dq[1][0], bool((a == 0).any())
+    if zeroed:
+        codes = np.where((a == 0).reshape(-1, *[1] * (codes.ndim - 1)), np.zeros_like(codes), codes)
+    w_scale = np.broadcast_to(w_dq[1][1].astype(np.float64), a.shape) * np.where(a == 0, 1.0, a)
+    w_scale = w_scale.astype(np.float32)
     b_scale = (float(x_scale) * w_scale.astype(np.float64)).astype(np.float32)
-    if not (b_scale > 0).all():  # a zero or negative BN gain (timm zero-initialises some): keep the BN
+    if not (b_scale != 0).all() or not np.isfinite(b_scale).all():  # an underflowing scale: keep the BN
         return None
     b_codes = np.round((beta - mean * a + a * bias) / b_scale)
     if np.abs(b_codes).max() >= 2**31:
         return None
-    codes = w_dq[1][0]
-    return {"conv": conv, "codes": codes, "w_scale": w_scale, "b_codes": b_codes.astype(np.int32), "b_scale": b_scale}
+    plan = {"conv": conv, "codes": codes, "w_scale": w_scale, "b_codes": b_codes.astype(np.int32), "b_scale": b_scale}
+    return {**plan, "zeroed": zeroed}
 
 
 def fold_batchnorm_nodes(model: Any) -> int:
@@ -151,6 +165,9 @@ def fold_batchnorm_nodes(model: Any) -> int:
         for value in v.values():
             graph.register_initializer(value)
         codes = conv.inputs[1].producer().inputs[0]
+        if plan["zeroed"]:  # zero gains: the channels' codes zeroed
+            codes = ir.Value(name=f"{prefix}.weight_codes", const_value=ir.tensor(plan["codes"]))
+            graph.register_initializer(codes)
         dq_w = ir.node("DequantizeLinear", [codes, v["w_scale"], v["w_zero_point"]], {"axis": 0})
         dq_b = ir.node("DequantizeLinear", [v["bias_codes"], v["bias_scale"], v["bias_zero_point"]], {"axis": 0})
         new_conv = ir.node("Conv", [conv.inputs[0], dq_w.outputs[0], dq_b.outputs[0]], conv.attributes)
@@ -159,3 +176,57 @@ def fold_batchnorm_nodes(model: Any) -> int:
         folded += 1
     onnxscript.optimizer.remove_unused_nodes(model)
     return folded
+
+
+def int8_weight_kernels(model: Any) -> int:
+    """Feed each INT4 / UINT4 weight initializer to its DequantizeLinear through ``Cast(to=INT8 / UINT8)``
+    (zero point to match): ONNX Runtime has no 4-bit convolution kernel and leaves 4-bit QDQ unfused
+    (microsoft/onnxruntime#20362), while 4-bit codes are exact in its int8 kernels; it folds the Cast
+    when the session starts, so the file keeps its 4-bit size. Returns how many weights were cast."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph, cast = model.graph, 0
+    for dq in [n for n in graph if n.op_type == "DequantizeLinear"]:
+        codes = dq.inputs[0]
+        if codes is None or codes.const_value is None or codes.const_value.dtype.value not in INT4_TYPES:
+            continue
+        to = ir.DataType.INT8 if codes.const_value.dtype == ir.DataType.INT4 else ir.DataType.UINT8
+        node = ir.node("Cast", [codes], {"to": to})
+        graph.insert_before(dq, node)
+        zero = ir.Value(
+            name=f"{codes.name}.zero_point_8bit",
+            const_value=ir.tensor(np.zeros(dq.inputs[2].const_value.shape, dtype=to.numpy())),
+        )
+        graph.register_initializer(zero)
+        dq.replace_input_with(0, node.outputs[0])
+        dq.replace_input_with(2, zero)
+        cast += 1
+    return cast
+
+
+def requantize_after_max_pool(model: Any) -> int:
+    """After each MaxPool of a dequantized tensor, quantize again at the same scale and zero point.
+
+    Max pooling picks codes, so its output is already quantized: the added pair changes no value, and
+    lets ONNX Runtime run the pool on the codes and feed the next Conv or Add as an integer kernel.
+    Returns how many pools were wrapped."""
+    import onnx_ir as ir
+
+    graph, wrapped = model.graph, 0
+    for pool in [n for n in graph if n.op_type == "MaxPool"]:
+        dq = pool.inputs[0].producer()
+        out = pool.outputs[0]
+        if dq is None or dq.op_type != "DequantizeLinear" or out.is_graph_output() or len(pool.outputs) != 1:
+            continue
+        if any(u.op_type == "QuantizeLinear" for u, _ in out.uses()):
+            continue
+        uses = list(out.uses())
+        scale, zero = dq.inputs[1], dq.inputs[2]
+        q = ir.node("QuantizeLinear", [out, scale, zero])
+        back = ir.node("DequantizeLinear", [q.outputs[0], scale, zero])
+        graph.insert_after(pool, [q, back])
+        for user, index in uses:
+            user.replace_input_with(index, back.outputs[0])
+        wrapped += 1
+    return wrapped

@@ -1,0 +1,99 @@
+"""Running an exported model in ONNX Runtime: a session with the options that matter, and which kernels it runs.
+
+:func:`onnx_session` opens an ``.onnx`` file with every graph optimisation (the QDQ fusions into
+integer kernels happen there), one intra-op thread per physical core, and ONNX Runtime's exact
+integer matrix products on x86 CPUs without VNNI. :func:`integer_kernel_counts` says how many of
+the graph's convolutions, additions and matrix products ONNX Runtime runs as integer kernels.
+Needs the ``onnx`` extra (``pip install acs_hf[onnx]``), imported on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AVX2_PRECISION_KEY", "integer_kernel_counts", "onnx_session", "physical_cores"]
+
+#: ONNX Runtime's session config key for exact u8 x s8 products on x86 without VNNI (slower U8U8 kernels):
+#: AVX2 adds pairs of u8 x s8 products in int16 and saturates when both operands use most of their range.
+AVX2_PRECISION_KEY = "session.x64quantprecision"
+
+#: Integer kernels and their float counterparts, by the job they do (ONNX Runtime's op types after optimisation).
+_KERNELS = {
+    "conv": ({"QLinearConv", "ConvInteger"}, {"Conv", "FusedConv"}),
+    "add": ({"QLinearAdd"}, {"Add"}),
+    "matmul": ({"QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat"}, {"Gemm", "MatMul", "FusedGemm"}),
+}
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (``psutil`` when installed; else the logical count): ONNX Runtime's integer
+    kernels gain nothing from a core's second hyper-thread."""
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+    except ImportError:
+        cores = None
+    return cores or os.cpu_count() or 1
+
+
+def onnx_session(
+    path: str | os.PathLike,
+    threads: int | None = None,
+    *,
+    exact_on_avx2: bool = True,
+    optimized_model_path: str | os.PathLike | None = None,
+    providers: list[str] | None = None,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` for a model written by :func:`~acs_hf.export_onnx`.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads; default one per physical core (:func:`physical_cores`).
+        exact_on_avx2: set ``session.x64quantprecision``: on x86 CPUs without VNNI (AVX2, AVX-512
+            without VNNI) ONNX Runtime's u8 x s8 kernels add pairs of products in int16 and saturate
+            when both operands use most of the 8-bit range, which 8-bit layers can do; this makes
+            ONNX Runtime use exact U8U8 kernels there (and changes nothing on CPUs with VNNI).
+            Codes of 4 bits or fewer cannot saturate.
+        optimized_model_path: also write the optimised graph there (to see which kernels run).
+        providers: execution providers; default ``["CPUExecutionProvider"]``.
+    """
+    import onnxruntime as ort
+
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"onnx_session: threads must be a positive integer or None, got {threads!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or physical_cores()
+    if exact_on_avx2:
+        options.add_session_config_entry(AVX2_PRECISION_KEY, "1")
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def integer_kernel_counts(path: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """For each job (``conv``, ``add``, ``matmul``): how many nodes ONNX Runtime's CPU provider runs as
+    integer kernels (``integer``) and as float ones (``float``), read off the graph it optimises
+    (extended level: the QDQ fusions, without the layout changes that rename float ops)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(optimized)
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer}
+    # a float Add of a constant is a bias (the classifier's), not a residual addition
+    ops = Counter(n.op_type for n in graph.node if n.op_type != "Add" or not any(i in constants for i in n.input))
+    return {
+        job: {"integer": sum(ops[o] for o in integer), "float": sum(ops[o] for o in floats)}
+        for job, (integer, floats) in _KERNELS.items()
+    }
