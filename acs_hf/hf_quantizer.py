@@ -26,11 +26,13 @@ the folder :func:`acs_hf.save_quantized` writes, packed codes included, with a n
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from torch import nn
 
 # Submodules, not ``transformers.quantizers``: this runs right after ``quantizers.auto`` is
@@ -50,7 +52,7 @@ from .quantization.packed import (
 )
 from .quantization.serialization import read_checkpoint
 
-__all__ = ["LSQQuantizationConfig", "LSQHfQuantizer", "quantized_root"]
+__all__ = ["CheckedSavePretrained", "LSQQuantizationConfig", "LSQHfQuantizer", "quantized_root"]
 
 
 class LSQQuantizationConfig(QuantizationConfigMixin):
@@ -115,6 +117,8 @@ class LSQHfQuantizer(HfQuantizer):
         unpack_weights(root, self.layers, where)
         # load_state_dict of a saved folder's tensors (a Trainer resuming from its checkpoint)
         root.register_load_state_dict_pre_hook(functools.partial(_unpack_incoming, layers=self.layers))
+        # The quantizer's save hooks never see save_pretrained's arguments: the model's own method checks them.
+        model.save_pretrained = CheckedSavePretrained(model)
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -143,6 +147,43 @@ class LSQHfQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         return True
+
+
+class CheckedSavePretrained:
+    """``save_pretrained`` of a model loaded from an acs_hf checkpoint (and so ``push_to_hub`` and a
+    plain Trainer's checkpoints): refuses, before anything is written, the arguments that would write
+    a checkpoint no loader reads (both read one ``model.safetensors``), then saves as transformers does.
+    A module-level class holding its model, so that the model still pickles and deep-copies."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        model, method = self.model, type(self.model).save_pretrained
+        given = inspect.signature(method).bind(model, save_directory, *args, **kwargs).arguments
+        if given.get("variant") is not None:
+            raise ValueError(
+                f"save_pretrained(variant={given['variant']!r}): an acs_hf checkpoint is one {WEIGHTS_NAME}, and "
+                f"neither from_pretrained nor acs_hf.load_quantized reads model.{given['variant']}.safetensors; "
+                "accepted: variant=None (save into another folder instead)"
+            )
+        if "max_shard_size" in given:
+            _check_unsharded(quantized_root(model), given["max_shard_size"])
+        return method(model, save_directory, *args, **kwargs)
+
+
+def _check_unsharded(root: nn.Module, max_shard_size: Any) -> None:
+    """Refuse a ``max_shard_size`` that would split the packed checkpoint of ``root`` into shards."""
+    state, _ = packed_state(root, None, f"save_pretrained(max_shard_size={max_shard_size!r})")
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    if split.is_sharded:
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        raise ValueError(
+            f"save_pretrained(max_shard_size={max_shard_size!r}) would split the {size:,}-byte packed checkpoint "
+            f"into {len(split.filename_to_tensors)} shards, which neither from_pretrained nor acs_hf.load_quantized "
+            f"reads (an acs_hf checkpoint is one {WEIGHTS_NAME}); accepted: a max_shard_size of at least "
+            f"{size:,} bytes (the default, 50GB)"
+        )
 
 
 def _unpack_incoming(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, *args: Any, layers: dict) -> None:

@@ -296,3 +296,25 @@ def test_save_pretrained_refuses_uninitialised_quantizers(timm_checkpoint, tmp_p
     with pytest.raises(RuntimeError, match=r"save_pretrained\(.*uninitialised.*calibrate_quantizers"):
         broken.save_pretrained(tmp_path / "broken")
     assert not (tmp_path / "broken" / "model.safetensors").exists()
+
+
+def test_save_pretrained_refuses_shards_and_variants_before_writing(timm_checkpoint, tmp_path):
+    """Issue 31: a sharded save (18 files at 50KB) or a variant (model.x.safetensors) wrote a checkpoint
+    that neither loader reads; now the save refuses, naming the argument, and writes nothing. A
+    max_shard_size the packed checkpoint fits in saves as usual."""
+    model = AutoModelForImageClassification.from_pretrained(timm_checkpoint)
+    packed = (timm_checkpoint / "model.safetensors").stat().st_size  # the header included: a bound
+    small = f"{packed // 4 // 1000}KB"
+    with pytest.raises(ValueError, match=rf"save_pretrained\(max_shard_size='{small}'\) would split .* into \d+ "
+                                         r"shards.*accepted: a max_shard_size of at least [\d,]+ bytes"):  # fmt: skip
+        model.save_pretrained(tmp_path / "sharded", max_shard_size=small)
+    with pytest.raises(ValueError, match=r"save_pretrained\(variant='x'\).*model.x.safetensors.*accepted: variant="):
+        model.save_pretrained(tmp_path / "variant", variant="x")
+    with pytest.raises(ValueError, match=r"variant='x'"):
+        model.save_pretrained(tmp_path / "variant", False, None, False, "50GB", "x")  # positionally too
+    assert not (tmp_path / "sharded").exists() and not (tmp_path / "variant").exists()
+    model.save_pretrained(tmp_path / "fits", max_shard_size=2 * packed)
+    assert sorted(p.name for p in (tmp_path / "fits").iterdir()) == ["config.json", "model.safetensors"]
+    assert_same_tensors(timm_checkpoint, tmp_path / "fits")
+    copied = copy.deepcopy(model)
+    assert copied.save_pretrained.model is copied  # a copy checks and saves itself
