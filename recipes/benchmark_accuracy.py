@@ -65,8 +65,12 @@ VARIANT_KEYS = {
     "f": "fraction",
     "R": "selection_interval",
     "res": "score_image_size",
+    "ig": "integer_graph",
 }
 INTEGER_KEYS = ("R", "res")
+BOOL_KEYS = ("reuse", "ig")
+#: Settings of the model or data, not of ACSArguments.
+NON_ACS_SETTINGS = ("score_image_size", "integer_graph")
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -79,7 +83,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key not in VARIANT_KEYS or not value:
             raise ValueError(f"method {spec!r}: setting {item!r} is not KEY=VALUE with KEY in {sorted(VARIANT_KEYS)}")
-        kind = (lambda v: bool(int(v))) if key == "reuse" else int if key in INTEGER_KEYS else float
+        kind = (lambda v: bool(int(v))) if key in BOOL_KEYS else int if key in INTEGER_KEYS else float
         settings[VARIANT_KEYS[key]] = kind(value)
     return name, settings
 
@@ -153,12 +157,14 @@ def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -
     torch.manual_seed(seed)
     name, settings = parse_method(method)
     score_size = settings.pop("score_image_size", None)
+    integer_graph = settings.pop("integer_graph", False)
     score_view = ds.score_dataset
     if score_size is not None:  # the same rows under the eval transform at another resolution
         view = ds.score_dataset
         score_view = ImageView(view.dataset, score_transform(ds.data_config, score_size), view.image_column,
                                view.label_column, view.split)  # fmt: skip
-    student = quantize_model(copy.deepcopy(fp), QuantConfig(weight_bits=bits, act_bits=bits, first_last_bits=8))
+    config = QuantConfig(weight_bits=bits, act_bits=bits, first_last_bits=8, integer_graph=integer_graph)
+    student = quantize_model(copy.deepcopy(fp), config)
     acs = ACSArguments(
         selection_method=name,
         selection_seed=seed,
@@ -218,13 +224,26 @@ def _kd(method: str) -> float:
     return parse_method(method)[1].get("kd_alpha", 1.0)
 
 
+def _ig(method: str) -> bool:
+    return parse_method(method)[1].get("integer_graph", False)
+
+
 def _baseline(method: str, name: str, methods: set[str]) -> str | None:
-    """The spec of baseline ``name`` that matches ``method``'s distillation, at the grid fraction."""
+    """The spec of baseline ``name`` that matches ``method``'s distillation and quantizer placement, at the
+    grid fraction."""
     for m in sorted(methods):
         base, settings = parse_method(m)
-        if base == name and "fraction" not in settings and _kd(m) == _kd(method) and len(settings) <= 1:
-            return m
+        if base == name and set(settings) <= {"kd_alpha", "integer_graph"} and _kd(m) == _kd(method):
+            if _ig(m) == _ig(method):
+                return m
     return None
+
+
+def _without_integer_graph(method: str) -> str:
+    """``acs@reuse=1,ig=1`` -> ``acs@reuse=1``: the same run with the paper's quantizer placement."""
+    name, _, rest = method.partition("@")
+    rest = ",".join(item for item in rest.split(",") if item and item.partition("=")[0] != "ig")
+    return f"{name}@{rest}" if rest else name
 
 
 def equal_compute_accuracy(ladder: list[tuple[float, float]], units: float) -> float | None:
@@ -244,6 +263,7 @@ def _equal_compute(runs: list[dict], cell_runs: list[dict], method: str) -> dict
             (q["compute_units"], q["accuracy"] * 100) for q in runs
             if "compute_units" in q and (q["bits"], q["fraction"], q["seed"]) == (r["bits"], r["fraction"], r["seed"])
             and parse_method(q["method"])[0] == "random_dynamic" and _kd(q["method"]) == _kd(method)
+            and _ig(q["method"]) == _ig(method)
         ]  # fmt: skip
         baseline = equal_compute_accuracy(ladder, r["compute_units"]) if "compute_units" in r else None
         if baseline is not None:
@@ -272,6 +292,13 @@ def summarize(runs: list[dict]) -> list[dict]:
         if all("compute_units" in r for r in cell_runs):
             cell["compute_units_mean"] = statistics.mean(r["compute_units"] for r in cell_runs)
             cell["scoring_seconds_mean"] = statistics.mean(r["scoring_seconds"] for r in cell_runs)
+        if _ig(method):  # what the integer-graph placement costs, paired by seed
+            plain = _without_integer_graph(method)
+            pairs = [(by_key[(bits, fraction, method, r["seed"])], by_key.get((bits, fraction, plain, r["seed"])))
+                     for r in cell_runs]  # fmt: skip
+            pairs = [(a, b) for a, b in pairs if b is not None]
+            if pairs:
+                cell["vs_paper_placement"] = {"baseline": plain, **paired([a - b for a, b in pairs])}
         if is_random(method) or selects_all(method):
             out.append(cell)
             continue
@@ -305,9 +332,10 @@ def markdown(cells: list[dict], fractions: list[float], fp_accuracy: float, meth
                   "and at equal compute (random_dynamic's fraction ladder interpolated to the run's compute)",
                   ""]  # fmt: skip
         lines.append(
-            "| method | f | top-1 | compute (M) | vs random_dynamic | vs random, equal compute | vs random_static |"
+            "| method | f | top-1 | compute (M) | vs random_dynamic | vs random, equal compute | vs random_static "
+            "| vs paper placement |"
         )
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for method in methods:
             for f in [1.0] if selects_all(method) else fractions:
                 c = next((c for c in cells if (c["bits"], c["fraction"], c["method"]) == (bits, f, method)), None)
@@ -317,7 +345,7 @@ def markdown(cells: list[dict], fractions: list[float], fp_accuracy: float, meth
                 lines.append(
                     f"| {method} | {c['train_fraction']:g} | {c['top1_mean']:.2f} ± {c['top1_std']:.2f} | {compute} | "
                     f"{_interval(c.get('vs_random_dynamic'))} | {_interval(c.get('vs_random_equal_compute'))} | "
-                    f"{_interval(c.get('vs_random_static'))} |"
+                    f"{_interval(c.get('vs_random_static'))} | {_interval(c.get('vs_paper_placement'))} |"
                 )
         lines.append("")
     return "\n".join(lines)
@@ -400,7 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                         help="selectors, each optionally with settings after @: acs@pool=0.3,reuse=1 (score pool "
                         "fraction, training-pass scores), random_dynamic@f=0.25 (its own fraction), acs@kd=0 "
-                        "(kd_alpha), acs@R=5 (selection interval), acs@res=24 (scoring resolution); "
+                        "(kd_alpha), acs@R=5 (selection interval), acs@res=24 (scoring resolution), "
+                        "random_dynamic@ig=1 (QuantConfig integer_graph placement); "
                         "registered: " + ", ".join(list_selectors()))  # fmt: skip
     parser.add_argument("--temperature", type=float, default=1.0, help="acs_gumbel's temperature")
     parser.add_argument("--share", type=float, default=0.5, help="acs_mixed's top-k share")
@@ -427,7 +456,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for m in args.methods:
         try:
             name, settings = parse_method(m)
-            settings.pop("score_image_size", None)  # a data setting, checked when the view is built
+            for key in NON_ACS_SETTINGS:  # settings of the data view or the model, checked where they are used
+                settings.pop(key, None)
             ACSArguments(selection_method=name, **{"fraction": 1.0 if selects_all(m) else min(args.fractions),
                                                     **settings})  # fmt: skip
         except ValueError as e:
