@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_save_npy", "atomic_save_npz"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_save_npy",
+    "atomic_save_npz",
+    "save_safetensors",
+]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -58,3 +66,22 @@ def atomic_save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> N
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     """JSON (non-serialisable values as ``str``), written atomically."""
     atomic_write_bytes(path, json.dumps(obj, indent=indent, default=str).encode())
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, then its metadata sorted by key: safetensors writes the metadata
+    in hash-map order, which changes from save to save, so the same tensors and metadata gave
+    different bytes. The header keeps its length (the same text reordered; JSON as safetensors
+    writes it, padded with spaces as safetensors pads it), so no tensor moves."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if header.get("__metadata__"):
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(text) <= length:  # always, unless safetensors changes its JSON; else keep its own order
+                f.seek(8)
+                f.write(text.ljust(length))

@@ -20,7 +20,7 @@ names ``acs_hf_lsq``) instead of returning a model with missing weights.
 
 Such a model also goes back: ``save_pretrained`` (and so ``push_to_hub`` and the checkpoints of a
 plain ``transformers.Trainer``, which may continue its QAT: the step sizes are parameters) writes
-the folder :func:`acs_hf.save_quantized` writes, packed codes included, with a new checkpoint id.
+the folder :func:`acs_hf.save_quantized` writes, packed codes and checkpoint id included.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("interrupted mid-save")
 
-    monkeypatch.setattr(serialization, "save_file", boom)
+    monkeypatch.setattr(serialization, "save_safetensors", boom)
     with pytest.raises(KeyboardInterrupt):
         save_quantized(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left either
@@ -280,3 +280,28 @@ def test_format_1_checkpoints_still_load(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="format_version 2 with quant_method 'lsq'"):
         load_quantized(tmp_path)
+
+
+def test_the_same_model_saves_to_the_same_bytes(tmp_path):
+    """Issue 31: two saves of one model (as two runs of the same command and seed save it) wrote
+    different bytes: a random checkpoint id, and safetensors' metadata in hash-map order. The id now
+    comes from the content, so another model gets another id, and the files pair as before."""
+    model = quantized()
+    for folder in ("a", "b"):
+        save_quantized(model, tmp_path / folder, config=QuantConfig())
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    data = (tmp_path / "a" / "model.safetensors").read_bytes()
+    metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    assert list(metadata) == sorted(metadata)  # the keys as written: sorted
+    assert metadata["checkpoint_id"] == json.loads((tmp_path / "a" / "config.json").read_text())[
+        "quantization_config"]["checkpoint_id"]  # fmt: skip
+
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)  # the same layers and table, one other tensor
+    save_quantized(model, tmp_path / "c", config=QuantConfig())
+    ids = [json.loads((tmp_path / f / "config.json").read_text())["quantization_config"]["checkpoint_id"]
+           for f in ("a", "c")]  # fmt: skip
+    assert ids[0] != ids[1]
+    loaded = load_quantized(tmp_path / "c")
+    assert torch.equal(loaded.fc.bias, model.fc.bias)

@@ -89,6 +89,15 @@ def test_without_acs_hf_transformers_refuses_the_checkpoint(timm_run):
     assert result.returncode != 0
     assert "acs_hf_lsq" in result.stderr  # transformers' warning names the method
     assert "ignore_mismatched_sizes" in result.stderr  # and loading stops on the packed weights
+    # Issue 31: transformers prints nothing of the config but sends the user to it; the block it names
+    # says to import acs_hf first (under a key that sorts first, also where transformers sorts keys).
+    assert "delete the quantization_config attribute in config.json" in result.stderr
+    block = json.loads((timm_run / "config.json").read_text())["quantization_config"]
+    assert min(block) == "acs_hf_loading" and block["acs_hf_loading"].startswith("Load with `import acs_hf` first")
+    assert "do not delete this block" in block["acs_hf_loading"]
+    card = (timm_run / "README.md").read_text()
+    assert card.split("```python\n")[1].startswith("import acs_hf")  # the usage snippet's first line
+    assert "wrong fix: import acs_hf first" in " ".join(card.split())
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,10 @@ writing the files (whose names are defined here): :mod:`.serialization`; their d
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import math
-import uuid
 from typing import Any
 
 import torch
@@ -52,6 +53,14 @@ READABLE_FORMATS = {QUANT_METHOD: (FORMAT_VERSION, OUTPUTS_FORMAT_VERSION), "lsq
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 LEGACY_CODES_SUFFIX = ".weight_codes"  # format 1
+#: Written into every ``quantization_config`` block (under a key that sorts first), where transformers'
+#: warning for an unknown ``quant_method`` sends a user who loads without acs_hf: "delete the
+#: quantization_config attribute in config.json".
+LOADING_NOTE = (
+    "Load with `import acs_hf` first: it registers quant_method acs_hf_lsq with transformers. Without it "
+    "transformers warns 'Unknown quantization type' and stops on a size mismatch; do not delete this block: the "
+    "weights are packed integer codes that only acs_hf unpacks."
+)
 
 
 def _library_version() -> str:
@@ -123,7 +132,7 @@ def packed_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """What :func:`.serialization.save_quantized` writes for the quantized ``model``: its tensors by state-dict
     name (each quantized weight as packed codes, on the CPU) and the ``quantization_config`` block
-    (layer table, a new ``checkpoint_id``, ``config``: the :class:`QuantConfig` as a dict, or
+    (layer table, a ``checkpoint_id`` derived from the content, ``config``: the :class:`QuantConfig` as a dict, or
     ``None``). transformers' ``save_pretrained`` of a loaded model writes the same
     (:class:`acs_hf.hf_quantizer.LSQHfQuantizer`); ``where`` names the caller in errors."""
     check_packable(model, where)
@@ -131,15 +140,29 @@ def packed_state(
     outputs = {name: {"bits": q.bits, "signed": q.signed} for name, q in output_quantizers(model)}
     quantization_config = {
         "quant_method": QUANT_METHOD,
+        "acs_hf_loading": LOADING_NOTE,
         "format_version": OUTPUTS_FORMAT_VERSION if outputs else FORMAT_VERSION,
         "library": "acs_hf",
         "library_version": _library_version(),
-        "checkpoint_id": uuid.uuid4().hex,
+        "checkpoint_id": None,
         "config": config,
         "layers": layers,
         **({"outputs": outputs} if outputs else {}),
     }
+    quantization_config["checkpoint_id"] = _checkpoint_id(state, quantization_config)
     return state, quantization_config
+
+
+def _checkpoint_id(state: dict[str, torch.Tensor], quantization_config: dict[str, Any]) -> str:
+    """The id that pairs a save's weights file with its config: a hash of what the save holds (every
+    tensor's name, dtype, shape and bytes, and the block), so that the same model saves to the same
+    bytes, and two saves' files pair only when they hold the same model."""
+    digest = hashlib.sha256(json.dumps(quantization_config, sort_keys=True, default=str).encode())
+    for name in sorted(state):
+        tensor = state[name]
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:32]
 
 
 def _packed_state(model: nn.Module, qmods) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:

@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .._io import atomic_write
+from .._io import atomic_write, save_safetensors
 from .integrity import (
     check_model_args,
     check_quantization_config,
@@ -102,7 +101,7 @@ def save_quantized(
     metadata = weights_metadata(quantization_config, json.loads(config_text), state)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_safetensors(state, p, metadata))
     atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config_text))
     return directory
 
