@@ -8,7 +8,7 @@ from typing import Any
 
 from .selection import SCHEDULES, SELECTORS, Selector, check_schedule, create_selector, list_selectors
 
-__all__ = ["QATArguments", "ACSArguments", "ModelArguments", "DataArguments", "RunArguments"]
+__all__ = ["QATArguments", "ACSArguments", "ModelArguments", "DataArguments", "RunArguments", "check_number"]
 
 
 #: Resize interpolations timm's transforms accept.
@@ -19,7 +19,7 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_number(
+def check_number(
     name: str,
     value: object,
     low: float,
@@ -66,10 +66,10 @@ class QATArguments:
     )
 
     def __post_init__(self) -> None:
-        _check_number("kd_temperature", self.kd_temperature, 0, low_open=True)
-        _check_number("kd_alpha", self.kd_alpha, 0, 1)
-        _check_number("step_lr_scale", self.step_lr_scale, 0, low_open=True)
-        _check_number("calibration_batches", self.calibration_batches, 1, integer=True)
+        check_number("kd_temperature", self.kd_temperature, 0, low_open=True)
+        check_number("kd_alpha", self.kd_alpha, 0, 1)
+        check_number("step_lr_scale", self.step_lr_scale, 0, low_open=True)
+        check_number("calibration_batches", self.calibration_batches, 1, integer=True)
 
 
 @dataclass
@@ -143,8 +143,8 @@ class ACSArguments(QATArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.create_selector().check_fraction(self.fraction)
-        _check_number("selection_interval", self.selection_interval, 1, integer=True)
-        _check_number("score_batch_size", self.score_batch_size, 1, integer=True, optional=True)
+        check_number("selection_interval", self.selection_interval, 1, integer=True)
+        check_number("score_batch_size", self.score_batch_size, 1, integer=True, optional=True)
         self._check_score_source()
 
     def _check_score_source(self) -> None:
@@ -225,9 +225,9 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        _check_number("fp_warmup_epochs", self.fp_warmup_epochs, 0)
-        _check_number("fp_warmup_learning_rate", self.fp_warmup_learning_rate, 0, low_open=True, optional=True)
-        _check_number("image_size", self.image_size, 8, integer=True, optional=True)
+        check_number("fp_warmup_epochs", self.fp_warmup_epochs, 0)
+        check_number("fp_warmup_learning_rate", self.fp_warmup_learning_rate, 0, low_open=True, optional=True)
+        check_number("image_size", self.image_size, 8, integer=True, optional=True)
 
 
 @dataclass
@@ -292,10 +292,10 @@ class DataArguments:
     def __post_init__(self) -> None:
         for name, low in (("max_train_samples", 1), ("max_eval_samples", 1), ("preprocessing_num_workers", 1),
                           ("score_image_size", 8)):  # fmt: skip
-            _check_number(name, getattr(self, name), low, integer=True, optional=True)
+            check_number(name, getattr(self, name), low, integer=True, optional=True)
         for name in ("hflip", "vflip", "reprob"):
-            _check_number(name, getattr(self, name), 0, 1)
-        _check_number("color_jitter", self.color_jitter, 0)
+            check_number(name, getattr(self, name), 0, 1)
+        check_number("color_jitter", self.color_jitter, 0)
         for name, upper in (("scale", 1.0), ("ratio", math.inf)):
             lo_hi = list(getattr(self, name))
             if len(lo_hi) != 2 or not all(_finite(v) and v > 0 for v in lo_hi) or not lo_hi[0] <= lo_hi[1] <= upper:
@@ -304,7 +304,7 @@ class DataArguments:
                 )
         if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation={self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
-        _check_number("crop_pct", self.crop_pct, 0, 1, low_open=True, optional=True)
+        check_number("crop_pct", self.crop_pct, 0, 1, low_open=True, optional=True)
         if self.auto_augment:
             from timm.data import create_transform
 

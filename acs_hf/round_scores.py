@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .arguments import ACSArguments
 from .batch import INDEX_KEY
 from .consistency import check_same_across_processes, module_fingerprint
-from .scoring import TrainingScores, scoring_pass
+from .scoring import scoring_pass
 from .selection import Selector, draw_pool
 from .teacher_cache import TeacherCache
+from .training_scores import TrainingScores
 from .view_cache import ScoreViewCache
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from .arguments import _check_number
+from .arguments import check_number
 from .checkpoint_folders import checkpoint_runs, latest_complete_checkpoint
 from .quantization.packed import WEIGHTS_NAME
 from .reporting import RECORD_NAME
@@ -66,7 +66,7 @@ def _check_batches(args: TrainingArguments) -> None:
     """transformers accepts a batch size of 0, which fails only at the first batch (after the data
     and calibration) with torch's message: refuse it here."""
     for name, low, optional in BATCH_SETTINGS:
-        _check_number(name, getattr(args, name), low, integer=True, optional=optional)
+        check_number(name, getattr(args, name), low, integer=True, optional=optional)
 
 
 def _check_report_to(args: TrainingArguments) -> None:

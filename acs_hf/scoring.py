@@ -1,4 +1,4 @@
-"""The sharded scoring pass and the statistics of the training pass.
+"""The sharded scoring pass and the gather of per-sample statistics.
 
 Every process scores its shard of the un-augmented training view, then the per-sample statistics
 are gathered so that every process holds the full ``[N]`` tensors in dataset order, keyed by the
@@ -27,7 +27,7 @@ from .batch import INDEX_KEY, default_forward
 from .selection import batch_statistics
 from .teacher_cache import TeacherCache
 
-__all__ = ["ORDER_KEY", "TrainingScores", "scoring_pass", "gather_statistics"]
+__all__ = ["ORDER_KEY", "scoring_pass", "gather_statistics"]
 
 #: Optional key of :func:`gather_statistics`' input: when an index comes more than once (from several
 #: processes or batches), the entry with the largest order wins.
@@ -290,73 +290,3 @@ def _latest_rows(index: torch.Tensor, order: torch.Tensor, rows: torch.Tensor) -
     last = torch.ones(ranked.numel(), dtype=torch.bool)
     last[:-1] = index[ranked][1:] != index[ranked][:-1]
     return ranked[last]
-
-
-class TrainingScores:
-    """Per-sample statistics taken from the training pass, at no extra forward.
-
-    ACSTrainer records each training batch's student logits (and the distillation teacher's
-    probabilities, for ``ds``) under the batch's dataset indices; at the next selection round
-    :meth:`collect` gathers them from every process. A sample trained on several times, on any
-    process, keeps its latest values: records are numbered in training order, the same on every
-    process (each trains the same number of batches per step). The statistics are of the
-    *training* view (augmented, train mode), not the un-augmented eval view of the scoring pass.
-    """
-
-    def __init__(self, stats: Sequence[str]) -> None:
-        self.stats = tuple(stats)
-        self.clear()
-
-    def clear(self) -> None:
-        self._local: dict[str, list[torch.Tensor]] = {k: [] for k in (*self.stats, INDEX_KEY, ORDER_KEY)}
-        self._records = 0
-
-    def state_dict(self, num_samples: int, accelerator: Accelerator) -> dict[str, torch.Tensor]:
-        """What a checkpoint keeps of the records since :meth:`clear`, from every process (a
-        collective; the same on every process): the dataset indices of the samples trained on,
-        under :data:`INDEX_KEY`, and each one's latest statistics under their names."""
-        stats, seen = self.collect(num_samples, accelerator)
-        index = seen.nonzero().flatten()
-        return {INDEX_KEY: index, **{name: stats[name][index] for name in self.stats}}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor] | None, keep: bool = True) -> None:
-        """Start again from a :meth:`state_dict` (``None``: no records): its records count as older
-        than any recorded from now on. ``keep=False`` (every process but one) holds none of them:
-        :meth:`collect` gathers them from the process that keeps them. Call on every process, so
-        that all number their records alike."""
-        if state is None:
-            self.clear()
-            return
-        missing = [name for name in (INDEX_KEY, *self.stats) if name not in state]
-        if missing:
-            raise ValueError(f"training-pass scores lack {missing}; these statistics need {list(self.stats)}")
-        self.clear()
-        index = state[INDEX_KEY].long()
-        if keep and index.numel():
-            for name in self.stats:
-                self._local[name].append(state[name].float())
-            self._local[INDEX_KEY].append(index)
-            self._local[ORDER_KEY].append(torch.zeros_like(index))
-        self._records = 1
-
-    @torch.no_grad()
-    def record(
-        self, index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, teacher_probs: torch.Tensor | None
-    ) -> None:
-        values = batch_statistics(self.stats, logits.detach(), labels, teacher_probs)
-        for name, value in values.items():
-            self._local[name].append(value.float().cpu())
-        self._local[INDEX_KEY].append(index.detach().long().cpu())
-        self._local[ORDER_KEY].append(torch.full((index.numel(),), self._records, dtype=torch.long))
-        self._records += 1
-
-    def collect(self, num_samples: int, accelerator: Accelerator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """``(stats, seen)``: ``[N]`` statistics (NaN where not trained on) and the mask of samples
-        trained on since :meth:`clear`, on every process (a collective). Later records win."""
-        local = dict(self._local)
-        rows = sum(i.numel() for i in local[INDEX_KEY])
-        local["labels"] = [torch.zeros(rows, dtype=torch.long)]  # placeholder: labels come from the data
-        stats = gather_statistics(local, num_samples, accelerator, expected=torch.zeros(num_samples, dtype=torch.bool))
-        stats.pop("labels")
-        seen = ~torch.isnan(stats[self.stats[0]]) if self.stats else torch.zeros(num_samples, dtype=torch.bool)
-        return stats, seen

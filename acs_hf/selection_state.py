@@ -34,19 +34,16 @@ import torch
 from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
-from ._io import atomic_save_npy, atomic_save_npz, atomic_write_json
+from ._io import atomic_save_npy, atomic_write_json
 from .arguments import ACSArguments
-from .batch import INDEX_KEY
 from .checkpoint_folders import (
     SELECTOR_STATE_NAME,
     STATE_NAME,
     SUBSET_NAME,
-    TRAINING_SCORES_NAME,
     check_resume_layout,
     check_same_run,
     clear_for_save,
     read_array,
-    read_arrays,
     read_state,
 )
 from .consistency import processes_by_value
@@ -54,6 +51,7 @@ from .images import ImageView
 from .round_scores import RoundScorer
 from .sampler import CoresetSampler, subset_hash
 from .selection import coreset_size, selection_generator
+from .training_scores import read_records, save_records
 from .upstream import dataset_fingerprint
 from .view_cache import split_transform
 
@@ -328,8 +326,7 @@ class SelectionState(TrainerCallback):
         if selector_subset is not None:
             atomic_save_npy(ckpt / SELECTOR_STATE_NAME, selector_subset.numpy())
         if training_scores is not None:
-            atomic_save_npz(ckpt / TRAINING_SCORES_NAME, {k: v.numpy() for k, v in training_scores.items()})
-            state["training_scores_hash"] = subset_hash(training_scores[INDEX_KEY])
+            state["training_scores_hash"] = save_records(ckpt, training_scores)
         atomic_write_json(ckpt / STATE_NAME, state)
         return identity
 
@@ -345,13 +342,8 @@ class SelectionState(TrainerCallback):
             raise ValueError(f"{ckpt / SUBSET_NAME} does not match the hash in {STATE_NAME}; the checkpoint is damaged")
         has_selector_state = (ckpt / SELECTOR_STATE_NAME).is_file()
         selector = {"subset": read_array(ckpt / SELECTOR_STATE_NAME)} if has_selector_state else {}
-        training_scores = None
-        if "training_scores_hash" in state:
-            training_scores = read_arrays(ckpt / TRAINING_SCORES_NAME)
-            if subset_hash(training_scores.get(INDEX_KEY, torch.empty(0))) != state["training_scores_hash"]:
-                raise ValueError(
-                    f"{ckpt / TRAINING_SCORES_NAME} does not match the hash in {STATE_NAME}; the checkpoint is damaged"
-                )
+        records = state.get("training_scores_hash")
+        training_scores = read_records(ckpt, records) if records is not None else None
         resume_epochs = check_resume_layout(state, ckpt, world_size)  # checks first: a refused resume touches nothing
         state = {**state, "subset": subset, "selector": selector, "training_scores": training_scores}
         self.load_state_dict(state, str(ckpt))

@@ -188,7 +188,7 @@ def test_gather_keeps_the_latest_entry_of_a_repeated_index():
 
 def test_training_scores_keep_each_samples_latest_record():
     """A sample trained on twice keeps the statistics of its later batch (EVS by formula)."""
-    from acs_hf.scoring import TrainingScores
+    from acs_hf.training_scores import TrainingScores
 
     scores = TrainingScores(["evs"])
     first, later = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])
@@ -203,7 +203,7 @@ def test_training_scores_keep_each_samples_latest_record():
 def test_training_scores_restored_from_a_checkpoint_count_as_older_records():
     """Issue 31: what a checkpoint keeps of the records (state_dict) comes back on resume; a record
     made after the resume wins over a restored one, and a process that keeps none adds none."""
-    from acs_hf.scoring import TrainingScores
+    from acs_hf.training_scores import TrainingScores
 
     def evs(logits: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(torch.softmax(logits, 1) - torch.tensor([[1.0, 0.0, 0.0]]), dim=1)
