@@ -11,12 +11,16 @@ versions with :func:`acs_hf.export_onnx`, then measures for each ONNX file:
                                     (max |diff|, share of images within 1e-4 of the logit scale,
                                     top-1 agreement) on real images
 
-Rows: ``fp32``; ``w8a8`` and ``w4a4`` (the faithful QDQ export; W4A4 stores INT4 weights, first
-and last layer at 8 bits); ``w8a8_bnfold`` (``fold_batchnorm=True``: BatchNorm folded into
-per-channel weight scales and an int32 bias, so that ONNX Runtime can fuse DequantizeLinear ->
-Conv -> QuantizeLinear into integer QLinearConv; the same weight codes, outputs within float
-rounding of PyTorch). The sessions are timed in round-robin order, so load on a shared machine
-slows every row alike.
+Rows: ``fp32``; ``w8a8`` and ``w4a4`` (the paper's placement, faithful QDQ export; W4A4 stores INT4
+weights, first and last layer at 8 bits); ``w8a8_bnfold`` (``fold_batchnorm=True``: BatchNorm folded
+into per-channel weight scales and an int32 bias, so that ONNX Runtime can fuse DequantizeLinear ->
+Conv -> QuantizeLinear into integer QLinearConv); ``w8a8_int``, ``w4a4_int``, ``w2a2_int``: the
+integer-graph placement (``QuantConfig(integer_graph=True)``: residual additions and the stem output
+quantized too), exported for integer kernels; ``w8a8_int_no_avx2_option``: the same W8A8 file run
+without ``session.x64quantprecision`` (what the exactness option costs). Every row runs in
+:func:`acs_hf.onnx_session`. Also per row: ``speedup_over_fp32`` per batch size and the kernels ONNX
+Runtime runs (:func:`acs_hf.integer_kernel_counts`; ``integer_conv_fraction``). The sessions are timed
+in round-robin order, so load on a shared machine slows every row alike.
 
 The model is randomly initialised (timm init, then BatchNorm gains, biases and running statistics
 randomised so that no block is an identity, as timm's zero-initialised last BN gains would make
@@ -44,15 +48,31 @@ import onnxruntime as ort
 import timm
 import torch
 
-from acs_hf import QuantConfig, atomic_write_json, calibrate_quantizers, export_onnx, quantize_model
+from acs_hf import (
+    QuantConfig,
+    atomic_write_json,
+    calibrate_quantizers,
+    export_onnx,
+    integer_kernel_counts,
+    onnx_session,
+    quantize_model,
+)
 from acs_hf.data import digits_dataset, prepare_datasets
 
-#: name -> (QuantConfig or None for FP32, export_onnx keywords)
+#: name -> (QuantConfig or None for FP32, export_onnx keywords, onnx_session keywords)
 VARIANTS = {
-    "fp32": (None, {}),
-    "w8a8": (QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8), {}),
-    "w8a8_bnfold": (QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8), {"fold_batchnorm": True}),
-    "w4a4": (QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8), {}),
+    "fp32": (None, {}, {}),
+    "w8a8": (QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8), {}, {}),
+    "w8a8_bnfold": (QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8), {"fold_batchnorm": True}, {}),
+    "w4a4": (QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8), {}, {}),
+    "w8a8_int": (QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8, integer_graph=True), {}, {}),
+    "w8a8_int_no_avx2_option": (
+        QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8, integer_graph=True),
+        {},
+        {"exact_on_avx2": False},
+    ),
+    "w4a4_int": (QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8, integer_graph=True), {}, {}),
+    "w2a2_int": (QuantConfig(weight_bits=2, act_bits=2, first_last_bits=8, integer_graph=True), {}, {}),
 }
 
 
@@ -72,6 +92,15 @@ def build_model(name: str, seed: int) -> torch.nn.Module:
     return model
 
 
+def has_vnni() -> bool | None:
+    """Whether the CPU has VNNI (exact u8 x s8 products without the exactness option); None off Linux."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 def digits_batches(model: torch.nn.Module, image_size: int, n_calib: int, n_eval: int) -> tuple:
     """(calibration images, evaluation images) from the digits set through the model's eval transform."""
     ds = prepare_datasets(
@@ -80,13 +109,6 @@ def digits_batches(model: torch.nn.Module, image_size: int, n_calib: int, n_eval
     calib = torch.stack([ds.score_dataset[i]["pixel_values"] for i in range(n_calib)])
     evals = torch.stack([ds.eval_dataset[i]["pixel_values"] for i in range(n_eval)])
     return calib, evals
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def agreement(ort_logits: np.ndarray, torch_logits: np.ndarray) -> dict:
@@ -105,7 +127,7 @@ def export_variants(args, fp: torch.nn.Module, calib: torch.Tensor, evals: torch
     """Export every variant; returns name -> {path, file_bytes, torch_logits}."""
     rows = {}
     for name in args.variants:
-        config, kwargs = VARIANTS[name]
+        config, kwargs, _ = VARIANTS[name]
         model = copy.deepcopy(fp)
         if config is not None:
             quantize_model(model, config)
@@ -140,7 +162,7 @@ def time_sessions(sessions: dict, inputs: dict[int, np.ndarray], warmup: int, it
 
 def measure(args, rows: dict, evals: torch.Tensor) -> dict:
     """Agreement, file sizes and timings of every exported row (JSON-ready)."""
-    sessions = {name: session(r["path"], args.threads) for name, r in rows.items()}
+    sessions = {name: onnx_session(r["path"], args.threads, **VARIANTS[name][2]) for name, r in rows.items()}
     g = np.random.default_rng(0)
     inputs = {b: g.standard_normal((b, *evals.shape[1:]), dtype=np.float32) for b in args.batch_sizes}
     latency = time_sessions(sessions, inputs, args.warmup, args.iterations)
@@ -149,40 +171,54 @@ def measure(args, rows: dict, evals: torch.Tensor) -> dict:
     for name, r in rows.items():
         s = sessions[name]
         logits = s.run(None, {s.get_inputs()[0].name: evals.numpy()})[0]
+        kernels = integer_kernel_counts(r["path"])
+        convs = kernels["conv"]["integer"] + kernels["conv"]["float"]
         results[name] = {
             "file_bytes": r["file_bytes"],
             "size_over_fp32": r["file_bytes"] / fp_bytes if fp_bytes else None,
             "export_seconds": r["export_seconds"],
             "latency_ms": {str(b): latency[(name, b)] for b in args.batch_sizes},
             "images_per_s": {str(b): 1e3 * b / latency[(name, b)] for b in args.batch_sizes},
+            "speedup_over_fp32": {
+                str(b): latency[("fp32", b)] / latency[(name, b)] if "fp32" in rows else None for b in args.batch_sizes
+            },
+            "kernels": kernels,
+            "integer_conv_fraction": kernels["conv"]["integer"] / convs if convs else None,
             "agreement": agreement(logits, r["torch_logits"]),
         }
     return results
 
 
 def targets(results: dict) -> dict:
-    """The issue's targets, judged on these measurements."""
+    """The targets of the deployment issues, judged on these measurements."""
     out = {}
     if "fp32" in results and "w4a4" in results:
         out["w4a4_file_at_most_one_sixth_of_fp32"] = results["w4a4"]["size_over_fp32"] <= 1 / 6
-    fp = results.get("fp32")
-    for name in ("w8a8", "w8a8_bnfold"):
-        if fp and name in results:
-            out[f"{name}_faster_than_fp32"] = {
-                b: results[name]["latency_ms"][b] < fp["latency_ms"][b] for b in fp["latency_ms"]
-            }
+    if "fp32" in results and "w4a4_int" in results:
+        r = results["w4a4_int"]
+        out["w4a4_int_at_least_1.6x_fp32"] = {b: x >= 1.6 for b, x in r["speedup_over_fp32"].items()}
+        out["w4a4_int_file_at_most_one_sixth_of_fp32"] = r["size_over_fp32"] <= 1 / 6
+        out["w4a4_int_every_conv_integer"] = r["integer_conv_fraction"] == 1.0
+        out["w4a4_int_top1_agreement_100"] = r["agreement"]["top1_agreement"] == 1.0
+    if "fp32" in results and "w8a8_int" in results:
+        r = results["w8a8_int"]
+        out["w8a8_int_at_least_1.6x_fp32"] = {b: x >= 1.6 for b, x in r["speedup_over_fp32"].items()}
+        out["w8a8_int_top1_agreement_100"] = r["agreement"]["top1_agreement"] == 1.0
     return out
 
 
 def print_table(report: dict) -> None:
     batches = list(next(iter(report["results"].values()))["latency_ms"])
     head = ["variant", "MB", "x FP32"] + [f"ms b={b}" for b in batches] + [f"img/s b={b}" for b in batches]
-    head += ["top-1 agree", "max|diff|"]
+    head += [f"speed b={b}" for b in batches] + ["int convs", "int adds", "top-1 agree", "max|diff|"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, r in report["results"].items():
         ratio = f"{r['size_over_fp32']:.3f}" if r["size_over_fp32"] is not None else "-"
         cells = [name, f"{r['file_bytes'] / 1e6:.2f}", ratio]
         cells += [f"{r['latency_ms'][b]:.2f}" for b in batches] + [f"{r['images_per_s'][b]:.1f}" for b in batches]
+        cells += [f"{r['speedup_over_fp32'][b]:.2f}x" if r["speedup_over_fp32"][b] else "-" for b in batches]
+        k = r["kernels"]
+        cells += [f"{k[j]['integer']}/{k[j]['integer'] + k[j]['float']}" for j in ("conv", "add")]
         cells += [f"{100 * r['agreement']['top1_agreement']:.1f}%", f"{r['agreement']['max_abs_diff']:.3g}"]
         print("| " + " | ".join(cells) + " |")
     print("targets:", report["targets"])
@@ -196,7 +232,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--iterations", type=int, default=30, help="timed runs per session and batch size")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (the issue's setting: 2)")
     p.add_argument("--calib_images", type=int, default=32)
     p.add_argument("--calib_batch", type=int, default=16)
     p.add_argument("--eval_images", type=int, default=64)
@@ -233,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
             "python": sys.version.split()[0],
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
+            "vnni": has_vnni(),
         },
         "results": results,
         "targets": targets(results),

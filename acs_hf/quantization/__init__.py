@@ -25,7 +25,7 @@ from .model import (
 )
 from .modules import LayerQuantConfig, QuantConv2d, QuantLinear, QuantModule, is_quantizable
 from .onnx_export import export_onnx
-from .onnx_runtime import integer_kernel_counts, onnx_session
+from .onnx_runtime import integer_kernel_counts, onnx_session, onnx_speedup
 from .packed import (
     WEIGHTS_NAME,
     layer_configs_from_table,
@@ -56,6 +56,7 @@ __all__ = [
     "load_quantized",
     "lsq_fake_quant",
     "onnx_session",
+    "onnx_speedup",
     "output_quantizers",
     "OutputQuantConfig",
     "pack_codes",

@@ -15,6 +15,8 @@ stay float. This placement adds LSQ quantizers, learnt like the others, so that
 - every tensor is quantized once: a quantized layer whose input is already quantized upstream (through
   max pooling, identity, dropout or flatten) drops its own input quantizer, so a block's output is
   quantized once and shared by the next block's convolutions and its shortcut;
+- a tensor that several quantized layers read is quantized once where it is made (ResNet's stem
+  output, read by the first block's convolution and its shortcut convolution);
 - a max pool's input is quantized rather than its output (max commutes with quantization), so the stem
   convolution also gets an integer output.
 
@@ -169,15 +171,24 @@ class _Planner:
                 return path if self._hookable(path) else None
         return None
 
+    def _passes_through(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self._module(node.target), _PASS_THROUGH)
+        return node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten")
+
+    def pass_through_root(self, node: Any) -> Any:
+        """The tensor ``node`` is read from, looking through pass-through modules."""
+        while isinstance(node, fx.Node) and self._passes_through(node) and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        return node
+
     def quantized_upstream(self, node: Any, outputs: Mapping[str, OutputQuantConfig]) -> OutputQuantConfig | None:
         """The output quantizer that already quantizes the tensor ``node``, looking through pass-through modules."""
         while isinstance(node, fx.Node):
             site = self.tensor_site(node)
             if site in outputs:
                 return outputs[site]
-            is_pass = node.op == "call_module" and isinstance(self._module(node.target), _PASS_THROUGH)
-            is_flatten = node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten")
-            if not (is_pass or is_flatten):
+            if not self._passes_through(node):
                 return None
             node = node.args[0]
         return None
@@ -227,6 +238,18 @@ def plan_integer_graph(
             unsigned = isinstance(model.get_submodule(site), _NON_NEGATIVE)
             plan.outputs.setdefault(site, replace(config, signed=not unsigned))
         plan.integer_adds.append(_describe(node))
+    # A tensor that several quantized layers read (ResNet's stem output, read by the first block's conv
+    # and shortcut conv) is quantized once at its producer, so that the producing conv has one output.
+    readers: dict[fx.Node, list[str]] = {}
+    for node in graph.nodes:
+        setting = plan.layers.get(node.target) if node.op == "call_module" else None
+        if setting is not None and setting.act_bits == bits and node.args:
+            readers.setdefault(planner.pass_through_root(node.args[0]), []).append(node.target)
+    for root, names in readers.items():
+        site = planner.tensor_site(root) if len(names) > 1 else None
+        if site is not None and site not in plan.outputs:
+            unsigned = isinstance(model.get_submodule(site), _NON_NEGATIVE)
+            plan.outputs[site] = replace(config, signed=not unsigned)
     # A layer whose input is quantized upstream at its own bit width uses that quantizer.
     for node in graph.nodes:
         setting = plan.layers.get(node.target) if node.op == "call_module" else None

@@ -211,17 +211,17 @@ def _deploy_view(
     saved = [(m, m.weight_quantizer, m.input_quantizer) for _, m in quant_modules(model)]
     outputs = [(model.get_submodule(name), q) for name, q in output_quantizers(model)]
 
-    def activation(q: LSQQuantizer) -> _ActivationQDQ:
+    def activation(q: LSQQuantizer, int4_ok: bool = True) -> _ActivationQDQ:
         narrow_ok = int4_narrow_activations or q.bits == 4
-        return _ActivationQDQ(q, 0 if integer_kernels else _container(q.bits, int4 and narrow_ok))
+        return _ActivationQDQ(q, 0 if integer_kernels else _container(q.bits, int4 and int4_ok and narrow_ok))
 
     try:
         for m, wq, iq in saved:
             m.weight_quantizer = _WeightDQ(m, _container(wq.bits, int4))
             if iq is not None:
                 m.input_quantizer = activation(iq)
-        for m, q in outputs:
-            m.output_quantizer = activation(q)
+        for m, q in outputs:  # int8 containers: onnxruntime 1.32 moves a uint4 DequantizeLinear past MaxPool
+            m.output_quantizer = activation(q, int4_ok=False)
         yield model.eval()
     finally:
         for m, wq, iq in saved:
@@ -308,7 +308,7 @@ def export_onnx(
     int4: bool = True,
     int4_narrow_activations: bool = False,
     dynamic_batch: bool = True,
-    fold_batchnorm: bool = False,
+    fold_batchnorm: bool | None = None,
     integer_kernels: bool | None = None,
     input_name: str = "pixel_values",
     output_name: str = "logits",
@@ -330,10 +330,11 @@ def export_onnx(
         int4_narrow_activations: 2-3 bit activations in int4/uint4 too (then onnxruntime 1.32
             needs ``disabled_optimizers=["ClipQuantRewrite"]``); default int8/uint8.
         dynamic_batch: a symbolic batch dimension; ``False`` fixes the example's batch size.
-        fold_batchnorm: fold each BatchNormalization (positive gains) after a quantized Conv into the weight's
-            (then per-channel) scale and an int32 bias at ``input scale * weight scale``, so that
-            onnxruntime can run integer convolutions. The weight codes are unchanged; the outputs
-            differ from PyTorch only by float rounding and the bias's int32 rounding.
+        fold_batchnorm: fold each BatchNormalization after a quantized Conv into the weight's (then
+            per-channel) scale and an int32 bias at ``input scale * weight scale``, so that onnxruntime
+            can run integer convolutions. The weight codes are unchanged (a negative gain makes a
+            negative scale; a zero gain zeroes its channel's codes); the outputs differ from PyTorch
+            only by float rounding and the bias's int32 rounding. Default: with ``integer_kernels``.
         integer_kernels: write the graph for ONNX Runtime's integer kernels: activation codes in uint8
             (signed ones at zero point 128, ranges under 8 bits clamped on the integer codes), 2-4 bit
             weights as INT4 initializers cast to int8, BatchNorm folded (``fold_batchnorm``), each
@@ -362,8 +363,11 @@ def export_onnx(
     clean_up(onnx_model)
     if integer_kernels:  # before the fold, which needs a dequantized input on each Conv
         requantize_after_max_pool(onnx_model)
-    if fold_batchnorm or integer_kernels:
-        logger.info("export_onnx: folded %d BatchNormalization nodes", fold_batchnorm_nodes(onnx_model))
+    if fold_batchnorm is None:
+        fold_batchnorm = integer_kernels
+    if fold_batchnorm:
+        folded = fold_batchnorm_nodes(onnx_model, int8_kernels=integer_kernels)
+        logger.info("export_onnx: folded %d BatchNormalization nodes", folded)
     if integer_kernels:
         int8_weight_kernels(onnx_model)
     keep_float_biases(onnx_model)

@@ -107,7 +107,16 @@ def _const(value: Any, op_type: str | None = None) -> Any:
     return None if any(v is None for v in inputs) else (node, inputs)
 
 
-def _batchnorm_fold(bn: Any) -> dict[str, Any] | None:
+def _int8_shift(codes: Any) -> int:
+    """The largest k with ``codes * 2**k`` still in int8: b-bit codes move onto the int8 grid."""
+    low, high = int(codes.min()), int(codes.max())
+    k = 0
+    while low * 2 ** (k + 1) >= -128 and high * 2 ** (k + 1) <= 127 and (low or high):
+        k += 1
+    return k
+
+
+def _batchnorm_fold(bn: Any, shift: bool = False) -> dict[str, Any] | None:
     """What folding ``bn`` into the quantized Conv before it needs, or ``None`` when the pattern
     (DQ(x) -> Conv <- DQ(w codes), Conv -> BN, all parameters constant) is not there."""
     import numpy as np
@@ -129,7 +138,10 @@ def _batchnorm_fold(bn: Any) -> dict[str, Any] | None:
     codes, zeroed = w_dq[1][0], bool((a == 0).any())
     if zeroed:
         codes = np.where((a == 0).reshape(-1, *[1] * (codes.ndim - 1)), np.zeros_like(codes), codes)
-    w_scale = np.broadcast_to(w_dq[1][1].astype(np.float64), a.shape) * np.where(a == 0, 1.0, a)
+    # With ``shift``, codes * 2^k and scale / 2^k: the same weights, and a 2^k finer int32 bias step
+    # (input step x weight step): the bias then rounds to well under an output step even at 2 bits.
+    k = _int8_shift(codes) if shift else 0
+    w_scale = np.broadcast_to(w_dq[1][1].astype(np.float64), a.shape) * np.where(a == 0, 1.0, a) / 2**k
     w_scale = w_scale.astype(np.float32)
     b_scale = (float(x_scale) * w_scale.astype(np.float64)).astype(np.float32)
     if not (b_scale != 0).all() or not np.isfinite(b_scale).all():  # an underflowing scale: keep the BN
@@ -138,25 +150,27 @@ def _batchnorm_fold(bn: Any) -> dict[str, Any] | None:
     if np.abs(b_codes).max() >= 2**31:
         return None
     plan = {"conv": conv, "codes": codes, "w_scale": w_scale, "b_codes": b_codes.astype(np.int32), "b_scale": b_scale}
-    return {**plan, "zeroed": zeroed}
+    return {**plan, "zeroed": zeroed, "shift": k}
 
 
-def fold_batchnorm_nodes(model: Any) -> int:
+def fold_batchnorm_nodes(model: Any, int8_kernels: bool = False) -> int:
     """Fold each BatchNormalization after a quantized Conv into per-channel weight scales and an int32
-    bias (``fold_batchnorm`` of :func:`~acs_hf.export_onnx`); returns how many were folded."""
+    bias (``fold_batchnorm`` of :func:`~acs_hf.export_onnx`); returns how many were folded. With
+    ``int8_kernels`` the codes reach the Conv as int8 shifted onto the int8 grid (``Cast`` and ``Mul``,
+    which ONNX Runtime folds when the session starts: the file keeps INT4 codes)."""
     import numpy as np
     import onnx_ir as ir
     import onnxscript
 
     graph, folded = model.graph, 0
     for bn in [n for n in graph if n.op_type == "BatchNormalization"]:
-        plan = _batchnorm_fold(bn)
+        plan = _batchnorm_fold(bn, shift=int8_kernels)
         if plan is None:
             continue
         conv, prefix, channels = plan["conv"], bn.outputs[0].name, plan["w_scale"].shape[0]
         inits = {
             "w_scale": plan["w_scale"],
-            "w_zero_point": np.zeros(channels, dtype=plan["codes"].dtype),
+            "w_zero_point": np.zeros(channels, dtype=np.int8 if int8_kernels else plan["codes"].dtype),
             "bias_codes": plan["b_codes"],
             "bias_scale": plan["b_scale"],
             "bias_zero_point": np.zeros(channels, np.int32),
@@ -168,10 +182,19 @@ def fold_batchnorm_nodes(model: Any) -> int:
         if plan["zeroed"]:  # zero gains: the channels' codes zeroed
             codes = ir.Value(name=f"{prefix}.weight_codes", const_value=ir.tensor(plan["codes"]))
             graph.register_initializer(codes)
+        chain = []
+        if int8_kernels:
+            if codes.const_value.dtype != ir.DataType.INT8:
+                chain.append(ir.node("Cast", [codes], {"to": ir.DataType.INT8}))
+            if plan["shift"]:
+                factor = ir.Value(name=f"{prefix}.code_shift", const_value=ir.tensor(np.int8(2 ** plan["shift"])))
+                graph.register_initializer(factor)
+                chain.append(ir.node("Mul", [chain[-1].outputs[0] if chain else codes, factor]))
+            codes = chain[-1].outputs[0] if chain else codes
         dq_w = ir.node("DequantizeLinear", [codes, v["w_scale"], v["w_zero_point"]], {"axis": 0})
         dq_b = ir.node("DequantizeLinear", [v["bias_codes"], v["bias_scale"], v["bias_zero_point"]], {"axis": 0})
         new_conv = ir.node("Conv", [conv.inputs[0], dq_w.outputs[0], dq_b.outputs[0]], conv.attributes)
-        graph.insert_before(bn, [dq_w, dq_b, new_conv])
+        graph.insert_before(bn, [*chain, dq_w, dq_b, new_conv])
         bn.outputs[0].replace_all_uses_with(new_conv.outputs[0])
         folded += 1
     onnxscript.optimizer.remove_unused_nodes(model)

@@ -10,12 +10,14 @@ Needs the ``onnx`` extra (``pip install acs_hf[onnx]``), imported on first use.
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AVX2_PRECISION_KEY", "integer_kernel_counts", "onnx_session", "physical_cores"]
+__all__ = ["AVX2_PRECISION_KEY", "integer_kernel_counts", "onnx_session", "onnx_speedup", "physical_cores"]
 
 #: ONNX Runtime's session config key for exact u8 x s8 products on x86 without VNNI (slower U8U8 kernels):
 #: AVX2 adds pairs of u8 x s8 products in int16 and saturates when both operands use most of their range.
@@ -97,3 +99,31 @@ def integer_kernel_counts(path: str | os.PathLike) -> dict[str, dict[str, int]]:
         job: {"integer": sum(ops[o] for o in integer), "float": sum(ops[o] for o in floats)}
         for job, (integer, floats) in _KERNELS.items()
     }
+
+
+def onnx_speedup(
+    path: str | os.PathLike,
+    reference_path: str | os.PathLike,
+    batch_size: int = 1,
+    iterations: int = 20,
+    threads: int | None = None,
+) -> float:
+    """How many times faster ``path`` runs than ``reference_path`` (e.g. the FP32 export) in
+    :func:`onnx_session`: median latency over ``iterations`` runs of random images of the model's input
+    size at ``batch_size``, the two sessions timed in turn so that load on the machine slows both alike."""
+    import numpy as np
+
+    if iterations < 1 or batch_size < 1:
+        raise ValueError(f"onnx_speedup: iterations and batch_size must be >= 1, got {iterations}, {batch_size}")
+    sessions = [onnx_session(p, threads) for p in (path, reference_path)]
+    shape = [batch_size, *sessions[0].get_inputs()[0].shape[1:]]
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    times: list[list[float]] = [[], []]
+    for i in range(iterations + 2):  # two warm-up runs each
+        for j, (s, feed) in enumerate(zip(sessions, feeds)):
+            start = time.perf_counter()
+            s.run(None, feed)
+            if i >= 2:
+                times[j].append(time.perf_counter() - start)
+    return statistics.median(times[1]) / statistics.median(times[0])

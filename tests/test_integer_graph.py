@@ -1,0 +1,129 @@
+"""The integer-graph placement (QuantConfig.integer_graph): which tensors get quantizers, that each is
+quantized once, that training, calibration and checkpoints see the new quantizers."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from acs_hf import QuantConfig, calibrate_quantizers, load_quantized, quantize_model, save_quantized
+from acs_hf.quantization import LSQQuantizer, dequantize_model, output_quantizers, quant_modules
+
+
+def resnet_expected(model: nn.Module) -> tuple[set[str], set[str]]:
+    """Read off the timm ResNet's blocks by hand: the modules that get output quantizers (the stem's
+    act1 before the max pool; per block its last BN, its shortcut's BN and its last activation) and the
+    layers whose input is then quantized upstream (each block's first conv and shortcut conv)."""
+    sites, shared = {"act1"}, set()
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for i, block in enumerate(getattr(model, stage)):
+            name = f"{stage}.{i}"
+            last = 3 if hasattr(block, "conv3") else 2
+            sites |= {f"{name}.bn{last}", f"{name}.act{last}"}
+            shared.add(f"{name}.conv1")
+            if block.downsample is not None:
+                sites.add(f"{name}.downsample.1")
+                shared.add(f"{name}.downsample.0")
+    return sites, shared
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet26"])  # BasicBlock, Bottleneck
+def test_resnet_placement(arch):
+    model = timm.create_model(arch, num_classes=10)
+    sites, shared = resnet_expected(model)
+    quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, integer_graph=True))
+    assert {name for name, _ in output_quantizers(model)} == sites
+    layers = dict(quant_modules(model))
+    assert {n for n, m in layers.items() if m.input_quantizer is None} == shared
+    # the image (stem conv) and the pooled features (classifier) keep their own 8-bit quantizers
+    assert layers["conv1"].input_quantizer.bits == 8 and layers["fc"].input_quantizer.bits == 8
+    for name, q in output_quantizers(model):  # signed unless a ReLU makes the tensor non-negative
+        assert q.signed == (".bn" in name or "downsample" in name), name
+
+
+def test_inverted_residual_placement():
+    model = timm.create_model("mobilenetv2_050", num_classes=10)
+    sites, adds = set(), 0
+    for s, stage in enumerate(model.blocks):
+        for i, block in enumerate(stage):
+            if getattr(block, "has_skip", False):
+                adds += 1
+                sites |= {f"blocks.{s}.{i}", f"blocks.{s}.{i}.drop_path"}  # the sum and the residual branch
+                # the shortcut: the block before, its sum if it has a skip too, else its last BN
+                prev = f"blocks.{s}.{i - 1}"
+                sites.add(prev if stage[i - 1].has_skip else f"{prev}.bn3")
+    assert adds > 0
+    quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, integer_graph=True))
+    assert {name for name, _ in output_quantizers(model)} == sites
+    x = torch.randn(2, 3, 64, 64)
+    calibrate_quantizers(model, [x])
+    model(x).sum().backward()
+    assert all(q.step.grad is not None for _, q in output_quantizers(model))
+
+
+def test_additions_that_cannot_be_placed_stay_float_and_are_logged(caplog):
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2)
+    with caplog.at_level(logging.WARNING, logger="acs_hf.quantization.integer_graph"):
+        quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, integer_graph=True))
+    assert output_quantizers(model) == []
+    assert "4 of 4 residual additions stay float" in caplog.text
+    assert all(m.input_quantizer is not None for _, m in quant_modules(model))  # the paper's placement
+
+
+def test_each_tensor_is_quantized_once_and_block_outputs_are_codes():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, integer_graph=True))
+    x = torch.randn(4, 3, 64, 64)
+    calibrate_quantizers(model, [x])
+    calls: dict[int, int] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    for q in model.modules():
+        if isinstance(q, LSQQuantizer):
+            q.register_forward_hook(lambda m, i, o: calls.__setitem__(id(m), calls.get(id(m), 0) + 1))
+    model.layer1[1].register_forward_hook(lambda m, i, o: outputs.__setitem__("block", o))
+    with torch.no_grad():
+        model(x)
+    assert set(calls.values()) == {1}  # every quantizer once per forward, none skipped
+    activation_quantizers = [q for q in model.modules() if isinstance(q, LSQQuantizer) and not q.per_channel]
+    weight_quantizers = {id(m.weight_quantizer) for _, m in quant_modules(model)}
+    assert len(calls) == len(activation_quantizers)
+    # the block output is act2's codes: integers times its step, within the unsigned 4-bit range
+    step = model.layer1[1].act2.output_quantizer.step.detach()
+    codes = outputs["block"] / step
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() >= 0 and codes.max() <= 15
+    assert weight_quantizers <= set(calls)
+
+
+def test_integer_graph_needs_activation_bits():
+    with pytest.raises(ValueError, match="integer_graph=True .* needs act_bits"):
+        QuantConfig(act_bits=None, integer_graph=True)
+    with pytest.raises(ValueError, match="integer_graph must be a bool, got 'yes'"):
+        QuantConfig(integer_graph="yes")
+
+
+def test_checkpoint_round_trip_and_dequantize(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    quantize_model(model, QuantConfig(weight_bits=2, act_bits=2, integer_graph=True))
+    x = torch.randn(3, 3, 64, 64)
+    calibrate_quantizers(model, [x])
+    save_quantized(model, tmp_path / "ckpt")
+    qcfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert qcfg["format_version"] == 3
+    assert qcfg["outputs"] == {n: {"bits": 2, "signed": q.signed} for n, q in output_quantizers(model)}
+    loaded = load_quantized(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert [n for n, _ in output_quantizers(loaded)] == [n for n, _ in output_quantizers(model)]
+    dequantize_model(loaded)
+    assert output_quantizers(loaded) == [] and not quant_modules(loaded)
+    float_model = timm.create_model("resnet18", num_classes=10).eval()
+    float_model.load_state_dict(loaded.state_dict())  # nothing of the quantization is left
+    with torch.no_grad():
+        assert torch.equal(loaded(x), float_model(x))
