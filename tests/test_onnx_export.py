@@ -94,9 +94,8 @@ def trained(family: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.T
 
 def student(family: str, wbits: int, abits: int, per_channel: bool, integer_graph: bool = False) -> nn.Module:
     fp, x, y, _ = trained(family)
-    config = QuantConfig(
-        weight_bits=wbits, act_bits=abits, first_last_bits=8, per_channel_weights=per_channel, integer_graph=integer_graph
-    )
+    config = QuantConfig(weight_bits=wbits, act_bits=abits, first_last_bits=8, per_channel_weights=per_channel)
+    config.integer_graph = integer_graph
     model = quantize_model(copy.deepcopy(fp), config)
     calibrate_quantizers(model, x[:64].split(32))
     return train(model, x, y, steps=3, lr=1e-4, batch=16)
