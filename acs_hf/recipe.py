@@ -8,7 +8,6 @@ import dataclasses
 import importlib.util
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,8 @@ from .qat_trainer import ImageClassificationTrainer
 from .quantization import (
     WEIGHTS_NAME,
     QuantConfig,
+    compare_with_float,
     export_onnx,
-    integer_kernel_counts,
-    onnx_speedup,
     quantize_model,
     save_quantized,
 )
@@ -245,7 +243,8 @@ def _run(
         save_student(student, out, model_args, qconfig, ds)
         if onnx:
             export_onnx(student, out / ONNX_NAME, input_size=ds.data_config["input_size"])
-            _report_onnx_speed(out / ONNX_NAME, fp_model, ds.data_config["input_size"])
+            speed = compare_with_float(out / ONNX_NAME, fp_model, ds.data_config["input_size"])
+            logger.info("%s%s", speed["summary"], "" if qconfig.integer_graph else " (--integer_graph true: all)")
     metrics = _evaluate(trainer, teacher, ds, training_args, compute_metrics)
 
     summary: dict[str, Any] = {"output_dir": str(out), "metrics": metrics}
@@ -254,32 +253,6 @@ def _run(
         summary.update(_publish(out, trainer, ds, fp_model, metrics, run, push, onnx))
         atomic_write_json(out / "acs_summary.json", summary)
     return summary, trainer
-
-
-def _report_onnx_speed(path: Path, fp_model: torch.nn.Module, input_size) -> None:
-    """Log how the exported model's speed compares with the FP32 model's in ONNX Runtime on this machine
-    (batch 1, a few seconds)."""
-    export_log = logging.getLogger(export_onnx.__module__)
-    with tempfile.TemporaryDirectory() as tmp:
-        level, export_log.level = export_log.level, logging.ERROR  # an FP32 export is what is wanted here
-        try:
-            reference = export_onnx(copy.deepcopy(fp_model).float(), Path(tmp) / "fp32.onnx", input_size=input_size)
-        finally:
-            export_log.setLevel(level)
-        kernels = integer_kernel_counts(path)
-        speedup = onnx_speedup(path, reference)
-    convs = kernels["conv"]["integer"] + kernels["conv"]["float"]
-    logger.info(
-        "%s runs at %.2fx the speed of the FP32 model in ONNX Runtime on this machine (batch 1); "
-        "integer kernels: %d of %d convolutions, %d of %d residual additions%s",
-        path,
-        speedup,
-        kernels["conv"]["integer"],
-        convs,
-        kernels["add"]["integer"],
-        kernels["add"]["integer"] + kernels["add"]["float"],
-        "" if kernels["add"]["float"] == 0 else " (--integer_graph true quantizes the additions)",
-    )
 
 
 def _check_coreset(ds, acs_args: ACSArguments) -> None:

@@ -131,18 +131,16 @@ class ACSTrainer(QATTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
-        # The selection state goes into the checkpoint folder first: the Trainer writes
-        # trainer_state.json and rotates old checkpoints only after it, so a crash in between never
-        # leaves an incomplete newest checkpoint with the last complete one already deleted.
-        # The save first clears a stale folder of this step (or refuses another save's), and
-        # no process writes its files there before that (the barrier).
+        # The selection state goes into the checkpoint folder first: the Trainer writes trainer_state.json
+        # and rotates old checkpoints only after it, so a crash in between never leaves an incomplete newest
+        # checkpoint with the last complete one already deleted. The save first clears a stale folder of
+        # this step (or refuses another save's), and no process writes there before that (the barrier).
         if self.subset is not None:
-            training_scores = self.selection.scorer.training_records()  # a collective: every process's records
+            records = self.selection.scorer.training_records()  # a collective: every process's records
             if self.args.should_save:
                 checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
                 folder = os.path.join(trainer_output_dir(self, trial), checkpoint)
-                step, processes = self.state.global_step, self.accelerator.num_processes
-                identity = self.selection.save(folder, step, processes, training_scores)
+                identity = self.selection.save(folder, self.state.global_step, self.accelerator.num_processes, records)
                 self.state.stateful_callbacks[PAIRING_KEY] = {"args": {}, "attributes": identity}
             self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)

@@ -25,7 +25,7 @@ from .model import (
 )
 from .modules import LayerQuantConfig, QuantConv2d, QuantLinear, QuantModule, is_quantizable
 from .onnx_export import export_onnx
-from .onnx_runtime import integer_kernel_counts, onnx_session, onnx_speedup
+from .onnx_runtime import compare_with_float, integer_kernel_counts, onnx_session, onnx_speedup
 from .packed import (
     WEIGHTS_NAME,
     layer_configs_from_table,
@@ -47,6 +47,7 @@ __all__ = [
     "QuantModule",
     "calibrate_quantizers",
     "check_bits",
+    "compare_with_float",
     "dequantize_model",
     "export_onnx",
     "find_first_last",

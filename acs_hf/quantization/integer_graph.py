@@ -224,7 +224,22 @@ def plan_integer_graph(
         return plan
     planner = _Planner(model, graph)
     config = OutputQuantConfig(bits=bits, compiled=compiled)
-    for node in graph.nodes:
+    _place_additions(planner, plan, config)
+    _quantize_shared_inputs_once(planner, plan, config)
+    _drop_inputs_quantized_upstream(planner, plan)
+    _log_plan(plan)
+    return plan
+
+
+def _site_config(model: nn.Module, site: str, config: OutputQuantConfig) -> OutputQuantConfig:
+    # Signed codes unless a ReLU makes the tensor non-negative: calibration cannot tell, since a
+    # zero-initialised BatchNorm (timm's last BN of a block) gives zeros.
+    return replace(config, signed=not isinstance(model.get_submodule(site), _NON_NEGATIVE))
+
+
+def _place_additions(planner: _Planner, plan: IntegerGraphPlan, config: OutputQuantConfig) -> None:
+    """Output quantizers on both inputs and the sum of every residual addition that can take them."""
+    for node in planner.graph.nodes:
         if not _is_residual_add(node):
             continue
         sites = [planner.tensor_site(a) for a in node.args[:2]] + [planner.add_output_site(node)]
@@ -233,46 +248,44 @@ def plan_integer_graph(
             plan.float_adds.append(f"{_describe(node)}: its {which} is not the output of a module called once")
             continue
         for site in sites:
-            # Signed codes unless a ReLU makes the tensor non-negative: calibration cannot tell, since a
-            # zero-initialised BatchNorm (timm's last BN of a block) gives zeros.
-            unsigned = isinstance(model.get_submodule(site), _NON_NEGATIVE)
-            plan.outputs.setdefault(site, replace(config, signed=not unsigned))
+            plan.outputs.setdefault(site, _site_config(planner.model, site, config))
         plan.integer_adds.append(_describe(node))
-    # A tensor that several quantized layers read (ResNet's stem output, read by the first block's conv
-    # and shortcut conv) is quantized once at its producer, so that the producing conv has one output.
-    readers: dict[fx.Node, list[str]] = {}
-    for node in graph.nodes:
+
+
+def _quantize_shared_inputs_once(planner: _Planner, plan: IntegerGraphPlan, config: OutputQuantConfig) -> None:
+    """A tensor that several quantized layers read (ResNet's stem output, read by the first block's conv
+    and shortcut conv) is quantized once at its producer, so that the producing conv has one output."""
+    readers: dict[Any, list[str]] = {}
+    for node in planner.graph.nodes:
         setting = plan.layers.get(node.target) if node.op == "call_module" else None
-        if setting is not None and setting.act_bits == bits and node.args:
+        if setting is not None and setting.act_bits == config.bits and node.args:
             readers.setdefault(planner.pass_through_root(node.args[0]), []).append(node.target)
     for root, names in readers.items():
-        site = planner.tensor_site(root) if len(names) > 1 else None
+        site = planner.tensor_site(root) if len(names) > 1 and isinstance(root, fx.Node) else None
         if site is not None and site not in plan.outputs:
-            unsigned = isinstance(model.get_submodule(site), _NON_NEGATIVE)
-            plan.outputs[site] = replace(config, signed=not unsigned)
-    # A layer whose input is quantized upstream at its own bit width uses that quantizer.
-    for node in graph.nodes:
+            plan.outputs[site] = _site_config(planner.model, site, config)
+
+
+def _drop_inputs_quantized_upstream(planner: _Planner, plan: IntegerGraphPlan) -> None:
+    """A layer whose input is quantized upstream at its own bit width uses that quantizer, not one of its own."""
+    for node in planner.graph.nodes:
         setting = plan.layers.get(node.target) if node.op == "call_module" else None
         if setting is None or setting.act_bits is None or not node.args:
             continue
         upstream = planner.quantized_upstream(node.args[0], plan.outputs)
         if upstream is not None and upstream.bits == setting.act_bits:
             plan.layers[node.target] = LayerQuantConfig(**{**setting.to_dict(), "act_bits": None, "act_signed": None})
+
+
+def _log_plan(plan: IntegerGraphPlan) -> None:
     if plan.float_adds:
         more = len(plan.float_adds) - 4
         listed = "; ".join(plan.float_adds[:4]) + (f"; and {more} more" if more > 0 else "")
-        logger.warning(
-            "integer_graph: %d of %d residual additions stay float: %s",
-            len(plan.float_adds),
-            len(plan.float_adds) + len(plan.integer_adds),
-            listed,
-        )
+        total = len(plan.float_adds) + len(plan.integer_adds)
+        logger.warning("integer_graph: %d of %d residual additions stay float: %s", len(plan.float_adds), total, listed)
     logger.info(
-        "integer_graph: %d residual additions integer, %d output quantizers",
-        len(plan.integer_adds),
-        len(plan.outputs),
+        "integer_graph: %d residual additions integer, %d output quantizers", len(plan.integer_adds), len(plan.outputs)
     )
-    return plan
 
 
 # -- output quantizers on modules -----------------------------------------------------------------

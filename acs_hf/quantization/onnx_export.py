@@ -13,6 +13,15 @@ a graph with ``Clip -> QuantizeLinear(int4)`` unless its ``ClipQuantRewrite`` op
 (``InferenceSession(..., disabled_optimizers=["ClipQuantRewrite"])``). A code range narrower than its container is
 enforced by a float ``Clip`` to ``[-Qn * s, Qp * s]`` before ``QuantizeLinear``, which is exact.
 
+Integer kernels (``integer_kernels=True``, the default for ``QuantConfig(integer_graph=True)`` models):
+ONNX Runtime fuses ``DequantizeLinear -> Conv -> QuantizeLinear`` into ``QLinearConv`` (and ``Add`` into
+``QLinearAdd``) only for 8-bit types, with uint8 activations on x86 and an int32 bias at input step x
+weight step. So activation codes are uint8 (signed ones at zero point 128), ranges under 8 bits clamped
+on the codes (``Clip`` on uint8: a float Clip before ``QuantizeLinear`` would block the fusion),
+BatchNorm is folded with the weight codes moved onto the int8 grid (``INT4 -> Cast -> Mul(2^k)``,
+folded when the session starts, so the file keeps 4-bit codes and the bias rounds 2^k finer), and each
+MaxPool of codes is quantized again at the same step (ONNX Runtime then pools the codes).
+
 The graph is traced by ``torch.onnx.export(dynamo=True)`` through the model's own forward, with
 each layer's quantizers swapped for export-time modules (custom ops whose eager meaning is LSQ's
 fake quantization and whose ONNX translation is the QDQ pair), so timm's "same" padding, padding
@@ -33,9 +42,7 @@ import torch
 from torch import nn
 
 from .integer_graph import output_quantizers
-from .lsq import LSQQuantizer, lsq_fake_quant, quant_range
 from .model import quant_modules
-from .modules import QuantModule
 from .onnx_passes import (
     clean_up,
     fold_batchnorm_nodes,
@@ -44,7 +51,7 @@ from .onnx_passes import (
     requantize_after_max_pool,
     save_atomically,
 )
-from .packed import broadcast_step, stored_weight_codes
+from .onnx_qdq import deploy_view, translation_table
 
 __all__ = ["export_onnx"]
 
@@ -52,139 +59,6 @@ logger = logging.getLogger(__name__)
 
 #: Smallest opset with INT4 / UINT4 QuantizeLinear and DequantizeLinear.
 INT4_OPSET = 21
-#: Zero point of signed activation codes stored as uint8 (what ONNX Runtime's x86 kernels take).
-U8_SIGNED_ZERO_POINT = 128
-
-
-# -- custom ops: LSQ math in eager mode, QDQ nodes in ONNX ------------------------------------------
-@torch.library.custom_op("acs_hf::quant_dequant", mutates_args=())
-def _quant_dequant(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool, container: int) -> torch.Tensor:
-    """LSQ fake quantization of ``x`` at the per-tensor ``scale``; ``container`` (4 or 8) is for export."""
-    return lsq_fake_quant(x, scale.reshape(1), bits, signed).clone()
-
-
-@_quant_dequant.register_fake
-def _(x, scale, bits, signed, container):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("acs_hf::dequant_weight", mutates_args=())
-def _dequant_weight(codes: torch.Tensor, scale: torch.Tensor, container: int) -> torch.Tensor:
-    """``codes * scale`` (per output channel when ``scale`` is 1-D); ``container`` is for export."""
-    return codes.float() * broadcast_step(scale, codes.dim())
-
-
-@_dequant_weight.register_fake
-def _(codes, scale, container):
-    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-
-
-@torch.library.custom_op("acs_hf::quant_dequant_u8", mutates_args=())
-def _quant_dequant_u8(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """LSQ fake quantization of ``x`` at the per-tensor ``scale``, exported as uint8 codes (integer kernels)."""
-    return lsq_fake_quant(x, scale.reshape(1), bits, signed).clone()
-
-
-@_quant_dequant_u8.register_fake
-def _(x, scale, bits, signed):
-    return torch.empty_like(x)
-
-
-def _translation_table() -> dict[Any, Any]:
-    """ONNX translations of the custom ops (onnxscript, traced at export)."""
-    import numpy as np
-    import onnx_ir as ir
-    from onnxscript import opset21 as op
-
-    def quant_dequant(x, scale, bits: int, signed: bool, container: int):
-        zero = op.Constant(value=ir.tensor(np.zeros((), dtype=_numpy_dtype(signed, container))))
-        qn, qp = quant_range(bits, signed)
-        if (qn, qp) != quant_range(container, signed):  # narrower than the container: clip first
-            lo, hi = op.Constant(value_float=float(-qn)), op.Constant(value_float=float(qp))
-            x = op.Clip(x, op.Mul(scale, lo), op.Mul(scale, hi))
-        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero), scale, zero)
-
-    def dequant_weight(codes, scale, container: int):
-        zero = op.Constant(value=ir.tensor(np.zeros(tuple(scale.shape), dtype=_numpy_dtype(True, container))))
-        if container == 4:  # int8 codes -> INT4, folded into an INT4 initializer after export
-            codes = op.Cast(codes, to=ir.DataType.INT4)
-        axis = {"axis": 0} if len(scale.shape) == 1 else {}
-        return op.DequantizeLinear(codes, scale, zero, **axis)
-
-    def quant_dequant_u8(x, scale, bits: int, signed: bool):
-        # uint8 codes as ONNX Runtime's x86 integer kernels take them: signed codes offset by a zero
-        # point of 128; a range narrower than 8 bits clamped on the integer codes (a float Clip
-        # before QuantizeLinear would keep the producing Conv / Add out of integer kernels).
-        qn, qp = quant_range(bits, signed)
-        zero_point = U8_SIGNED_ZERO_POINT if signed else 0
-        zero = op.Constant(value=ir.tensor(np.array(zero_point, dtype=np.uint8)))
-        q = op.QuantizeLinear(x, scale, zero)
-        lo, hi = zero_point - qn, zero_point + qp
-        if (lo, hi) != (0, 255):
-            low = op.Constant(value=ir.tensor(np.array(lo, dtype=np.uint8)))
-            high = op.Constant(value=ir.tensor(np.array(hi, dtype=np.uint8)))
-            q = op.Clip(q, low, high)
-        return op.DequantizeLinear(q, scale, zero)
-
-    return {
-        torch.ops.acs_hf.quant_dequant.default: quant_dequant,
-        torch.ops.acs_hf.quant_dequant_u8.default: quant_dequant_u8,
-        torch.ops.acs_hf.dequant_weight.default: dequant_weight,
-    }
-
-
-def _numpy_dtype(signed: bool, container: int) -> Any:
-    import ml_dtypes
-    import numpy as np
-
-    return {
-        (True, 4): ml_dtypes.int4,
-        (False, 4): ml_dtypes.uint4,
-        (True, 8): np.int8,
-        (False, 8): np.uint8,
-    }[(signed, container)]
-
-
-# -- export-time stand-ins for the quantizers -----------------------------------------------------
-def _scale(q: LSQQuantizer) -> torch.Tensor:
-    """The step as the fake-quant op uses it (float32, floored); 0-d when per-tensor (ONNX's scalar scale)."""
-    s = broadcast_step(q.step.detach(), 1)
-    return s if q.per_channel else s.reshape(())
-
-
-class _WeightDQ(nn.Module):
-    """Stands in for a weight quantizer: returns ``DequantizeLinear(codes, s)``, ignoring the float weight."""
-
-    def __init__(self, layer: QuantModule, container: int) -> None:
-        super().__init__()
-        self.container = container
-        qn, _ = layer.weight_quantizer.qrange
-        # the codes save_quantized stores (offset by Qn there), as signed int8
-        codes = (stored_weight_codes(layer).to(torch.int16) - qn).to(torch.int8)
-        self.register_buffer("codes", codes.to(layer.weight.device))
-        self.register_buffer("scale", _scale(layer.weight_quantizer))
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.ops.acs_hf.dequant_weight(self.codes, self.scale, self.container)
-
-
-class _ActivationQDQ(nn.Module):
-    """Stands in for an input or output quantizer: ``QuantizeLinear -> DequantizeLinear`` at the
-    learnt step; ``container`` 0 means uint8 codes with an integer clamp (integer kernels)."""
-
-    def __init__(self, quantizer: LSQQuantizer, container: int) -> None:
-        super().__init__()
-        self.bits, self.signed, self.container = quantizer.bits, quantizer.signed, container
-        self.register_buffer("scale", _scale(quantizer))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.container == 0:
-            return torch.ops.acs_hf.quant_dequant_u8(x, self.scale, self.bits, self.signed)
-        return torch.ops.acs_hf.quant_dequant(x, self.scale, self.bits, self.signed, self.container)
-
-
-def _container(bits: int, int4: bool) -> int:
-    return 4 if int4 and bits <= 4 else 8
 
 
 def _check_exportable(model: nn.Module, int4: bool, opset: int) -> None:
@@ -200,36 +74,6 @@ def _check_exportable(model: nn.Module, int4: bool, opset: int) -> None:
                 )
         if m.weight.dtype != torch.float32:
             raise ValueError(f"export_onnx: layer {name!r} is {m.weight.dtype}; call model.float() first")
-
-
-@contextlib.contextmanager
-def _deploy_view(
-    model: nn.Module, int4: bool, int4_narrow_activations: bool, integer_kernels: bool
-) -> Iterator[nn.Module]:
-    """The model in eval mode with every quantizer swapped for its export-time stand-in; restored on exit."""
-    modes = {m: m.training for m in model.modules()}
-    saved = [(m, m.weight_quantizer, m.input_quantizer) for _, m in quant_modules(model)]
-    outputs = [(model.get_submodule(name), q) for name, q in output_quantizers(model)]
-
-    def activation(q: LSQQuantizer, int4_ok: bool = True) -> _ActivationQDQ:
-        narrow_ok = int4_narrow_activations or q.bits == 4
-        return _ActivationQDQ(q, 0 if integer_kernels else _container(q.bits, int4 and int4_ok and narrow_ok))
-
-    try:
-        for m, wq, iq in saved:
-            m.weight_quantizer = _WeightDQ(m, _container(wq.bits, int4))
-            if iq is not None:
-                m.input_quantizer = activation(iq)
-        for m, q in outputs:  # int8 containers: onnxruntime 1.32 moves a uint4 DequantizeLinear past MaxPool
-            m.output_quantizer = activation(q, int4_ok=False)
-        yield model.eval()
-    finally:
-        for m, wq, iq in saved:
-            m.weight_quantizer, m.input_quantizer = wq, iq
-        for m, q in outputs:
-            m.output_quantizer = q
-        for m, training in modes.items():
-            m.training = training
 
 
 class _Logits(nn.Module):
@@ -291,7 +135,7 @@ def _trace(model: nn.Module, x: torch.Tensor, opset: int, dynamic_batch: bool, i
         input_names=[input_name],
         output_names=[output_name],
         dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic_batch else None,
-        custom_translation_table=_translation_table(),
+        custom_translation_table=translation_table(),
         optimize=False,  # clean_up optimizes, keeping the INT4 casts for itself
         verbose=False,
     )
@@ -316,31 +160,23 @@ def export_onnx(
     """Export a calibrated acs_hf-quantized model to an ONNX file with QDQ nodes (module docstring).
 
     Args:
-        model: a model quantized with :func:`~acs_hf.quantize_model` and calibrated (or loaded); a
-            timm model, a transformers model (its ``logits`` are exported) or any module mapping an
-            image batch to logits. A model without quantized layers exports in float.
+        model: a calibrated (or loaded) model quantized with :func:`~acs_hf.quantize_model`: timm, transformers
+            (its ``logits``) or any module mapping images to logits; one without quantized layers exports in float.
         path: the ``.onnx`` file to write (parent directories are created; written atomically).
-        example_input: a batch used to trace the model (values do not matter). Default: random
-            images of ``input_size``, or of the model's own input size (timm ``pretrained_cfg``,
-            transformers ``config.image_size``).
-        input_size: ``(C, H, W)`` when ``example_input`` is not given.
+        example_input: a batch to trace with (values do not matter); default: random images of ``input_size``
+            ``(C, H, W)``, or of the model's own input size (timm ``pretrained_cfg``, ``config.image_size``).
         opset: ONNX opset; INT4 containers need 21 or later.
-        int4: 2-4 bit weights as INT4 initializers and 4-bit activations in int4/uint4; ``False``
-            puts every code in int8/uint8 (with its LSQ range enforced by a Clip).
-        int4_narrow_activations: 2-3 bit activations in int4/uint4 too (then onnxruntime 1.32
-            needs ``disabled_optimizers=["ClipQuantRewrite"]``); default int8/uint8.
+        int4: 2-4 bit weights as INT4 initializers and 4-bit activations in int4/uint4; ``False`` puts every
+            code in int8/uint8 (its LSQ range enforced by a Clip).
+        int4_narrow_activations: 2-3 bit activations in int4/uint4 too (then onnxruntime 1.32 needs
+            ``disabled_optimizers=["ClipQuantRewrite"]``); default int8/uint8.
         dynamic_batch: a symbolic batch dimension; ``False`` fixes the example's batch size.
-        fold_batchnorm: fold each BatchNormalization after a quantized Conv into the weight's (then
-            per-channel) scale and an int32 bias at ``input scale * weight scale``, so that onnxruntime
-            can run integer convolutions. The weight codes are unchanged (a negative gain makes a
-            negative scale; a zero gain zeroes its channel's codes); the outputs differ from PyTorch
-            only by float rounding and the bias's int32 rounding. Default: with ``integer_kernels``.
-        integer_kernels: write the graph for ONNX Runtime's integer kernels: activation codes in uint8
-            (signed ones at zero point 128, ranges under 8 bits clamped on the integer codes), 2-4 bit
-            weights as INT4 initializers cast to int8, BatchNorm folded (``fold_batchnorm``), each
-            MaxPool of codes quantized again at the same step. Default: on for models quantized with
-            ``QuantConfig(integer_graph=True)``, where every convolution and residual addition then
-            runs as ``QLinearConv`` / ``QLinearAdd``; ``int4_narrow_activations`` does not apply.
+        fold_batchnorm: fold each BatchNormalization after a quantized Conv into per-channel weight scales and
+            an int32 bias (a negative gain gives a negative scale, a zero gain zero codes), so that ONNX Runtime
+            runs integer convolutions; outputs differ from PyTorch by the bias's rounding. Default: ``integer_kernels``.
+        integer_kernels: write the graph for ONNX Runtime's integer kernels (module docstring); default: on
+            for ``QuantConfig(integer_graph=True)`` models, whose convolutions and residual additions then
+            all run as ``QLinearConv`` / ``QLinearAdd``.
         input_name, output_name: names of the graph's input and output.
 
     Returns:
@@ -348,28 +184,69 @@ def export_onnx(
 
     Raises:
         RuntimeError: a quantizer is not calibrated.
-        ValueError: an opset too old for INT4, or a quantized layer that is not float32.
+        ValueError: an opset too old for INT4, a quantized layer that is not float32, an ``input_size`` that
+            is not (C, H, W), or a ``path`` that is a directory or lies under a file.
+        PermissionError: ``path`` cannot be written.
     """
     _check_exportable(model, int4, opset)
+    path = _check_destination(Path(path))
+    if input_size is not None:
+        _check_input_size(input_size)
     if not quant_modules(model):
         logger.warning("export_onnx: the model has no quantized layers; exporting it in floating point")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if integer_kernels is None:
         integer_kernels = bool(output_quantizers(model))
     x = _example_input(model, example_input, input_size, dynamic_batch)
-    with _deploy_view(model, int4, int4_narrow_activations, integer_kernels), torch.no_grad():
+    with deploy_view(model, int4, int4_narrow_activations, integer_kernels), torch.no_grad(), _quiet_exporters():
         onnx_model = _trace(_Logits(model).eval(), x, opset, dynamic_batch, input_name, output_name)
+    _graph_passes(onnx_model, integer_kernels if fold_batchnorm is None else fold_batchnorm, integer_kernels)
+    save_atomically(onnx_model, path)
+    return path
+
+
+def _graph_passes(onnx_model: Any, fold_batchnorm: bool, integer_kernels: bool) -> None:
+    """The traced graph cleaned up, BatchNorm folded, and laid out for integer kernels where asked."""
     clean_up(onnx_model)
     if integer_kernels:  # before the fold, which needs a dequantized input on each Conv
         requantize_after_max_pool(onnx_model)
-    if fold_batchnorm is None:
-        fold_batchnorm = integer_kernels
     if fold_batchnorm:
         folded = fold_batchnorm_nodes(onnx_model, int8_kernels=integer_kernels)
         logger.info("export_onnx: folded %d BatchNormalization nodes", folded)
     if integer_kernels:
         int8_weight_kernels(onnx_model)
     keep_float_biases(onnx_model)
-    save_atomically(onnx_model, path)
+
+
+def _check_destination(path: Path) -> Path:
+    """Refuse, before tracing, a path that is a directory, lies under a regular file, or cannot be written."""
+    if path.is_dir():
+        raise ValueError(f"export_onnx: path {str(path)!r} is a directory; give the .onnx file to write")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"export_onnx: path {str(path)!r} lies under {str(parent)!r}, which is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"export_onnx: cannot write under {str(parent)!r} (path {str(path)!r})")
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _check_input_size(input_size: Any) -> None:
+    ok = isinstance(input_size, Sequence) and len(input_size) == 3
+    if not ok or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_size):
+        raise ValueError(f"export_onnx: input_size must be (C, H, W), three positive integers, got {input_size!r}")
+
+
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """torch.onnx's helpers log every pass at INFO (about a hundred lines a model): only warnings pass."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)

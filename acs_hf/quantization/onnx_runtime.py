@@ -9,6 +9,8 @@ Needs the ``onnx`` extra (``pip install acs_hf[onnx]``), imported on first use.
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import statistics
 import tempfile
@@ -17,7 +19,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AVX2_PRECISION_KEY", "integer_kernel_counts", "onnx_session", "onnx_speedup", "physical_cores"]
+__all__ = [
+    "AVX2_PRECISION_KEY",
+    "compare_with_float",
+    "integer_kernel_counts",
+    "onnx_session",
+    "onnx_speedup",
+    "physical_cores",
+]
 
 #: ONNX Runtime's session config key for exact u8 x s8 products on x86 without VNNI (slower U8U8 kernels):
 #: AVX2 adds pairs of u8 x s8 products in int16 and saturates when both operands use most of their range.
@@ -127,3 +136,27 @@ def onnx_speedup(
             if i >= 2:
                 times[j].append(time.perf_counter() - start)
     return statistics.median(times[1]) / statistics.median(times[0])
+
+
+def compare_with_float(path: str | os.PathLike, float_model: Any, input_size: Any) -> dict[str, Any]:
+    """How the exported model at ``path`` runs against ``float_model`` exported in FP32 (a few seconds):
+    ``speedup_over_fp32`` (batch 1, :func:`onnx_speedup`), ``kernels`` (:func:`integer_kernel_counts`)
+    and a one-line ``summary``."""
+    from .onnx_export import export_onnx
+
+    export_log = logging.getLogger(export_onnx.__module__)
+    with tempfile.TemporaryDirectory() as tmp:
+        level, export_log.level = export_log.level, logging.ERROR  # an FP32 export is what is wanted here
+        try:
+            reference = export_onnx(copy.deepcopy(float_model).float(), Path(tmp) / "fp32.onnx", input_size=input_size)
+        finally:
+            export_log.setLevel(level)
+        speedup = onnx_speedup(path, reference)
+    kernels = integer_kernel_counts(path)
+    conv, add = kernels["conv"], kernels["add"]
+    summary = (
+        f"{path} runs at {speedup:.2f}x the speed of the FP32 model in ONNX Runtime on this machine (batch 1); "
+        f"integer kernels: {conv['integer']} of {conv['integer'] + conv['float']} convolutions, "
+        f"{add['integer']} of {add['integer'] + add['float']} residual additions"
+    )
+    return {"speedup_over_fp32": speedup, "kernels": kernels, "summary": summary}
