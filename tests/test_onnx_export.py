@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import logging
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -337,3 +339,36 @@ def test_integer_graph_checkpoint_exports_the_same_graph(tmp_path):
     b = export_onnx(loaded, tmp_path / "b.onnx", input_size=size)
     np.testing.assert_array_equal(run_ort(a, evals), run_ort(b, evals))
     assert integer_kernel_counts(b)["add"] == {"integer": 4, "float": 0}
+
+
+def test_bad_destinations_and_input_sizes_are_refused_before_tracing(tmp_path, monkeypatch, caplog):
+    import acs_hf.quantization.onnx_export as onnx_export
+
+    model = quantize_model(fp_model("timm"), QuantConfig(4, 4))
+    calibrate_quantizers(model, [torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE)])
+    size = (3, IMAGE_SIZE, IMAGE_SIZE)
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced before the arguments were checked")
+
+    monkeypatch.setattr(onnx_export, "_trace", no_trace)
+    with pytest.raises(ValueError, match="is a directory; give the .onnx file"):
+        export_onnx(model, tmp_path, input_size=size)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ValueError, match="lies under .*file'?, which is a file"):
+        export_onnx(model, tmp_path / "file" / "sub" / "model.onnx", input_size=size)
+    for bad in [(32, 32), (3, 0, 16), (3.0, 16, 16), "3x16x16"]:
+        with pytest.raises(ValueError, match=r"input_size must be \(C, H, W\), three positive integers, got"):
+            export_onnx(model, tmp_path / "model.onnx", input_size=bad)
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(PermissionError, match="cannot write under"):
+            export_onnx(model, locked / "model.onnx", input_size=size)
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["file"], ["file", "locked"])
+    # and a real export logs no pass-by-pass INFO lines of torch.onnx's helpers
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO):
+        export_onnx(model, tmp_path / "model.onnx", input_size=size)
+    chatter = [r for r in caplog.records if r.name.split(".")[0] in ("onnxscript", "onnx_ir") and r.levelno < 30]
+    assert not chatter, f"{len(chatter)} INFO lines, e.g. {chatter[0].getMessage()!r}"

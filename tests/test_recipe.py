@@ -1,6 +1,8 @@
 """recipes/run_acs.py end to end on the embedded digits data (offline)."""
 
 import json
+import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -469,6 +471,25 @@ def test_export_onnx_flag_writes_a_model_onnxruntime_runs(recipe, tmp_path):
     # neighbouring code in an 8-bit layer (stem, classifier). Most images must agree to float rounding.
     close = ((onnx_logits - torch_logits).abs().amax(1) <= 1e-4).float().mean()
     assert close >= 0.9, f"only {close:.0%} of images agree within 1e-4"
+
+
+def test_integer_graph_run_exports_integer_kernels_and_logs_the_speed(recipe, tmp_path, caplog):
+    """--integer_graph true: the checkpoint carries the output quantizers, and --export_onnx writes a model
+    whose every convolution and residual addition ONNX Runtime runs as an integer kernel; the run says how
+    fast it is against FP32 on this machine."""
+    from acs_hf import integer_kernel_counts
+
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="acs_hf.recipe"):
+        recipe.main([DEMO, "--output_dir", str(out), *TINY_RUN, "--integer_graph", "true", "--export_onnx", "true"])
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["config"]["integer_graph"] is True and qcfg["format_version"] == 3 and qcfg["outputs"]
+    counts = integer_kernel_counts(out / "model.onnx")  # test_resnet: 15 convolutions, 4 residual additions
+    assert counts["conv"] == {"integer": 15, "float": 0} and counts["add"] == {"integer": 4, "float": 0}
+    assert re.search(
+        r"model\.onnx runs at \d+\.\d\dx the speed of the FP32 model .*15 of 15 convolutions, 4 of 4 residual",
+        caplog.text,
+    )
 
 
 def test_export_onnx_needs_the_extra(recipe, tmp_path, monkeypatch):

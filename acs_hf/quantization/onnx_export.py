@@ -74,6 +74,8 @@ def _check_exportable(model: nn.Module, int4: bool, opset: int) -> None:
                 )
         if m.weight.dtype != torch.float32:
             raise ValueError(f"export_onnx: layer {name!r} is {m.weight.dtype}; call model.float() first")
+    if not quant_modules(model):
+        logger.warning("export_onnx: the model has no quantized layers; exporting it in floating point")
 
 
 class _Logits(nn.Module):
@@ -192,14 +194,13 @@ def export_onnx(
     path = _check_destination(Path(path))
     if input_size is not None:
         _check_input_size(input_size)
-    if not quant_modules(model):
-        logger.warning("export_onnx: the model has no quantized layers; exporting it in floating point")
     if integer_kernels is None:
         integer_kernels = bool(output_quantizers(model))
     x = _example_input(model, example_input, input_size, dynamic_batch)
-    with deploy_view(model, int4, int4_narrow_activations, integer_kernels), torch.no_grad(), _quiet_exporters():
-        onnx_model = _trace(_Logits(model).eval(), x, opset, dynamic_batch, input_name, output_name)
-    _graph_passes(onnx_model, integer_kernels if fold_batchnorm is None else fold_batchnorm, integer_kernels)
+    with _quiet_exporters():
+        with deploy_view(model, int4, int4_narrow_activations, integer_kernels), torch.no_grad():
+            onnx_model = _trace(_Logits(model).eval(), x, opset, dynamic_batch, input_name, output_name)
+        _graph_passes(onnx_model, integer_kernels if fold_batchnorm is None else fold_batchnorm, integer_kernels)
     save_atomically(onnx_model, path)
     return path
 
