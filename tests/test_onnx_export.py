@@ -271,12 +271,17 @@ def test_benchmark_deploy_quick(tmp_path):
     spec.loader.exec_module(bench)
     report = bench.main(["--quick", "--iterations", "1", "--output", str(tmp_path / "deploy.json")])
     results = report["results"]
-    assert set(results) == {"fp32", "w8a8", "w8a8_bnfold", "w4a4"}
+    assert set(results) == set(bench.VARIANTS)
     assert results["w4a4"]["file_bytes"] < results["w8a8"]["file_bytes"] < results["fp32"]["file_bytes"]
+    assert results["w4a4_int"]["file_bytes"] < results["w8a8_int"]["file_bytes"]
     for name in ("fp32", "w8a8", "w4a4"):  # a random model: close logits, a flipped code may swap them
         assert results[name]["agreement"]["top1_agreement"] >= 0.75, name
-    assert set(results["fp32"]["latency_ms"]) == {"1", "4"}
-    assert "w4a4_file_at_most_one_sixth_of_fp32" in report["targets"]
+    for name in ("w8a8_int", "w4a4_int", "w2a2_int"):  # test_resnet: 15 convolutions, all integer
+        assert results[name]["integer_conv_fraction"] == 1.0 and results[name]["kernels"]["conv"]["integer"] == 15
+    assert results["fp32"]["integer_conv_fraction"] == 0.0
+    assert set(results["fp32"]["latency_ms"]) == set(results["w4a4_int"]["speedup_over_fp32"]) == {"1", "4"}
+    assert results["fp32"]["speedup_over_fp32"] == {"1": 1.0, "4": 1.0}
+    assert {"w4a4_file_at_most_one_sixth_of_fp32", "w4a4_int_every_conv_integer"} <= set(report["targets"])
     assert (tmp_path / "deploy.json").exists()
 
 

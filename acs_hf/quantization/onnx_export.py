@@ -65,13 +65,14 @@ def _check_exportable(model: nn.Module, int4: bool, opset: int) -> None:
     """Refuse INT4 below opset 21, quantizers that are uninitialised or observing, and non-float32 quantized layers."""
     if int4 and opset < INT4_OPSET:
         raise ValueError(f"export_onnx: INT4 containers need opset >= {INT4_OPSET}, got {opset}; or pass int4=False")
+    quantizers = [(name, q) for name, m in quant_modules(model) for q in m.quantizers()] + output_quantizers(model)
+    for name, q in quantizers:
+        if not q.is_initialized or q.observing:
+            raise RuntimeError(
+                f"export_onnx: the quantizer {q.name or name!r} is not calibrated; call "
+                "acs_hf.calibrate_quantizers(model, batches) (or load a calibrated checkpoint) first"
+            )
     for name, m in quant_modules(model):
-        for q in m.quantizers():
-            if not q.is_initialized or q.observing:
-                raise RuntimeError(
-                    f"export_onnx: the quantizer {q.name or name!r} is not calibrated; call "
-                    "acs_hf.calibrate_quantizers(model, batches) (or load a calibrated checkpoint) first"
-                )
         if m.weight.dtype != torch.float32:
             raise ValueError(f"export_onnx: layer {name!r} is {m.weight.dtype}; call model.float() first")
     if not quant_modules(model):
