@@ -16,8 +16,9 @@ weights, first and last layer at 8 bits); ``w8a8_bnfold`` (``fold_batchnorm=True
 into per-channel weight scales and an int32 bias, so that ONNX Runtime can fuse DequantizeLinear ->
 Conv -> QuantizeLinear into integer QLinearConv); ``w8a8_int``, ``w4a4_int``, ``w2a2_int``: the
 integer-graph placement (``QuantConfig(integer_graph=True)``: residual additions and the stem output
-quantized too), exported for integer kernels; ``w8a8_int_no_avx2_option``: the same W8A8 file run
-without ``session.x64quantprecision`` (what the exactness option costs). Every row runs in
+quantized too), exported for integer kernels; ``w8a8_int_avx2_option``: the same W8A8 file run
+with ``session.x64quantprecision`` forced on (what the exactness option for CPUs without VNNI costs;
+:func:`acs_hf.onnx_session` sets it only on such CPUs). Every row runs in
 :func:`acs_hf.onnx_session`. Also per row: ``speedup_over_fp32`` per batch size and the kernels ONNX
 Runtime runs (:func:`acs_hf.integer_kernel_counts`; ``integer_conv_fraction``). The sessions are timed
 in round-robin order, so load on a shared machine slows every row alike.
@@ -58,6 +59,7 @@ from acs_hf import (
     quantize_model,
 )
 from acs_hf.data import digits_dataset, prepare_datasets
+from acs_hf.quantization import cpu_has_vnni, needs_exact_int8_option
 
 #: name -> (QuantConfig or None for FP32, export_onnx keywords, onnx_session keywords)
 VARIANTS = {
@@ -66,10 +68,10 @@ VARIANTS = {
     "w8a8_bnfold": (QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8), {"fold_batchnorm": True}, {}),
     "w4a4": (QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8), {}, {}),
     "w8a8_int": (QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8, integer_graph=True), {}, {}),
-    "w8a8_int_no_avx2_option": (
+    "w8a8_int_avx2_option": (
         QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8, integer_graph=True),
         {},
-        {"exact_on_avx2": False},
+        {"exact_on_avx2": True},
     ),
     "w4a4_int": (QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8, integer_graph=True), {}, {}),
     "w2a2_int": (QuantConfig(weight_bits=2, act_bits=2, first_last_bits=8, integer_graph=True), {}, {}),
@@ -90,15 +92,6 @@ def build_model(name: str, seed: int) -> torch.nn.Module:
                 m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(n, generator=g))
     return model
-
-
-def has_vnni() -> bool | None:
-    """Whether the CPU has VNNI (exact u8 x s8 products without the exactness option); None off Linux."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def digits_batches(model: torch.nn.Module, image_size: int, n_calib: int, n_eval: int) -> tuple:
@@ -269,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
             "python": sys.version.split()[0],
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
-            "vnni": has_vnni(),
+            "vnni": cpu_has_vnni(),
+            "exactness_option_by_default": needs_exact_int8_option(),
         },
         "results": results,
         "targets": targets(results),

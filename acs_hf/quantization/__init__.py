@@ -25,7 +25,14 @@ from .model import (
 )
 from .modules import LayerQuantConfig, QuantConv2d, QuantLinear, QuantModule, is_quantizable
 from .onnx_export import export_onnx
-from .onnx_runtime import compare_with_float, integer_kernel_counts, onnx_session, onnx_speedup
+from .onnx_runtime import (
+    compare_with_float,
+    cpu_has_vnni,
+    integer_kernel_counts,
+    needs_exact_int8_option,
+    onnx_session,
+    onnx_speedup,
+)
 from .packed import (
     WEIGHTS_NAME,
     layer_configs_from_table,
@@ -48,6 +55,7 @@ __all__ = [
     "calibrate_quantizers",
     "check_bits",
     "compare_with_float",
+    "cpu_has_vnni",
     "dequantize_model",
     "export_onnx",
     "find_first_last",
@@ -56,6 +64,7 @@ __all__ = [
     "layer_configs_from_table",
     "load_quantized",
     "lsq_fake_quant",
+    "needs_exact_int8_option",
     "onnx_session",
     "onnx_speedup",
     "output_quantizers",

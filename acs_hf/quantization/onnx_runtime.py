@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -22,8 +23,10 @@ from typing import Any
 __all__ = [
     "AVX2_PRECISION_KEY",
     "compare_with_float",
+    "cpu_has_vnni",
     "integer_kernel_counts",
     "onnx_session",
+    "needs_exact_int8_option",
     "onnx_speedup",
     "physical_cores",
 ]
@@ -52,11 +55,30 @@ def physical_cores() -> int:
     return cores or os.cpu_count() or 1
 
 
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI (``avx512_vnni`` or ``avx_vnni`` in ``/proc/cpuinfo``); ``None`` when
+    that cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return None
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def needs_exact_int8_option() -> bool:
+    """True on x86 CPUs without VNNI (or whose flags cannot be read), where ONNX Runtime's u8 x s8 kernels
+    can saturate: there :func:`onnx_session` sets :data:`AVX2_PRECISION_KEY` by default."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return False
+    return cpu_has_vnni() is not True
+
+
 def onnx_session(
     path: str | os.PathLike,
     threads: int | None = None,
     *,
-    exact_on_avx2: bool = True,
+    exact_on_avx2: bool | None = None,
     optimized_model_path: str | os.PathLike | None = None,
     providers: list[str] | None = None,
 ) -> Any:
@@ -67,9 +89,9 @@ def onnx_session(
         threads: intra-op threads; default one per physical core (:func:`physical_cores`).
         exact_on_avx2: set ``session.x64quantprecision``: on x86 CPUs without VNNI (AVX2, AVX-512
             without VNNI) ONNX Runtime's u8 x s8 kernels add pairs of products in int16 and saturate
-            when both operands use most of the 8-bit range, which 8-bit layers can do; this makes
-            ONNX Runtime use exact U8U8 kernels there (and changes nothing on CPUs with VNNI).
-            Codes of 4 bits or fewer cannot saturate.
+            when both operands use most of the 8-bit range; the option makes ONNX Runtime use exact but
+            slower U8U8 kernels (on a CPU with VNNI it costs speed and changes no result: measured in
+            BENCHMARKS.md). Default: on exactly where it is needed (:func:`needs_exact_int8_option`).
         optimized_model_path: also write the optimised graph there (to see which kernels run).
         providers: execution providers; default ``["CPUExecutionProvider"]``.
     """
@@ -80,7 +102,7 @@ def onnx_session(
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or physical_cores()
-    if exact_on_avx2:
+    if needs_exact_int8_option() if exact_on_avx2 is None else exact_on_avx2:
         options.add_session_config_entry(AVX2_PRECISION_KEY, "1")
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
