@@ -377,3 +377,21 @@ def test_bad_destinations_and_input_sizes_are_refused_before_tracing(tmp_path, m
         export_onnx(model, tmp_path / "model.onnx", input_size=size)
     chatter = [r for r in caplog.records if r.name.split(".")[0] in ("onnxscript", "onnx_ir") and r.levelno < 30]
     assert not chatter, f"{len(chatter)} INFO lines, e.g. {chatter[0].getMessage()!r}"
+
+
+def test_inverted_residuals_run_in_integer_kernels(tmp_path):
+    """MobileNetV2: the residual additions become QLinearAdd, and a ReLU6 before a quantizer moves onto the
+    integer codes, so its convolution fuses too; only the head conv (ReLU6 then the float global pool) stays."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv2_050", num_classes=10).eval()
+    quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, integer_graph=True))
+    x = torch.randn(8, 3, 32, 32)
+    calibrate_quantizers(model, [x])
+    path = export_onnx(model, tmp_path / "mbv2.onnx", input_size=(3, 32, 32))
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    adds = sum(getattr(b, "has_skip", False) for b in model.modules())
+    counts = integer_kernel_counts(path)
+    assert counts["conv"] == {"integer": convs - 1, "float": 1} and counts["add"] == {"integer": adds, "float": 0}
+    unfolded = export_onnx(model, tmp_path / "unfolded.onnx", input_size=(3, 32, 32), fold_batchnorm=False)
+    ref = torch_logits(model, x)  # the clamp on the codes is exact: the unfolded graph matches PyTorch
+    np.testing.assert_allclose(run_ort(unfolded, x), ref, rtol=0, atol=1e-5 * np.abs(ref).max())

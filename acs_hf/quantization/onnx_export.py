@@ -44,6 +44,7 @@ from torch import nn
 from .integer_graph import output_quantizers
 from .model import quant_modules
 from .onnx_passes import (
+    clamp_on_codes,
     clean_up,
     fold_batchnorm_nodes,
     int8_weight_kernels,
@@ -216,6 +217,7 @@ def _graph_passes(onnx_model: Any, fold_batchnorm: bool, integer_kernels: bool) 
         logger.info("export_onnx: folded %d BatchNormalization nodes", folded)
     if integer_kernels:
         int8_weight_kernels(onnx_model)
+        clamp_on_codes(onnx_model)
     keep_float_biases(onnx_model)
 
 

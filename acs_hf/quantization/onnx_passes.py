@@ -17,6 +17,7 @@ __all__ = [
     "INT4_TYPES",
     "clean_up",
     "fold_batchnorm_nodes",
+    "clamp_on_codes",
     "int8_weight_kernels",
     "keep_float_biases",
     "requantize_after_max_pool",
@@ -253,3 +254,47 @@ def requantize_after_max_pool(model: Any) -> int:
             user.replace_input_with(index, back.outputs[0])
         wrapped += 1
     return wrapped
+
+
+def clamp_on_codes(model: Any) -> int:
+    """Move a float ``Clip(x, lo, hi)`` that feeds a uint8 ``QuantizeLinear`` (a ReLU6) onto the codes:
+    ``clip(round(x / s) + zp, round(lo / s) + zp, round(hi / s) + zp)`` equals the quantized clipped
+    value (rounding is monotone), and a Conv followed directly by ``QuantizeLinear`` fuses into
+    ``QLinearConv``, which the float Clip prevented (unless the quantized range lay within it).
+    Returns how many were moved."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph, moved = model.graph, 0
+    for clip in [n for n in graph if n.op_type == "Clip" and len(n.inputs) == 3]:
+        uses = list(clip.outputs[0].uses())
+        bounds = [_const(v) for v in clip.inputs[1:]]
+        if len(uses) != 1 or uses[0][0].op_type != "QuantizeLinear" or any(b is None for b in bounds):
+            continue
+        q = uses[0][0]
+        scale, zero = _const(q.inputs[1]), _const(q.inputs[2]) if len(q.inputs) > 2 else None
+        if scale is None or scale.size != 1 or zero is None or zero.dtype != np.uint8 or bounds[0].dtype.kind != "f":
+            continue
+        lo, hi = (int(np.clip(np.round(float(b) / float(scale)) + int(zero), 0, 255)) for b in bounds)
+        code_uses = list(q.outputs[0].uses())
+        after = code_uses[0][0] if len(code_uses) == 1 and code_uses[0][0].op_type == "Clip" else None
+        if after is not None:  # a clamp of a narrower code range is there already: intersect
+            lo, hi = max(lo, int(_const(after.inputs[1]))), min(hi, int(_const(after.inputs[2])))
+        low, high = (
+            ir.Value(name=f"{clip.outputs[0].name}.code_{k}", const_value=ir.tensor(np.uint8(v)))
+            for k, v in (("lo", lo), ("hi", hi))
+        )
+        graph.register_initializer(low)
+        graph.register_initializer(high)
+        q.replace_input_with(0, clip.inputs[0])
+        if after is not None:
+            after.replace_input_with(1, low)
+            after.replace_input_with(2, high)
+        else:
+            new = ir.node("Clip", [q.outputs[0], low, high])
+            for user, index in code_uses:
+                user.replace_input_with(index, new.outputs[0])
+            graph.insert_after(q, new)
+        graph.remove(clip, safe=True)
+        moved += 1
+    return moved
