@@ -478,6 +478,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     started = time.perf_counter()
     if args.summarize_only:
+        if not runs:
+            raise SystemExit(f"--summarize_only: {log} holds no runs to summarize")
         grid = runs
         fp_accuracies = {p.stem: json.loads(p.read_text())["accuracy"] for p in (args.output_dir / "fp").glob("*.json")}
     else:
