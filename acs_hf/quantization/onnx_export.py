@@ -54,7 +54,7 @@ from .onnx_passes import (
 )
 from .onnx_qdq import deploy_view, translation_table
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "quiet_loggers"]
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def export_onnx(
     if integer_kernels is None:
         integer_kernels = bool(output_quantizers(model))
     x = _example_input(model, example_input, input_size, dynamic_batch)
-    with _quiet_exporters():
+    with quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):
         with deploy_view(model, int4, int4_narrow_activations, integer_kernels), torch.no_grad():
             onnx_model = _trace(_Logits(model).eval(), x, opset, dynamic_batch, input_name, output_name)
         _graph_passes(onnx_model, integer_kernels if fold_batchnorm is None else fold_batchnorm, integer_kernels)
@@ -243,14 +243,16 @@ def _check_input_size(input_size: Any) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_exporters() -> Iterator[None]:
-    """torch.onnx's helpers log every pass at INFO (about a hundred lines a model): only warnings pass."""
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Within the block, the named loggers pass only records at ``level`` or above; restored after.
+    export_onnx keeps torch.onnx's helpers at WARNING (they log every pass at INFO, about a hundred
+    lines a model)."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [log.level for log in loggers]
     for log in loggers:
-        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+        log.setLevel(max(log.getEffectiveLevel(), level))
     try:
         yield
     finally:
-        for log, level in zip(loggers, levels):
-            log.setLevel(level)
+        for log, previous in zip(loggers, levels):
+            log.setLevel(previous)

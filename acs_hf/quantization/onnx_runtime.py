@@ -164,15 +164,11 @@ def compare_with_float(path: str | os.PathLike, float_model: Any, input_size: An
     """How the exported model at ``path`` runs against ``float_model`` exported in FP32 (a few seconds):
     ``speedup_over_fp32`` (batch 1, :func:`onnx_speedup`), ``kernels`` (:func:`integer_kernel_counts`)
     and a one-line ``summary``."""
-    from .onnx_export import export_onnx
+    from .onnx_export import export_onnx, quiet_loggers
 
-    export_log = logging.getLogger(export_onnx.__module__)
     with tempfile.TemporaryDirectory() as tmp:
-        level, export_log.level = export_log.level, logging.ERROR  # an FP32 export is what is wanted here
-        try:
+        with quiet_loggers(export_onnx.__module__, level=logging.ERROR):  # an FP32 export is what is wanted here
             reference = export_onnx(copy.deepcopy(float_model).float(), Path(tmp) / "fp32.onnx", input_size=input_size)
-        finally:
-            export_log.setLevel(level)
         speedup = onnx_speedup(path, reference)
     kernels = integer_kernel_counts(path)
     conv, add = kernels["conv"], kernels["add"]
