@@ -101,7 +101,7 @@ class IntegerGraphPlan:
     float_adds: list[str] = field(default_factory=list)
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def _trace(model: nn.Module) -> fx.Graph:
     """``torch.fx`` graph of ``model`` with timm's untraceable modules and functions kept opaque."""
     from timm.layers import get_notrace_functions, get_notrace_modules
 
@@ -114,10 +114,9 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     tracer = _Tracer(autowrap_functions=tuple(get_notrace_functions()))
     was_training = model.training
     try:
-        graph = tracer.trace(model.eval())
+        return tracer.trace(model.eval())  # the graph alone: no GraphModule copy of the model is needed
     finally:
         model.train(was_training)
-    return fx.GraphModule(tracer.root, graph)
 
 
 def _is_residual_add(node: fx.Node) -> bool:
@@ -216,7 +215,7 @@ def plan_integer_graph(
     check_bits("bits", bits)
     plan = IntegerGraphPlan(layers=dict(layers))
     try:
-        graph = _trace(model).graph
+        graph = _trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure leaves the paper's placement
         reason = f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e})"
         logger.warning("integer_graph: %s; every residual addition stays float", reason)
