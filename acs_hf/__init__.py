@@ -3,7 +3,7 @@
 Names are imported on first use, so ``import acs_hf; acs_hf.load_quantized(...)`` never imports
 transformers or accelerate; ``acs_hf.ACSTrainer`` does. ``import acs_hf`` also teaches
 transformers to load acs_hf checkpoints (``from_pretrained``, ``pipeline``), see
-:mod:`acs_hf.hf_quantizer`.
+:mod:`acs_hf.integrations.hf_quantizer`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import importlib.util
 import sys
 from typing import TYPE_CHECKING, Any
 
-from .upstream import TRANSFORMERS_QUANTIZER_REGISTRY as _TRANSFORMERS_REGISTRY
+from .utils.moved import MovedModuleFinder as _MovedModuleFinder
+from .utils.upstream import TRANSFORMERS_QUANTIZER_REGISTRY as _TRANSFORMERS_REGISTRY
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "acs_hf.arguments": ["ACSArguments", "QATArguments"],
+    "acs_hf.training.arguments": ["ACSArguments", "QATArguments"],
     "acs_hf.quantization": [
         "LSQQuantizer",
         "LayerQuantConfig",
@@ -44,10 +45,10 @@ _EXPORTS = {
         "register_selector",
         "select_coreset",
     ],
-    "acs_hf.qat_trainer": ["ImageClassificationTrainer", "QATTrainer"],
-    "acs_hf.trainer": ["ACSTrainer"],
-    "acs_hf.reporting": ["SelectionReporter"],
-    "acs_hf._io": ["atomic_write_json"],
+    "acs_hf.training.qat_trainer": ["ImageClassificationTrainer", "QATTrainer"],
+    "acs_hf.training.trainer": ["ACSTrainer"],
+    "acs_hf.training.reporting": ["SelectionReporter"],
+    "acs_hf.utils.io": ["atomic_write_json"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -97,7 +98,7 @@ def __dir__() -> list[str]:
 
 def _register_with_transformers() -> None:
     try:
-        importlib.import_module("acs_hf.hf_quantizer")
+        importlib.import_module("acs_hf.integrations.hf_quantizer")
     except Exception as e:
         raise ImportError(
             f"acs_hf could not register its quantizer with transformers ({type(e).__name__}: {e}); "
@@ -152,11 +153,11 @@ if _TRANSFORMERS_REGISTRY in sys.modules:
 elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
     sys.meta_path.insert(0, _RegisterAfterImport())
 
+if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):  # acs_hf 0.1's module paths
+    sys.meta_path.append(_MovedModuleFinder())
+
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
-    from ._io import atomic_write_json
-    from .arguments import ACSArguments, QATArguments
-    from .qat_trainer import ImageClassificationTrainer, QATTrainer
     from .quantization import (
         LayerQuantConfig,
         LSQQuantizer,
@@ -172,7 +173,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         quantize_model,
         save_quantized,
     )
-    from .reporting import SelectionReporter
     from .selection import (
         create_selector,
         disagreement_score,
@@ -182,4 +182,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         register_selector,
         select_coreset,
     )
-    from .trainer import ACSTrainer
+    from .training.arguments import ACSArguments, QATArguments
+    from .training.qat_trainer import ImageClassificationTrainer, QATTrainer
+    from .training.reporting import SelectionReporter
+    from .training.trainer import ACSTrainer
+    from .utils.io import atomic_write_json

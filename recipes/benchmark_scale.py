@@ -42,7 +42,7 @@ from transformers.utils import logging as hf_logging
 
 from acs_hf import ACSArguments, ACSTrainer, QuantConfig, SelectionReporter, atomic_write_json, quantize_model
 from acs_hf.data import load_image_datasets, prepare_datasets
-from acs_hf.sampler import CoresetSampler
+from acs_hf.training.sampler import CoresetSampler
 
 NUM_CLASSES = 1000
 PAPER_N = 1_281_167
@@ -223,7 +223,7 @@ def scale_trainer(n: int, args, work: Path, fp, ds) -> ACSTrainer:
 def time_state_saves(trainer: ACSTrainer) -> list[float]:
     """Times each save of ``trainer``'s selection state into the returned list (this trainer only)."""
     state_seconds: list[float] = []
-    save_state = trainer.selection.save
+    save_state = trainer.checkpointer.save
 
     def timed_save(*a, **kw):
         t = time.perf_counter()
@@ -231,7 +231,7 @@ def time_state_saves(trainer: ACSTrainer) -> list[float]:
         state_seconds.append(time.perf_counter() - t)
         return identity
 
-    trainer.selection.save = timed_save  # this trainer's selection state only
+    trainer.checkpointer.save = timed_save  # this trainer's selection state only
     return state_seconds
 
 

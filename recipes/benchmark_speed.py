@@ -61,8 +61,8 @@ from acs_hf import (
     select_coreset,
 )
 from acs_hf.quantization import WEIGHTS_NAME
-from acs_hf.scoring import scoring_pass
-from acs_hf.teacher_cache import TeacherCache
+from acs_hf.training.scoring_pass import scoring_pass
+from acs_hf.training.teacher_cache import TeacherCache
 
 sys.path.insert(0, str(Path(__file__).parent))
 from jpeg_speed import bench_jpeg, run_args  # noqa: E402

@@ -20,7 +20,7 @@ from transformers import TrainingArguments
 
 from acs_hf import ACSArguments, ACSTrainer, QuantConfig, create_selector, quantize_model
 from acs_hf.data import load_image_datasets, prepare_datasets
-from acs_hf.view_cache import ScoreViewCache
+from acs_hf.data.view_cache import ScoreViewCache
 
 NUM_CLASSES = 10
 JPEG_SIZE = (500, 375)  # ImageNet's typical width x height

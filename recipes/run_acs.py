@@ -6,7 +6,7 @@
     python recipes/run_acs.py --model_name resnet18 --dataset_name uoft-cs/cifar100 ...  # flags only
     accelerate launch --num_processes 8 recipes/run_acs.py recipes/configs/imagenet_resnet18_w4a4_acs10.yaml
 
-Arguments: ModelArguments, DataArguments, RunArguments (acs_hf.arguments), acs_hf.QuantConfig,
+Arguments: ModelArguments, DataArguments, RunArguments (acs_hf.run.arguments), acs_hf.QuantConfig,
 acs_hf.ACSArguments and transformers' TrainingArguments, from one YAML/JSON file and/or the command line
 (the command line wins).
 Without a config file, flags apply on top of recipes/configs/digits_demo.yaml (the embedded demo),
@@ -22,9 +22,9 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from acs_hf import ACSArguments, QuantConfig
-from acs_hf.arguments import DataArguments, ModelArguments, RunArguments
-from acs_hf.recipe import default_output_dir, run_acs
-from acs_hf.upstream import parser_destinations
+from acs_hf.run.arguments import DataArguments, ModelArguments, RunArguments
+from acs_hf.run.recipe import default_output_dir, run_acs
+from acs_hf.utils.upstream import parser_destinations
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "digits_demo.yaml"
 

@@ -30,20 +30,20 @@ out.mkdir(parents=True, exist_ok=True)
 def prepare(job: dict) -> dict:
     from transformers import TrainingArguments
 
-    import acs_hf.images
-    from acs_hf.arguments import DataArguments, ModelArguments
-    from acs_hf.recipe import prepare_run_data
+    import acs_hf.data.images
+    from acs_hf.run.arguments import DataArguments, ModelArguments
+    from acs_hf.run.recipe import prepare_run_data
 
     checks = out / f"{job['run']}_checks"
     checks.mkdir(exist_ok=True)
-    decodable = acs_hf.images._decodable
+    decodable = acs_hf.data.images._decodable
 
     def logged_decodable(value, _checks=str(checks), _decodable=decodable):
         with open(os.path.join(_checks, str(os.getpid())), "a") as f:
             f.write("1\n")
         return _decodable(value)
 
-    acs_hf.images._decodable = logged_decodable
+    acs_hf.data.images._decodable = logged_decodable
     data_args = DataArguments(dataset_name=job["prepare"], skip_bad_images=True, cache_dir=str(out / "hf_cache"))
     model_args = ModelArguments(model_name="test_resnet", pretrained=False, image_size=16)
     args = TrainingArguments(output_dir=str(out / job["run"]), use_cpu=True, report_to=[])

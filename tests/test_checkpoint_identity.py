@@ -11,13 +11,13 @@ from trainer_utils import acs_trainer
 from transformers import TrainingArguments
 
 from acs_hf import ACSTrainer
-from acs_hf.checkpoint_folders import (
+from acs_hf.run.checks import preflight
+from acs_hf.training.checkpoints import (
     PAIRING_KEY,
     is_complete_checkpoint,
     latest_complete_checkpoint,
     set_aside_previous_run,
 )
-from acs_hf.run_checks import preflight
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = str(RECIPES / "configs" / "digits_demo.yaml")

@@ -172,7 +172,7 @@ def test_augmentation_controls_reach_timm_transforms(model):
     """timm train.py's controls, underscored, go to create_transform; the defaults are timm's."""
     from timm.data import create_transform, resolve_data_config
 
-    from acs_hf.arguments import DataArguments
+    from acs_hf.run.arguments import DataArguments
 
     default = prepare_datasets(digits_dataset(), model, image_size=32, augmentation=DataArguments().augmentation())
     timm_default = create_transform(**resolve_data_config({"input_size": (3, 32, 32)}, model=model), is_training=True)
@@ -205,7 +205,7 @@ def test_augmentation_controls_reach_timm_transforms(model):
     ],
 )
 def test_augmentation_arguments_validated(kwargs, message):
-    from acs_hf.arguments import DataArguments
+    from acs_hf.run.arguments import DataArguments
 
     with pytest.raises(ValueError, match=message):
         DataArguments(**kwargs)

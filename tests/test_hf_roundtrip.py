@@ -27,7 +27,7 @@ from transformers import (
 import acs_hf  # noqa: F401  (registers the quantizer with transformers)
 from acs_hf import LSQQuantizer, QuantConfig, calibrate_quantizers, load_quantized, quantize_model, save_quantized
 from acs_hf.data import digits_dataset, prepare_datasets
-from acs_hf.hf_quantizer import quantized_root
+from acs_hf.integrations.hf_quantizer import quantized_root
 
 ATOL = 1e-5
 QCONFIG = QuantConfig(weight_bits=4, act_bits=4)

@@ -4,7 +4,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from acs_hf import QuantConfig, calibrate_quantizers, load_quantized, quantize_model, save_quantized
-from acs_hf.hub import UPLOAD_IGNORE, HubPushError, base_model_id, push_folder_to_hub, write_model_card
+from acs_hf.integrations.hub import UPLOAD_IGNORE, HubPushError, base_model_id, push_folder_to_hub, write_model_card
 
 
 @pytest.fixture

@@ -146,12 +146,12 @@ def test_resume_reuses_the_fp_warmup_model(recipe, tmp_path, monkeypatch):
     assert (tmp_path / "fp_warmup" / "model.safetensors").is_file()
     checkpoint = sorted(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
 
-    import acs_hf.models
+    import acs_hf.integrations.models
 
     def no_warmup(*args, **kwargs):
         raise AssertionError("a resumed run must not train the FP model again")
 
-    monkeypatch.setattr(acs_hf.recipe, "_warmup", no_warmup)
+    monkeypatch.setattr(acs_hf.run.recipe, "_warmup", no_warmup)
     resumed = recipe.main([*argv, "--resume_from_checkpoint", str(checkpoint)])
     # Same teacher as the interrupted run, and the same final student.
     assert resumed["metrics"]["fp_eval_accuracy"] == first["metrics"]["fp_eval_accuracy"]
@@ -161,12 +161,12 @@ def test_resume_reuses_the_fp_warmup_model(recipe, tmp_path, monkeypatch):
 @pytest.fixture
 def no_data(monkeypatch):
     """Fails the test if the run gets as far as loading data."""
-    import acs_hf.models
+    import acs_hf.integrations.models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the bad argument was not caught before loading data")
 
-    monkeypatch.setattr(acs_hf.recipe, "load_image_datasets", refuse)
+    monkeypatch.setattr(acs_hf.run.recipe, "load_image_datasets", refuse)
 
 
 @pytest.mark.parametrize(
@@ -221,7 +221,7 @@ def test_second_run_on_a_folder_refused_and_stale_lock_taken_over(recipe, tmp_pa
     import subprocess
     import sys
 
-    from acs_hf.run_checks import LOCK_NAME, RunInUseError
+    from acs_hf.run.checks import LOCK_NAME, RunInUseError
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -239,13 +239,13 @@ def test_second_run_on_a_folder_refused_and_stale_lock_taken_over(recipe, tmp_pa
 
 
 def test_failed_push_keeps_the_model_and_exits_nonzero(recipe, tmp_path, monkeypatch):
-    import acs_hf.models
-    from acs_hf.hub import HubPushError
+    import acs_hf.integrations.models
+    from acs_hf.integrations.hub import HubPushError
 
     def failing_push(directory, repo_id, **kwargs):
         raise HubPushError(f"push to {repo_id!r} failed (simulated); the checkpoint is intact at {directory}")
 
-    monkeypatch.setattr(acs_hf.recipe, "push_folder_to_hub", failing_push)
+    monkeypatch.setattr(acs_hf.run.recipe, "push_folder_to_hub", failing_push)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     with pytest.raises(SystemExit) as exit_info:
         recipe.main([DEMO, "--output_dir", str(tmp_path), *TINY_RUN, "--push_to_hub", "true", "--hub_model_id", "me/x"])
@@ -263,9 +263,9 @@ def test_local_folder_student_and_teacher(recipe, tmp_path):
     teacher = timm.create_model("test_resnet", num_classes=10)
     save_for_hf(teacher, tmp_path / "teacher")
     save_for_hf(timm.create_model("test_resnet", num_classes=10), tmp_path / "student")
-    import acs_hf.models
+    import acs_hf.integrations.models
 
-    built = acs_hf.models.create_model(str(tmp_path / "teacher"), True, 10)
+    built = acs_hf.integrations.models.create_model(str(tmp_path / "teacher"), True, 10)
     assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), teacher.state_dict().values()))
     out = tmp_path / "out"
     summary = recipe.main([DEMO, "--output_dir", str(out), *TINY_RUN, "--model_name", str(tmp_path / "student"),
@@ -278,7 +278,7 @@ def test_local_folder_student_and_teacher(recipe, tmp_path):
 
 
 def test_hf_hub_model_name_accepted_without_network(recipe):
-    from acs_hf.models import check_model_name
+    from acs_hf.integrations.models import check_model_name
 
     check_model_name("hf-hub:timm/resnet18.a1_in1k")  # resolved by timm at creation, not here
     with pytest.raises(ValueError, match="not a timm model"):
@@ -286,12 +286,12 @@ def test_hf_hub_model_name_accepted_without_network(recipe):
 
 
 def test_empty_coreset_fails_before_the_warmup(recipe, tmp_path, monkeypatch):
-    import acs_hf.models
+    import acs_hf.integrations.models
 
     def no_warmup(*args, **kwargs):
         raise AssertionError("the empty coreset was not caught before the FP warm-up")
 
-    monkeypatch.setattr(acs_hf.recipe, "_warmup", no_warmup)
+    monkeypatch.setattr(acs_hf.run.recipe, "_warmup", no_warmup)
     with pytest.raises(ValueError, match="fraction=0.001 of 64 samples selects no sample"):
         recipe.main([DEMO, "--output_dir", str(tmp_path), *TINY_RUN, "--fraction", "0.001"])
     # 0.1 of 64 digits: 6 slots per round for 10 classes, refused before the warm-up too
@@ -303,7 +303,7 @@ def test_truncated_fp_warmup_model_is_named(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from acs_hf.recipe import _load_warmup
+    from acs_hf.run.recipe import _load_warmup
 
     model = timm.create_model("test_resnet", num_classes=3)
     path = tmp_path / "fp_warmup" / "model.safetensors"
@@ -387,7 +387,7 @@ def test_weights_only_from_the_command_line(recipe, null):
 @pytest.fixture
 def quick_lock(monkeypatch):
     """The output-dir lock's heartbeat and staleness shortened from 30 s / 300 s."""
-    import acs_hf.run_checks as run_checks
+    import acs_hf.run.checks as run_checks
 
     monkeypatch.setattr(run_checks, "HEARTBEAT_S", 0.05, raising=False)
     monkeypatch.setattr(run_checks, "STALE_AFTER_S", 0.5, raising=False)
@@ -400,7 +400,7 @@ def test_lock_of_a_dead_run_on_another_host_taken_over(recipe, tmp_path, no_data
 
     lock = tmp_path / quick_lock.LOCK_NAME
     lock.write_text(json.dumps({"pid": 4242, "host": "node-that-died", "started": "yesterday"}))
-    with caplog.at_level(logging.WARNING, logger="acs_hf.run_checks"):
+    with caplog.at_level(logging.WARNING, logger="acs_hf.run.checks"):
         with pytest.raises(AssertionError, match="not caught before loading data"):  # past the lock
             recipe.main([DEMO, "--output_dir", str(tmp_path)])
     assert f"Taking over {lock} of pid 4242 on host node-that-died: not touched for 0 s" in caplog.text
@@ -480,7 +480,7 @@ def test_integer_graph_run_exports_integer_kernels_and_logs_the_speed(recipe, tm
     from acs_hf import integer_kernel_counts
 
     out = tmp_path / "out"
-    with caplog.at_level(logging.INFO, logger="acs_hf.recipe"):
+    with caplog.at_level(logging.INFO, logger="acs_hf.run.recipe"):
         recipe.main([DEMO, "--output_dir", str(out), *TINY_RUN, "--integer_graph", "true", "--export_onnx", "true"])
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["config"]["integer_graph"] is True and qcfg["format_version"] == 3 and qcfg["outputs"]

@@ -118,7 +118,7 @@ def test_training_pass_scores_equal_a_separate_pass(tmp_path, kd_alpha):
     batch = {k: torch.stack([trainer.train_dataset[i][k] for i in rows]) for k in ("pixel_values", "labels", "index")}
     reference = copy.deepcopy(student)  # the same weights and BatchNorm state before the step
     trainer.compute_loss(student, batch)
-    stats, seen = trainer.selection.scorer.training_scores.collect(N, trainer.accelerator)
+    stats, seen = trainer.rounds.statistics.training_scores.collect(N, trainer.accelerator)
     assert seen.nonzero().flatten().tolist() == rows
     with torch.no_grad():
         p_s = torch.softmax(reference(batch["pixel_values"]).float(), 1)

@@ -4,10 +4,10 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from acs_hf.batch import INDEX_KEY
-from acs_hf.scoring import scoring_pass
+from acs_hf.data.batch import INDEX_KEY
 from acs_hf.selection import disagreement_score, entropy_score, error_vector_score
-from acs_hf.teacher_cache import TeacherCache
+from acs_hf.training.scoring_pass import scoring_pass
+from acs_hf.training.teacher_cache import TeacherCache
 
 N, C = 37, 5
 
@@ -171,7 +171,7 @@ def test_gather_keeps_the_latest_entry_of_a_repeated_index():
     """An index that comes more than once (as from two processes that trained it in different
     epochs) keeps the entry with the largest order, whatever its position; checked against the
     values written by hand."""
-    from acs_hf.scoring import ORDER_KEY, gather_statistics
+    from acs_hf.training.consistency import ORDER_KEY, gather_statistics
 
     accelerator = Accelerator(cpu=True)
     local = {  # index 2 three times (orders 5, 1, 9), index 0 twice (orders 7, 3), index 4 once
@@ -188,7 +188,7 @@ def test_gather_keeps_the_latest_entry_of_a_repeated_index():
 
 def test_training_scores_keep_each_samples_latest_record():
     """A sample trained on twice keeps the statistics of its later batch (EVS by formula)."""
-    from acs_hf.training_scores import TrainingScores
+    from acs_hf.training.training_pass import TrainingScores
 
     scores = TrainingScores(["evs"])
     first, later = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])
@@ -203,7 +203,7 @@ def test_training_scores_keep_each_samples_latest_record():
 def test_training_scores_restored_from_a_checkpoint_count_as_older_records():
     """Issue 31: what a checkpoint keeps of the records (state_dict) comes back on resume; a record
     made after the resume wins over a restored one, and a process that keeps none adds none."""
-    from acs_hf.training_scores import TrainingScores
+    from acs_hf.training.training_pass import TrainingScores
 
     def evs(logits: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(torch.softmax(logits, 1) - torch.tensor([[1.0, 0.0, 0.0]]), dim=1)

@@ -13,7 +13,7 @@ from trainer_utils import (
 )
 
 from acs_hf import ACSArguments, ACSTrainer, QuantConfig
-from acs_hf.sampler import CoresetSampler, subset_hash
+from acs_hf.training.sampler import CoresetSampler, subset_hash
 
 
 @pytest.mark.parametrize(
@@ -99,10 +99,10 @@ def test_label_only_selectors_decode_no_image(tmp_path, method):
     acs = {"selection_method": method, "selection_interval": 1}
     through_loader = acs_trainer(tmp_path / "a", acs, {"num_train_epochs": 3}, ds=ds)
     # A view without labels (a datasets.Dataset's "labels" column would be read directly).
-    through_loader.selection.scorer.score_dataset = torch.utils.data.Subset(ds, range(len(ds)))
+    through_loader.rounds.statistics.score_dataset = torch.utils.data.Subset(ds, range(len(ds)))
     through_loader.train()
     from_labels = acs_trainer(tmp_path / "b", acs, {"num_train_epochs": 3}, ds=ds)
-    scorer = from_labels.selection.scorer
+    scorer = from_labels.rounds.statistics
     scorer.score_dataset = LabelledView(ds)
     scorer.score_dataloader = lambda: pytest.fail("the scoring loader ran for a label-only selector")
     from_labels.train()
@@ -391,7 +391,7 @@ def test_interrupted_save_keeps_the_last_complete_checkpoint(tmp_path, monkeypat
     """A crash after the ACS state and before the Trainer finished its save: the newest checkpoint is
     incomplete, the previous complete one was not rotated away, and resuming from the incomplete one
     is refused naming the complete one."""
-    from acs_hf.checkpoint_folders import latest_complete_checkpoint
+    from acs_hf.training.checkpoints import latest_complete_checkpoint
 
     args = {"num_train_epochs": 3, "save_strategy": "epoch", "save_total_limit": 1}
     trainer = acs_trainer(tmp_path, args_kwargs=args)

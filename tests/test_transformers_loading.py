@@ -24,7 +24,7 @@ from transformers import (
 
 import acs_hf  # noqa: F401  (registers the quantizer with transformers)
 from acs_hf import QuantConv2d, QuantLinear, load_quantized
-from acs_hf.models import processor_data_config
+from acs_hf.integrations.models import processor_data_config
 
 ATOL = 1e-5
 
@@ -177,7 +177,7 @@ def test_load_quantized_explains_a_transformers_checkpoint(vit_run):
 
 
 def test_transformers_model_names_and_sizes(vit_folder):
-    from acs_hf.models import create_model, is_transformers_name
+    from acs_hf.integrations.models import create_model, is_transformers_name
 
     assert is_transformers_name(str(vit_folder)) and not is_transformers_name("resnet18")
     assert is_transformers_name("google/vit-base-patch16-224") and not is_transformers_name("hf-hub:timm/x")
@@ -202,8 +202,9 @@ def test_registration_whichever_is_imported_first(first):
             "assert 'torch' not in sys.modules or 'transformers' in sys.modules",
             imports[1],
             "from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING",
-            "assert AUTO_QUANTIZER_MAPPING['acs_hf_lsq'].__module__ == 'acs_hf.hf_quantizer'",  # before we import it
-            "from acs_hf.hf_quantizer import LSQHfQuantizer, LSQQuantizationConfig",
+            # before we import it
+            "assert AUTO_QUANTIZER_MAPPING['acs_hf_lsq'].__module__ == 'acs_hf.integrations.hf_quantizer'",
+            "from acs_hf.integrations.hf_quantizer import LSQHfQuantizer, LSQQuantizationConfig",
             "assert AUTO_QUANTIZER_MAPPING['acs_hf_lsq'] is LSQHfQuantizer",
             "assert AUTO_QUANTIZATION_CONFIG_MAPPING['acs_hf_lsq'] is LSQQuantizationConfig",
             "print('OK')",
@@ -228,7 +229,7 @@ def test_registration_failure_raises(first):
     code = "\n".join(
         [
             "import sys",
-            "sys.modules['acs_hf.hf_quantizer'] = None  # its import now fails",
+            "sys.modules['acs_hf.integrations.hf_quantizer'] = None  # its import now fails",
             imports[0],
             "for attempt in range(2):  # a retried import (a notebook's next cell) raises again",
             "    try:",

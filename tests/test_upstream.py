@@ -1,12 +1,13 @@
-"""The private APIs of transformers, torch, timm, datasets and argparse: all behind acs_hf.upstream,
+"""The private APIs of transformers, torch, timm, datasets and argparse: all behind acs_hf.utils.upstream,
 and all still there in the installed versions."""
 
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
 
-from acs_hf import upstream
+from acs_hf.utils import upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +68,28 @@ def test_a_moved_quantizer_registry_is_reported(monkeypatch):
         and "['AutoHfQuantizer'] are no longer defined in transformers.quantizers.auto" in (problems[0])
     ), problems
     assert "found in ['transformers.quantizers.registry']" in problems[0]
+
+
+def test_a_changed_hf_quantizer_hook_is_reported(monkeypatch):
+    """The HfQuantizer hooks acs_hf's quantizer relies on are checked: a hook transformers dropped, or a
+    from_pretrained that stops passing checkpoint_files, is named instead of loading a checkpoint unchecked."""
+    import transformers.modeling_utils as modeling_utils
+    from transformers.quantizers.base import HfQuantizer
+
+    monkeypatch.delattr(HfQuantizer, "update_attn_implementation")
+    problems = upstream.check_upstream()
+    assert len(problems) == 1 and "HfQuantizer.update_attn_implementation" in problems[0], problems
+    monkeypatch.undo()
+
+    original = inspect.getsource
+    monkeypatch.setattr(
+        inspect,
+        "getsource",
+        lambda obj: (
+            original(obj).replace("checkpoint_files=checkpoint_files", "files=checkpoint_files")
+            if obj is modeling_utils
+            else original(obj)
+        ),
+    )
+    problems = upstream.check_upstream()
+    assert len(problems) == 1 and "preprocess_model(..., checkpoint_files=...)" in problems[0], problems

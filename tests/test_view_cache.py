@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from acs_hf import ACSArguments
 from acs_hf.data import load_image_datasets, prepare_datasets
-from acs_hf.view_cache import ScoreViewCache, split_transform
+from acs_hf.data.view_cache import ScoreViewCache, split_transform
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_same_scores_and_subsets_with_the_cache(views, tmp_path):
 
     class Spy(TrainerCallback):
         def on_selection(self, *args, **kwargs):
-            opened.append(cached.selection.scorer.view_cache)
+            opened.append(cached.rounds.statistics.view_cache)
 
     cached.add_callback(Spy())
     cached.train()

@@ -130,8 +130,8 @@ def check_digest(meta: dict[str, str], qcfg: dict[str, Any], where: str) -> None
     digest = meta.get("layers_sha256")
     if digest is not None and digest != _layers_digest(_tables(qcfg)):
         raise ValueError(
-            f"{where}: the layer table does not match the one {WEIGHTS_NAME} was saved with (config.json was "
-            "edited or mixed with another save); restore the original config.json"
+            f"{where}: the layer table does not match the one {WEIGHTS_NAME} was saved with ({CONFIG_NAME} was "
+            f"edited or mixed with another save); restore the original {CONFIG_NAME}"
         )
 
 
@@ -145,7 +145,7 @@ def _check_architecture(saved: dict[str, Any], found: dict[str, Any], where: str
             f"{k} is {reprlib.repr(found.get(k, absent))}, saved {reprlib.repr(saved.get(k, absent))}" for k in changed
         )
         raise ValueError(
-            f"{where}: the architecture does not match the one {WEIGHTS_NAME} was saved with ({diffs}); config.json "
+            f"{where}: the architecture does not match the one {WEIGHTS_NAME} was saved with ({diffs}); {CONFIG_NAME} "
             "was edited or mixed with another save: restore the saved values"
         )
 

@@ -134,7 +134,7 @@ def packed_state(
     name (each quantized weight as packed codes, on the CPU) and the ``quantization_config`` block
     (layer table, a ``checkpoint_id`` derived from the content, ``config``: the :class:`QuantConfig` as a dict, or
     ``None``). transformers' ``save_pretrained`` of a loaded model writes the same
-    (:class:`acs_hf.hf_quantizer.LSQHfQuantizer`); ``where`` names the caller in errors."""
+    (:class:`acs_hf.integrations.hf_quantizer.LSQHfQuantizer`); ``where`` names the caller in errors."""
     check_packable(model, where)
     state, layers = _packed_state(model, quant_modules(model))
     outputs = {name: {"bits": q.bits, "signed": q.signed} for name, q in output_quantizers(model)}

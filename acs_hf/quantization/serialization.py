@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .._io import atomic_write, save_safetensors
+from ..utils.io import atomic_write, save_safetensors
 from .integrity import (
     check_model_args,
     check_quantization_config,
@@ -107,7 +107,7 @@ def save_quantized(
 
 
 def _timm_config(model, quantization_config: dict, model_args, data_config, label_names) -> dict[str, Any]:
-    from ..upstream import save_timm_config
+    from ..utils.upstream import save_timm_config
 
     model_config = {"quantization_config": quantization_config}
     if label_names:

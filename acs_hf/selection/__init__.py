@@ -3,7 +3,7 @@
 Knows nothing of transformers, datasets or accelerate.
 """
 
-from .coreset import check_fraction, class_quotas, coreset_size, draw_pool, select_coreset
+from .coreset import check_coreset, check_fraction, class_quotas, coreset_size, draw_pool, select_coreset
 from .schedules import SCHEDULES, check_schedule, evs_weight
 from .scores import (
     STATISTICS,
@@ -29,6 +29,7 @@ __all__ = [
     "STATISTICS",
     "Selector",
     "batch_statistics",
+    "check_coreset",
     "check_fraction",
     "check_schedule",
     "class_quotas",

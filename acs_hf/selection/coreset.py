@@ -6,7 +6,15 @@ import math
 
 import torch
 
-__all__ = ["select_coreset", "coreset_size", "class_quotas", "check_fraction", "rank_within_class", "draw_pool"]
+__all__ = [
+    "select_coreset",
+    "coreset_size",
+    "class_quotas",
+    "check_coreset",
+    "check_fraction",
+    "rank_within_class",
+    "draw_pool",
+]
 
 
 def coreset_size(num_samples: int, fraction: float) -> int:
@@ -15,6 +23,18 @@ def coreset_size(num_samples: int, fraction: float) -> int:
     k = math.floor(fraction * num_samples + 0.5)
     if k < 1:
         raise ValueError(f"fraction={fraction} of {num_samples} samples selects no sample")
+    return k
+
+
+def check_coreset(
+    num_samples: int, fraction: float, labels: torch.Tensor | None = None, class_balanced: bool = True
+) -> int:
+    """Whether a coreset of ``fraction`` of ``num_samples`` can be selected, checked before any work:
+    it must hold a sample, and with ``class_balanced`` (and ``labels`` known) at least one of each
+    class. Returns its size; raises a ``ValueError`` that says which fraction would work."""
+    k = coreset_size(num_samples, fraction)
+    if class_balanced and labels is not None:
+        class_quotas(torch.bincount(torch.as_tensor(labels, dtype=torch.long)), fraction)
     return k
 
 

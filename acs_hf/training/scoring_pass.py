@@ -1,7 +1,8 @@
-"""The sharded scoring pass and the gather of per-sample statistics.
+"""The sharded scoring pass.
 
 Every process scores its shard of the un-augmented training view, then the per-sample statistics
-are gathered so that every process holds the full ``[N]`` tensors in dataset order, keyed by the
+are gathered (:func:`acs_hf.training.consistency.gather_statistics`) so that every process holds
+the full ``[N]`` tensors in dataset order, keyed by the
 dataset index that each batch carries (so padding duplicates added by the distributed sampler are
 harmless).
 """
@@ -13,7 +14,6 @@ import ctypes
 import dataclasses
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -23,15 +23,12 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batch import INDEX_KEY, default_forward
-from .selection import batch_statistics
+from ..data.batch import INDEX_KEY, default_forward
+from ..selection import batch_statistics
+from .consistency import gather_statistics
 from .teacher_cache import TeacherCache
 
-__all__ = ["ORDER_KEY", "scoring_pass", "gather_statistics"]
-
-#: Optional key of :func:`gather_statistics`' input: when an index comes more than once (from several
-#: processes or batches), the entry with the largest order wins.
-ORDER_KEY = "order"
+__all__ = ["scoring_pass", "release_freed_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,67 +223,3 @@ def _rows_per_process(dataloader, accelerator: Accelerator) -> int:
     batch_size = getattr(dataloader, "total_batch_size", None)
     batch_size = batch_size // accelerator.num_processes if batch_size else (dataloader.batch_size or 1)
     return len(dataloader) * batch_size
-
-
-def gather_statistics(
-    local: dict[str, list[torch.Tensor]],
-    num_samples: int,
-    accelerator: Accelerator,
-    expected: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Every process's per-batch statistics (lists under their names, dataset indices under
-    :data:`INDEX_KEY`) as full ``[N]`` CPU tensors in dataset order, on every process.
-
-    Every index in ``expected`` (an [N] bool mask; default: all) must have been scored by some
-    process; float statistics of the other samples are NaN. An index given more than once keeps
-    the entry with the largest :data:`ORDER_KEY` value (int64 lists under that key, when given).
-    A collective: call on every process.
-    """
-    device = accelerator.device
-    integer_keys = ("labels", INDEX_KEY, ORDER_KEY)
-    cat = {
-        k: torch.cat(v) if v else torch.empty(0, dtype=torch.long if k in integer_keys else torch.float32)
-        for k, v in local.items()
-    }
-    cat = {k: v.to(device) for k, v in cat.items()}
-    if accelerator.num_processes > 1:
-        # Shards may differ in length: pad (index -1 marks padding), gather, drop the padding.
-        cat[INDEX_KEY] = accelerator.pad_across_processes(cat[INDEX_KEY], pad_index=-1)
-        cat = {k: accelerator.pad_across_processes(v) if k != INDEX_KEY else v for k, v in cat.items()}
-        cat = {k: accelerator.gather(v) for k, v in cat.items()}
-    index = cat.pop(INDEX_KEY).cpu()
-    order = cat.pop(ORDER_KEY, None)
-    rows = (index >= 0).nonzero().flatten()  # padding dropped
-    if order is not None:
-        rows = _latest_rows(index, order.cpu(), rows)
-    index = index[rows]
-    seen = torch.zeros(num_samples, dtype=torch.bool)
-    if index.numel() and (index.max() >= num_samples):
-        raise RuntimeError(f"scoring pass: dataset index {int(index.max())} >= num_samples={num_samples}")
-    seen[index] = True
-    expected = torch.ones(num_samples, dtype=torch.bool) if expected is None else expected.cpu().bool()
-    missing = (expected & ~seen).nonzero().flatten()
-    if missing.numel():
-        raise RuntimeError(
-            f"scoring pass: {missing.numel()} of {int(expected.sum())} samples were never scored (first index "
-            f"{int(missing[0])}); the score dataloader must cover every sample to be scored"
-        )
-    out = {}
-    for k, v in cat.items():
-        full = (
-            torch.full((num_samples,), math.nan, dtype=v.dtype)
-            if v.is_floating_point()
-            else torch.zeros(num_samples, dtype=v.dtype)
-        )
-        full[index] = v.cpu()[rows]
-        out[k] = full
-    return out
-
-
-def _latest_rows(index: torch.Tensor, order: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Of ``rows``, the one with the largest ``order`` for each distinct ``index``."""
-    by_order = rows[torch.argsort(order[rows], stable=True)]
-    ranked = by_order[torch.argsort(index[by_order], stable=True)]  # by index, then by order
-    last = torch.ones(ranked.numel(), dtype=torch.bool)
-    last[:-1] = index[ranked][1:] != index[ranked][:-1]
-    return ranked[last]

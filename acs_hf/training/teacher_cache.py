@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_save_npy, atomic_write_json
+from ..utils.io import atomic_save_npy, atomic_write_json
 
 __all__ = ["TeacherCache"]
 

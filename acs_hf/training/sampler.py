@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from .selection import selection_generator
+from ..selection import selection_generator
 
 __all__ = ["CoresetSampler", "subset_hash"]
 

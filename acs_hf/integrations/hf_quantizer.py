@@ -41,8 +41,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .quantization.integrity import check_model_args, check_quantization_config, check_tensor_names, weights_metadata
-from .quantization.packed import (
+from ..quantization.integrity import check_model_args, check_quantization_config, check_tensor_names, weights_metadata
+from ..quantization.packed import (
+    CONFIG_NAME,
     QUANT_METHOD,
     WEIGHTS_NAME,
     packed_state,
@@ -50,7 +51,7 @@ from .quantization.packed import (
     unpack_state_dict,
     unpack_weights,
 )
-from .quantization.serialization import read_checkpoint
+from ..quantization.serialization import read_checkpoint
 
 __all__ = ["CheckedSavePretrained", "LSQQuantizationConfig", "LSQHfQuantizer", "quantized_root"]
 
@@ -99,7 +100,7 @@ class LSQHfQuantizer(HfQuantizer):
         files = [Path(p) for p in kwargs.get("checkpoint_files") or []]
         if len(files) != 1 or files[0].name != WEIGHTS_NAME:
             raise ValueError(
-                f"{where}: an acs_hf checkpoint is one {WEIGHTS_NAME} beside its config.json; transformers "
+                f"{where}: an acs_hf checkpoint is one {WEIGHTS_NAME} beside its {CONFIG_NAME}; transformers "
                 f"resolved {[str(f) for f in files]}"
             )
         # Before transformers reads a tensor, the checks of acs_hf.load_quantized: format, model_args,

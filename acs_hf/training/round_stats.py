@@ -1,46 +1,43 @@
 """Where a selection round's statistics come from: the scoring pass, the teacher cache, the training pass.
 
-:class:`RoundScorer` owns the scoring view's loader (and its decoded-view cache), the teacher cache
-and its fingerprint, the statistics recorded by the training pass, and the checks that every
-process scores with the same models. :class:`~acs_hf.selection_state.SelectionState` asks it for
-each round's statistics.
+:class:`RoundStatistics` owns the scoring view's loader (and its decoded-view cache), the teacher
+cache and its fingerprint, the statistics recorded by the training pass, and the checks that every
+process scores with the same models. :class:`~acs_hf.training.rounds.RoundRunner` asks it for each
+round's statistics; what it needs of the training around it comes in a
+:class:`~acs_hf.training.rounds.RoundContext`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import datasets
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..data.batch import INDEX_KEY
+from ..data.view_cache import ScoreViewCache
+from ..selection import Selector, draw_pool
 from .arguments import ACSArguments
-from .batch import INDEX_KEY
-from .consistency import check_same_across_processes, module_fingerprint
-from .scoring import scoring_pass
-from .selection import Selector, draw_pool
+from .consistency import broadcast_module_state, check_same_across_processes, module_fingerprint
+from .round_context import RoundContext
+from .scoring_pass import scoring_pass
 from .teacher_cache import TeacherCache
-from .training_scores import TrainingScores
-from .view_cache import ScoreViewCache
+from .training_pass import TrainingScores
 
-if TYPE_CHECKING:
-    from .trainer import ACSTrainer
-
-__all__ = ["RoundScorer"]
+__all__ = ["RoundStatistics"]
 
 logger = logging.getLogger(__name__)
 
 
-class RoundScorer:
-    """The statistics of each selection round of an :class:`~acs_hf.ACSTrainer`.
+class RoundStatistics:
+    """The statistics of each selection round.
 
     Args:
-        trainer: the trainer it scores for; read (accelerator, args, models), never written.
+        context: what the round reads of the training around it (accelerator, models, loaders).
         acs_args: the selection settings.
         selector: the round's selector (which statistics it needs, whether it needs the teacher).
         score_dataset: the training set under the eval transform (see :class:`~acs_hf.ACSTrainer`).
@@ -50,14 +47,14 @@ class RoundScorer:
 
     def __init__(
         self,
-        trainer: ACSTrainer,
+        context: RoundContext,
         acs_args: ACSArguments,
         selector: Selector,
         score_dataset: Dataset | None,
         num_samples: int,
         data_fingerprint: str | None,
     ) -> None:
-        self.trainer = trainer
+        self.context = context
         self.acs_args = acs_args
         self.selector = selector
         self.score_dataset = score_dataset
@@ -84,27 +81,19 @@ class RoundScorer:
         """The scoring view's loader over every sample, or over ``rows`` (a candidate pool)."""
         if self._score_loader is not None and rows is None:
             return self._score_loader
-        trainer, args = self.trainer, self.trainer.args
+        context = self.context
         dataset = self._view_cache or self.score_dataset
         if self.acs_args.score_cache_dir and self._view_cache is None:
-            tag = f"rank{trainer.accelerator.process_index}"
+            tag = f"rank{context.accelerator.process_index}"
             dataset = self._view_cache = ScoreViewCache(dataset, self.acs_args.score_cache_dir, tag=tag)
-        loader = DataLoader(
-            dataset if rows is None else Subset(dataset, rows.tolist()),
-            batch_size=trainer.calibration_batch_size,
-            shuffle=False,
-            collate_fn=trainer.data_collator,
-            num_workers=args.dataloader_num_workers,
-            pin_memory=args.dataloader_pin_memory and args.device.type == "cuda",
-        )
-        if rows is not None:
-            return trainer.accelerator.prepare(loader)
-        self._score_loader = trainer.accelerator.prepare(loader)
-        return self._score_loader
+        loader = context.make_loader(dataset if rows is None else Subset(dataset, rows.tolist()))
+        if rows is None:
+            self._score_loader = loader
+        return loader
 
     def dataset_labels(self) -> torch.Tensor | None:
         """Every training label without touching an image, when the score dataset offers them as
-        a ``labels`` array of length N (``acs_hf.images.ImageView`` does) or is a ``datasets.Dataset``
+        a ``labels`` array of length N (``acs_hf.data.images.ImageView`` does) or is a ``datasets.Dataset``
         with a ``labels`` column; else None."""
         labels = getattr(self.score_dataset, "labels", None)
         if labels is None and isinstance(self.score_dataset, datasets.Dataset):
@@ -120,24 +109,17 @@ class RoundScorer:
         """The teacher-probability cache, once the first scoring round has built it."""
         return self._teacher_cache
 
-    @property
-    def teacher_cache_dir(self) -> str | None:
-        d = self.acs_args.teacher_cache_dir
-        if d == "memory":
-            return None
-        return d or os.path.join(self.trainer.args.output_dir, "teacher_cache")
-
     def _get_teacher_cache(self) -> TeacherCache | None:
         if not (self.acs_args.cache_teacher_outputs and self.selector.needs_teacher):
             return None
         if self._teacher_cache is None:
-            teacher = self.trainer.teacher_model
+            teacher = self.context.teacher
             fingerprint = f"data={self.data_fingerprint}:teacher={module_fingerprint(teacher)}"
             check_same_across_processes("teacher cache fingerprint (data and teacher weights)", fingerprint)
             self._teacher_cache = TeacherCache(
                 self.num_samples,
-                self.teacher_cache_dir,
-                rank=self.trainer.accelerator.process_index,
+                self.context.teacher_cache_dir,
+                rank=self.context.accelerator.process_index,
                 fingerprint=fingerprint,
             )
         return self._teacher_cache
@@ -148,7 +130,7 @@ class RoundScorer:
         them (a collective; ``None`` without ``reuse_training_scores``)."""
         if self.training_scores is None:
             return None
-        return self.training_scores.state_dict(self.num_samples, self.trainer.accelerator)
+        return self.training_scores.state_dict(self.num_samples, self.context.accelerator)
 
     def restore_training_records(self, records: dict[str, torch.Tensor] | None, checkpoint: str) -> None:
         """Take back :meth:`training_records` from ``checkpoint`` (the main process keeps them)."""
@@ -160,7 +142,7 @@ class RoundScorer:
                 "the next round scores its whole pool, unlike the interrupted run",
                 checkpoint,
             )
-        self.training_scores.load_state_dict(records, keep=self.trainer.accelerator.is_main_process)
+        self.training_scores.load_state_dict(records, keep=self.context.accelerator.is_main_process)
 
     def remember_teacher_logits(self, logits: torch.Tensor) -> None:
         """Keep the distillation forward's teacher logits: the training-pass DS reuses them."""
@@ -194,7 +176,7 @@ class RoundScorer:
         rest of the pool (a fresh class-balanced draw of ``score_pool_fraction * N``), or every
         sample when there is no pool and nothing to reuse.
         """
-        accelerator = self.trainer.accelerator
+        accelerator = self.context.accelerator
         reused, seen = None, None
         if self.training_scores is not None:
             reused, seen = self.training_scores.collect(self.num_samples, accelerator)
@@ -206,9 +188,13 @@ class RoundScorer:
         if p < 1 or seen is not None:
             candidates = draw_pool(labels, p, generator, self.acs_args.class_balanced, keep=seen)
         to_score = candidates if seen is None else candidates & ~seen
-        model = accelerator.unwrap_model(self.trainer.model)
+        model = self.context.student()
         if self.selector.needs_model:
-            self._sync_buffers(model)
+            # Every process scores with process 0's buffers: DDP syncs them only at the start of each
+            # training forward, so the BatchNorm statistics of the last step differ across processes
+            # and a sample's score would depend on which process scored it; process 0's are also the
+            # ones a checkpoint saves, so a resumed run scores as the uninterrupted one did.
+            broadcast_module_state(model, buffers_only=True)
             self._check_same_models(model, epoch)
         cache = self._get_teacher_cache()
         cached_before = len(cache) if cache is not None else 0
@@ -218,7 +204,7 @@ class RoundScorer:
             accelerator,
             self.selector.required_stats,
             self.num_samples,
-            teacher=self.trainer.teacher_model,
+            teacher=self.context.teacher,
             teacher_cache=cache,
             desc=f"ACS scoring (epoch {epoch})",
             timings=timings,
@@ -238,23 +224,12 @@ class RoundScorer:
         timings["reused_samples"] = 0 if seen is None else int((seen & candidates).sum())
         return stats, candidates
 
-    def _sync_buffers(self, model: nn.Module) -> None:
-        """Every process scores with rank 0's buffers. DDP syncs them only at the start of each
-        training forward, so the BatchNorm statistics of the last step differ across ranks, and a
-        sample's score (and the subset) would depend on which rank scored it; rank 0's are also
-        the ones a checkpoint saves, so a resumed run scores as the uninterrupted one did."""
-        if self.trainer.accelerator.num_processes == 1 or not dist.is_initialized():
-            return
-        for buffer in model.buffers():
-            if buffer.dtype != torch.bool:  # flags (LSQ calibration state) agree already; gloo has no bool
-                dist.broadcast(buffer.data, src=0)
-
     def _check_same_models(self, model: nn.Module, epoch: int) -> None:
         """Every process scores with the same student and teacher (a cheap hash, gathered)."""
-        if self.trainer.accelerator.num_processes == 1:
+        if self.context.accelerator.num_processes == 1:
             return
         check_same_across_processes(
             f"student weights and buffers at the scoring of epoch {epoch}", module_fingerprint(model)
         )
-        if self.trainer.teacher_model is not None:
-            check_same_across_processes("teacher weights and buffers", module_fingerprint(self.trainer.teacher_model))
+        if self.context.teacher is not None:
+            check_same_across_processes("teacher weights and buffers", module_fingerprint(self.context.teacher))

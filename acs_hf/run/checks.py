@@ -21,14 +21,13 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from .arguments import check_number
-from .checkpoint_folders import checkpoint_runs, latest_complete_checkpoint
-from .quantization.packed import WEIGHTS_NAME
-from .reporting import RECORD_NAME
+from ..layout import RunLayout
+from ..training.arguments import check_number
+from ..training.checkpoints import checkpoint_runs, latest_complete_checkpoint
 
-__all__ = ["preflight", "output_dir_lock", "RunInUseError", "LOCK_NAME"]
+__all__ = ["preflight", "output_dir_lock", "set_aside_previous_run", "RunInUseError", "LOCK_NAME"]
 
-LOCK_NAME = ".acs_hf.lock"
+LOCK_NAME = RunLayout.LOCK
 #: The lock's holder touches it this often (seconds), so that a run elsewhere can tell it is alive.
 HEARTBEAT_S = 30.0
 #: A lock held on another host that is not touched for this long (watched on this host's clock,
@@ -36,8 +35,6 @@ HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 
 logger = logging.getLogger(__name__)
-#: What a finished or running job leaves in its output folder.
-RESULT_MARKERS = (WEIGHTS_NAME, RECORD_NAME, "acs_summary.json", "all_results.json")
 
 
 class RunInUseError(RuntimeError):
@@ -124,8 +121,8 @@ def _check_foreign_results(args: TrainingArguments, overwrite: bool) -> None:
         )
     if overwrite or resume or not out.is_dir():
         return
-    found = [name for name in RESULT_MARKERS if (out / name).exists()] + sorted(
-        p.name for p in out.glob("checkpoint-*")
+    found = [name for name in RunLayout.result_markers() if (out / name).exists()] + sorted(
+        p.name for p in out.glob(RunLayout.CHECKPOINTS)
     )[:3]
     if found:
         raise ValueError(
@@ -264,3 +261,29 @@ def output_dir_lock(output_dir: str | os.PathLike, enabled: bool = True) -> Iter
         state = _lock_state(path)
         if state is not None and state[0] == me:
             path.unlink(missing_ok=True)
+
+
+def set_aside_previous_run(args: TrainingArguments) -> Path | None:
+    """``--overwrite_output_dir``: move what a previous run left in ``args.output_dir`` (checkpoints,
+    selection files, caches, results) into a hidden ``.replaced-<time>-<pid>/`` folder inside it, which
+    the Hub upload skips. The saving process does it while the others wait, before any of them
+    reads the folder. Returns that folder (``None`` if nothing was there, and on other processes)."""
+    with args.main_process_first(local=args.save_on_each_node, desc="moving the previous run aside"):
+        out = Path(args.output_dir)
+        found = (
+            sorted({p for pattern in RunLayout.previous_run_files() for p in out.glob(pattern)})
+            if args.should_save
+            else []
+        )
+        if not found:
+            return None
+        aside = out / f".replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        aside.mkdir()
+        for path in found:
+            path.rename(aside / path.name)
+        logger.warning(
+            "--overwrite_output_dir: moved the previous run's %s out of the way into %s (delete it when not needed)",
+            ", ".join(p.name for p in found[:6]) + (" ..." if len(found) > 6 else ""),
+            aside,
+        )
+        return aside

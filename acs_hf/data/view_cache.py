@@ -61,7 +61,7 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 class ScoreViewCache(Dataset):
-    """``view`` (an :class:`~acs_hf.images.ImageView` under the eval transform) with its decoded,
+    """``view`` (an :class:`~acs_hf.data.images.ImageView` under the eval transform) with its decoded,
     resized and cropped ``uint8`` pixels cached on disk after their first read.
 
     Safe with DataLoader workers: every process maps the same files; a row is written by the one

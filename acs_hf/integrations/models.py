@@ -23,6 +23,8 @@ import timm
 import torch
 from torch import nn
 
+from ..quantization.packed import CONFIG_NAME
+
 __all__ = [
     "check_model_name",
     "create_model",
@@ -41,7 +43,7 @@ _INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "b
 
 def folder_config(folder: str) -> dict[str, Any]:
     """The ``config.json`` of a model folder as a dict (empty when it has none)."""
-    path = Path(folder) / "config.json"
+    path = Path(folder) / CONFIG_NAME
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

@@ -9,10 +9,11 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from ._io import atomic_write_bytes
+from ..layout import RunLayout
+from ..quantization.packed import WEIGHTS_NAME
+from ..selection import SELECTORS
+from ..utils.io import atomic_write_bytes
 from .models import folder_config, is_transformers_name
-from .quantization.packed import WEIGHTS_NAME
-from .selection import SELECTORS
 
 __all__ = [
     "write_model_card",
@@ -26,8 +27,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Trainer by-products that do not belong in a published model repo.
-UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", "teacher_cache/**", "fp_warmup/**", "runs/**", "*.tmp", ".*"]
+#: Trainer by-products that do not belong in a published model repo (the run's work folders).
+UPLOAD_IGNORE = RunLayout.upload_ignore()
 
 
 class HubPushError(RuntimeError):
@@ -134,7 +135,7 @@ def write_model_card(
         image_size=image_size or 224,
         library=library,
     )
-    path = Path(directory) / "README.md"
+    path = Path(directory) / RunLayout.MODEL_CARD
     atomic_write_bytes(path, str(card).encode())
     return path
 

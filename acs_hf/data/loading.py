@@ -18,8 +18,8 @@ import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Image
 
+from ..utils.upstream import dataset_fingerprint
 from .images import ImageView, check_images, column_values, decode_image
-from .upstream import dataset_fingerprint
 
 __all__ = [
     "ImageDatasets",
@@ -246,7 +246,7 @@ def _checked_labels(
 def _undecoded_checked(
     train: Dataset, val: Dataset, image_column: str, skip_bad_images: bool, num_proc: int | None
 ) -> tuple[Dataset, Dataset, int]:
-    """Both splits with undecoded images, checked (see :func:`~acs_hf.images.check_images`), and non-empty."""
+    """Both splits with undecoded images, checked (see :func:`~acs_hf.data.images.check_images`), and non-empty."""
     # Decode ourselves, so that a broken file names its split and row.
     train, val = (d.cast_column(image_column, Image(decode=False)) for d in (train, val))
     train, val, skipped = check_images(train, val, image_column, skip_bad_images, num_proc)
@@ -279,7 +279,7 @@ def prepare_datasets(
     whole training split is an error naming the class. Nothing here copies the image data:
     selection and filtering keep an index map over the arrow table. Without ``skip_bad_images``,
     image folders get a header-only pass that fails listing the files that are not images
-    (:func:`~acs_hf.images.check_images`); ``skip_bad_images`` instead decodes every image once and
+    (:func:`~acs_hf.data.images.check_images`); ``skip_bad_images`` instead decodes every image once and
     drops the failures. Both run in ``num_proc`` processes (default: every core for splits of 20,000 rows
     or more); on a dataset stored on disk (Hub, image folder, parquet) ``datasets`` caches the
     result, so other processes of the run and a resumed run reuse it: call this on the local

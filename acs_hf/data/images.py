@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
+from ..utils.upstream import dataset_index_map
 from .batch import INDEX_KEY
-from .upstream import dataset_index_map
 
 __all__ = ["ImageView", "decode_image", "column_values", "check_images"]
 

@@ -15,26 +15,25 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, TrainingArguments
 
-from ._io import atomic_write, atomic_write_json
-from .arguments import ACSArguments, DataArguments, ModelArguments, RunArguments
-from .checkpoint_folders import ONNX_NAME, set_aside_previous_run
-from .data import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
-from .hub import HubPushError, base_model_id, push_folder_to_hub, write_model_card
-from .metrics import make_compute_metrics, preprocess_logits_for_metrics
-from .models import check_model_name, create_model, image_processor_for, model_size_kwargs
-from .qat_trainer import ImageClassificationTrainer
-from .quantization import (
-    WEIGHTS_NAME,
+from ..data.loading import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
+from ..integrations.hub import HubPushError, base_model_id, push_folder_to_hub, write_model_card
+from ..integrations.models import check_model_name, create_model, image_processor_for, model_size_kwargs
+from ..layout import RunLayout
+from ..metrics import make_compute_metrics, preprocess_logits_for_metrics
+from ..quantization import (
     QuantConfig,
     compare_with_float,
     export_onnx,
     quantize_model,
     save_quantized,
 )
-from .reporting import PLOT_NAME, RECORD_NAME
-from .run_checks import output_dir_lock, preflight
-from .selection import class_quotas, coreset_size
-from .trainer import ACSTrainer
+from ..selection import check_coreset
+from ..training.arguments import ACSArguments
+from ..training.qat_trainer import ImageClassificationTrainer
+from ..training.trainer import ACSTrainer
+from ..utils.io import atomic_write, atomic_write_json
+from .arguments import DataArguments, ModelArguments, RunArguments
+from .checks import output_dir_lock, preflight, set_aside_previous_run
 
 __all__ = ["run_acs", "prepare_run_data", "default_output_dir", "save_student"]
 
@@ -54,7 +53,7 @@ def _fp_trainer(model, datasets_, training_args: TrainingArguments, compute_metr
     """Plain supervised training/evaluation of the FP model (no quantization code), under ``fp_warmup/``."""
     args = dataclasses.replace(
         training_args,
-        output_dir=os.path.join(training_args.output_dir, "fp_warmup"),
+        output_dir=str(RunLayout(training_args.output_dir).fp_warmup),
         save_strategy="no",
         eval_strategy="no",
         push_to_hub=False,
@@ -219,7 +218,9 @@ def _run(
     model_args, data_args, qconfig, acs_args, training_args, push: bool, onnx: bool = False
 ) -> tuple[dict[str, Any], ACSTrainer]:
     ds, fp_model = prepare_run_data(model_args, data_args, training_args)
-    _check_coreset(ds, acs_args)
+    selector = acs_args.create_selector()  # built once for the run, handed to the trainer
+    if not selector.selects_all:  # an impossible coreset fails here, not after the warm-up
+        check_coreset(len(ds.train_dataset), acs_args.fraction, ds.score_dataset.labels, selector.class_balanced)
     compute_metrics = make_compute_metrics(k=min(5, len(ds.id2label)))
     if model_args.fp_warmup_epochs > 0:
         fp_model = _warm_model(fp_model, ds, training_args, model_args, compute_metrics)
@@ -231,6 +232,7 @@ def _run(
         args=training_args,
         acs_args=acs_args,
         teacher_model=teacher,
+        selector=selector,
         score_dataset=ds.score_dataset,
         data_fingerprint=ds.fingerprint,
         **_data_and_metrics(ds, compute_metrics),
@@ -242,8 +244,9 @@ def _run(
         student = trainer.accelerator.unwrap_model(trainer.model)
         save_student(student, out, model_args, qconfig, ds)
         if onnx:
-            export_onnx(student, out / ONNX_NAME, input_size=ds.data_config["input_size"])
-            speed = compare_with_float(out / ONNX_NAME, fp_model, ds.data_config["input_size"])
+            onnx_path = RunLayout(out).onnx
+            export_onnx(student, onnx_path, input_size=ds.data_config["input_size"])
+            speed = compare_with_float(onnx_path, fp_model, ds.data_config["input_size"])
             logger.info("%s%s", speed["summary"], "" if qconfig.integer_graph else " (--integer_graph true: all)")
     metrics = _evaluate(trainer, teacher, ds, training_args, compute_metrics)
 
@@ -251,21 +254,13 @@ def _run(
     if trainer.is_world_process_zero():  # one writer for the shared output folder
         run = (model_args, data_args, qconfig, acs_args, training_args)
         summary.update(_publish(out, trainer, ds, fp_model, metrics, run, push, onnx))
-        atomic_write_json(out / "acs_summary.json", summary)
+        atomic_write_json(RunLayout(out).summary, summary)
     return summary, trainer
-
-
-def _check_coreset(ds, acs_args: ACSArguments) -> None:
-    """A coreset of 0 samples, or fewer slots than classes, fails here, not after the warm-up."""
-    if not acs_args.create_selector().selects_all:
-        coreset_size(len(ds.train_dataset), acs_args.fraction)
-        if acs_args.class_balanced:
-            class_quotas(torch.bincount(torch.as_tensor(ds.score_dataset.labels)), acs_args.fraction)
 
 
 def _warm_model(fp_model, ds, training_args: TrainingArguments, model_args: ModelArguments, compute_metrics):
     """The FP model after its warm-up: the saved one when resuming, else trained (and saved) now."""
-    warm = Path(training_args.output_dir) / "fp_warmup" / WEIGHTS_NAME
+    warm = RunLayout(training_args.output_dir).fp_warmup / RunLayout.WEIGHTS
     if training_args.resume_from_checkpoint and warm.is_file():
         # The teacher and the QAT starting point must be the model the interrupted run used.
         _load_warmup(fp_model, warm)
@@ -293,7 +288,7 @@ def _evaluate(trainer: ACSTrainer, teacher, ds, training_args: TrainingArguments
         metric_key_prefix="fp_eval"
     )
     metrics.update({k: v for k, v in fp_metrics.items() if k in ("fp_eval_accuracy", "fp_eval_top5")})
-    _remove_if_empty(Path(training_args.output_dir) / "fp_warmup")  # the FP evaluation's Trainer made it
+    _remove_if_empty(RunLayout(training_args.output_dir).fp_warmup)  # the FP evaluation's Trainer made it
     trainer.save_metrics("eval", metrics)
     return metrics
 
@@ -302,7 +297,8 @@ def _publish(out: Path, trainer: ACSTrainer, ds, fp_model, metrics, run, push: b
     """Write the model card (and push the folder); returns what the summary records of them."""
     model_args, data_args, qconfig, acs_args, training_args = run
     fp32_bytes = sum(t.numel() * 4 for t in fp_model.state_dict().values() if t.is_floating_point())
-    ckpt_bytes = (out / WEIGHTS_NAME).stat().st_size
+    layout = RunLayout(out)
+    ckpt_bytes = layout.weights.stat().st_size
     results = {
         "top-1 (quantized)": metrics.get("eval_accuracy"),
         "top-5 (quantized)": metrics.get("eval_top5"),
@@ -310,9 +306,9 @@ def _publish(out: Path, trainer: ACSTrainer, ds, fp_model, metrics, run, push: b
         "training images per epoch": trainer.num_selected,
         "training set size": len(ds.train_dataset),
     }
-    acs_settings = acs_args.settings()
+    acs_settings = acs_args.settings(trainer.selector)
     acs_settings["num_train_epochs"] = training_args.num_train_epochs
-    plot = PLOT_NAME if (out / PLOT_NAME).is_file() else None
+    plot = layout.SELECTION_PLOT if layout.selection_plot.is_file() else None
     card = write_model_card(
         out,
         model_name=model_args.model_name,
@@ -333,8 +329,8 @@ def _publish(out: Path, trainer: ACSTrainer, ds, fp_model, metrics, run, push: b
         "checkpoint": str(out),
         "model_card": str(card),
         "selection_plot": str(out / plot) if plot else None,
-        "selection_log": str(out / RECORD_NAME) if (out / RECORD_NAME).is_file() else None,
-        "onnx": str(out / ONNX_NAME) if onnx else None,
+        "selection_log": str(layout.selection_log) if layout.selection_log.is_file() else None,
+        "onnx": str(layout.onnx) if onnx else None,
         "compression": fp32_bytes / ckpt_bytes,
     }
     if push:

@@ -1,27 +1,23 @@
-"""The statistics of the training pass (``reuse_training_scores``) and their checkpoint file.
+"""The statistics of the training pass (``reuse_training_scores``).
 
 :class:`TrainingScores` records each training batch's per-sample statistics at no extra forward;
 the next selection round gathers them from every process, and every checkpoint keeps them
-(:func:`save_records`, :func:`read_records`), so that a resumed round reuses what the interrupted
+(:mod:`acs_hf.training.checkpoint_state`), so that a resumed round reuses what the interrupted
 run would have reused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from ._io import atomic_save_npz
-from .batch import INDEX_KEY
-from .checkpoint_folders import STATE_NAME, TRAINING_SCORES_NAME, read_arrays
-from .sampler import subset_hash
-from .scoring import ORDER_KEY, gather_statistics
-from .selection import batch_statistics
+from ..data.batch import INDEX_KEY
+from ..selection import batch_statistics
+from .consistency import ORDER_KEY, gather_statistics
 
-__all__ = ["TrainingScores", "save_records", "read_records"]
+__all__ = ["TrainingScores"]
 
 
 class TrainingScores:
@@ -85,20 +81,3 @@ class TrainingScores:
         stats.pop("labels")
         seen = ~torch.isnan(stats[self.stats[0]]) if self.stats else torch.zeros(num_samples, dtype=torch.bool)
         return stats, seen
-
-
-def save_records(checkpoint: Path, records: dict[str, torch.Tensor]) -> str:
-    """Write :meth:`TrainingScores.state_dict`'s ``records`` into ``checkpoint`` (atomically);
-    returns their hash, for the checkpoint's state file."""
-    atomic_save_npz(checkpoint / TRAINING_SCORES_NAME, {k: v.numpy() for k, v in records.items()})
-    return subset_hash(records[INDEX_KEY])
-
-
-def read_records(checkpoint: Path, expected_hash: str) -> dict[str, torch.Tensor]:
-    """The records :func:`save_records` wrote, refused when missing, corrupt or not of that save."""
-    records = read_arrays(checkpoint / TRAINING_SCORES_NAME)
-    if subset_hash(records.get(INDEX_KEY, torch.empty(0))) != expected_hash:
-        raise ValueError(
-            f"{checkpoint / TRAINING_SCORES_NAME} does not match the hash in {STATE_NAME}; the checkpoint is damaged"
-        )
-    return records

@@ -4,7 +4,7 @@
 ``model(pixel_values) -> logits`` (the FP warm-up uses it as is). ``QATTrainer`` adds what
 quantization-aware training needs and nothing about data selection: LSQ calibration before the
 first step, the distillation loss from a frozen FP teacher, and the LSQ step sizes in their own
-optimizer group. ``ACSTrainer`` (``acs_hf.trainer``) adds the coreset on top.
+optimizer group. ``ACSTrainer`` (``acs_hf.training.trainer``) adds the coreset on top.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import Trainer
 
+from ..data.batch import default_forward
+from ..quantization import LSQQuantizer, calibrate_quantizers, quantizers_initialized
+from ..utils.upstream import is_damaged_file_error
 from .arguments import QATArguments
-from .batch import default_forward
 from .consistency import broadcast_module_state
-from .quantization import LSQQuantizer, calibrate_quantizers, quantizers_initialized
 
 __all__ = ["ImageClassificationTrainer", "QATTrainer"]
 
@@ -82,7 +83,7 @@ class ImageClassificationTrainer(Trainer):
     @staticmethod
     def forward_logits(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Logits of ``model`` for a batch: timm's ``model(pixel_values)`` or a transformers
-        model's ``.logits`` (see :func:`acs_hf.batch.default_forward`)."""
+        model's ``.logits`` (see :func:`acs_hf.data.batch.default_forward`)."""
         return default_forward(model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -103,6 +104,17 @@ class ImageClassificationTrainer(Trainer):
             if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
         }
         return [n for n in super().get_decay_parameter_names(model) if n in weights]
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except Exception as e:  # safetensors and torch raise several types for a damaged file
+            if not is_damaged_file_error(e):
+                raise
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint} cannot be loaded ({type(e).__name__}: {e}); it is damaged: "
+                "resume from an earlier checkpoint"
+            ) from e
 
     def end(self) -> None:
         """Wait for every process, then finish the trackers and destroy the process group.
@@ -125,11 +137,12 @@ class QATTrainer(ImageClassificationTrainer):
     """Quantization-aware training of a model prepared with :func:`acs_hf.quantize_model`.
 
     Args:
-        qat_args: :class:`~acs_hf.arguments.QATArguments` (distillation, step-size LR, calibration).
+        qat_args: :class:`~acs_hf.run.arguments.QATArguments` (distillation, step-size LR, calibration).
         teacher_model: frozen FP model for distillation (moved to the device, kept in eval mode,
             never optimised or checkpointed); ``None`` trains on cross-entropy alone.
         calibration_dataset: un-augmented examples for calibrating the LSQ steps before the first
             step (default: the training set); the same leading examples on every process.
+        calibration_batch_size: its batch size (default: ``per_device_eval_batch_size``).
         *args, **kwargs: as for ``transformers.Trainer``.
     """
 
@@ -139,6 +152,7 @@ class QATTrainer(ImageClassificationTrainer):
         qat_args: QATArguments | None = None,
         teacher_model: nn.Module | None = None,
         calibration_dataset: Dataset | None = None,
+        calibration_batch_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -153,10 +167,7 @@ class QATTrainer(ImageClassificationTrainer):
         if teacher_model is not None:
             broadcast_module_state(teacher_model)
         self.calibration_dataset = calibration_dataset
-
-    @property
-    def calibration_batch_size(self) -> int:
-        return self.args.per_device_eval_batch_size
+        self.calibration_batch_size = calibration_batch_size or self.args.per_device_eval_batch_size
 
     def train(self, *args: Any, **kwargs: Any):
         self.calibrate()  # a resumed run then loads the checkpoint's steps over these

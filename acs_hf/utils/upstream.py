@@ -14,6 +14,7 @@ __all__ = [
     "TORCH_OVERRIDES",
     "TRANSFORMERS_QUANTIZER_REGISTRY",
     "TRAINER_OVERRIDES",
+    "HF_QUANTIZER_HOOKS",
     "check_upstream",
     "dataset_fingerprint",
     "dataset_index_map",
@@ -48,6 +49,25 @@ TRAINER_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
 #: ``register_load_state_dict_pre_hook`` (but it cannot see ``strict`` and the error lists).
 TORCH_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     "_load_from_state_dict": (("state_dict", "prefix"), "LSQ steps loaded into uninitialised quantizers"),
+}
+
+#: The ``transformers.quantizers.base.HfQuantizer`` hooks :class:`acs_hf.integrations.hf_quantizer.LSQHfQuantizer`
+#: overrides, with the parameters relied on and why; and the two call sites in ``from_pretrained`` whose
+#: arguments it relies on (checked in the source: no public contract says what they pass).
+HF_QUANTIZER_HOOKS: dict[str, tuple[tuple[str, ...], str]] = {
+    "validate_environment": ((), "refuses a device_map that offloads to disk"),
+    "update_attn_implementation": (("config",), "the one hook that sees the config first: model_args checked"),
+    "_process_model_before_weight_loading": (("model",), "the packed weights checked and prepared"),
+    "_process_model_after_weight_loading": (("model",), "the packed weights unpacked"),
+    "get_state_dict_and_metadata": (("model",), "save_pretrained writes the packed format"),
+    "is_serializable": ((), "save_pretrained allowed"),
+}
+HF_QUANTIZER_CALLS = {
+    "transformers.quantizers.auto": (r"\.update_attn_implementation\(config\)", "update_attn_implementation(config)"),
+    "transformers.modeling_utils": (
+        r"\.preprocess_model\([^)]*checkpoint_files=checkpoint_files",
+        "preprocess_model(..., checkpoint_files=...), which reaches _process_model_before_weight_loading's kwargs",
+    ),
 }
 
 
@@ -126,6 +146,27 @@ def check_upstream() -> list[str]:
     if not hasattr(argparse.ArgumentParser(), "_actions"):
         problems.append("argparse.ArgumentParser._actions is gone")
     problems += _check_quantizer_registry()
+    problems += _check_quantizer_hooks()
+    return problems
+
+
+def _check_quantizer_hooks() -> list[str]:
+    import importlib
+    import inspect
+    import re
+
+    from transformers.quantizers.base import HfQuantizer
+
+    problems = []
+    for name, (params, why) in HF_QUANTIZER_HOOKS.items():
+        method = getattr(HfQuantizer, name, None)
+        found = () if method is None else tuple(inspect.signature(method).parameters)
+        missing = [p for p in params if p not in found]
+        if method is None or missing:
+            problems.append(f"transformers HfQuantizer.{name} ({why}) lacks {missing or 'the method'}")
+    for module, (pattern, what) in HF_QUANTIZER_CALLS.items():
+        if not re.search(pattern, inspect.getsource(importlib.import_module(module)), re.DOTALL):
+            problems.append(f"{module} no longer calls {what}: acs_hf checkpoints would load unchecked")
     return problems
 
 

@@ -1,8 +1,8 @@
 """What each selection round chose, written where users look: a JSONL log, the subsets, a plot.
 
-:class:`SelectionReporter` is a ``TrainerCallback`` that ACSTrainer adds by default. ACSTrainer calls
-``on_selection`` on every callback that has it, after each round, on every process; the reporter
-writes only on the main process. It holds no state a resume needs: the history comes with each call
+:class:`SelectionReporter` is a ``TrainerCallback`` that ACSTrainer adds by default. After each round,
+on every process, it receives ``on_selection`` (:func:`acs_hf.training.callback.dispatch_selection`);
+it writes only on the main process. It holds no state a resume needs: the history comes with each call
 (ACSTrainer checkpoints it).
 """
 
@@ -17,15 +17,13 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from ._io import atomic_save_npy, atomic_write, atomic_write_bytes
+from ..layout import RunLayout
+from ..utils.io import atomic_save_npy, atomic_write, atomic_write_bytes
 
-__all__ = ["SelectionReporter", "plot_selection_history", "RECORD_NAME", "PLOT_NAME", "SUBSET_DIR"]
+__all__ = ["SelectionReporter", "plot_selection_history"]
 
 logger = logging.getLogger(__name__)
 
-RECORD_NAME = "acs_selection.jsonl"
-PLOT_NAME = "acs_selection.png"
-SUBSET_DIR = "selection"
 MAX_STACKED_CLASSES = 20  # beyond this the per-class share is drawn as an image
 
 
@@ -41,15 +39,15 @@ class SelectionReporter(TrainerCallback):
         self.history = history
         if not state.is_world_process_zero:
             return
-        out = Path(args.output_dir)
+        layout = RunLayout(args.output_dir)
         lines = "".join(json.dumps(r) + "\n" for r in history)
-        atomic_write_bytes(out / RECORD_NAME, lines.encode())
-        atomic_save_npy(out / SUBSET_DIR / f"epoch_{record['epoch']:04d}.npy", subset.numpy())
+        atomic_write_bytes(layout.selection_log, lines.encode())
+        atomic_save_npy(layout.subset(record["epoch"]), subset.numpy())
 
     def on_train_end(self, args, state, control, **kwargs):
         if not (self.plot and self.history and state.is_world_process_zero):
             return
-        path = plot_selection_history(self.history, Path(args.output_dir) / PLOT_NAME)
+        path = plot_selection_history(self.history, RunLayout(args.output_dir).selection_plot)
         logger.info("ACS selection history plot: %s", path)
 
 
