@@ -216,6 +216,7 @@ def test_an_overwrite_moves_every_top_level_entry_a_run_writes():
     assert not any(fnmatch(RunLayout.LOCK, p) for p in patterns)  # the lock stays with the running job
 
 
+@pytest.mark.slow
 def test_the_old_module_paths_import_the_moved_modules_with_a_warning():
     from acs_hf.utils.moved import MOVED_MODULES
 

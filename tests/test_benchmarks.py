@@ -51,6 +51,7 @@ def test_summary_pairs_by_seed(accuracy):
     assert cell["top1_std"] > 10
 
 
+@pytest.mark.slow
 def test_tiny_paired_run_end_to_end(accuracy, tmp_path):
     out = tmp_path / "acc"
     argv = [

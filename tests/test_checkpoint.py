@@ -138,6 +138,7 @@ def test_save_requires_calibrated_timm_model(tmp_path):
         save_quantized(model, tmp_path)
 
 
+@pytest.mark.slow
 def test_load_from_hub_cache_offline(tmp_path):
     """A Hub id resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1 (no network), in a fresh
     interpreter that never imports transformers, accelerate or datasets."""

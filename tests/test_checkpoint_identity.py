@@ -11,13 +11,8 @@ from trainer_utils import acs_trainer
 from transformers import TrainingArguments
 
 from acs_hf import ACSTrainer
-from acs_hf.run.checks import preflight
-from acs_hf.training.checkpoints import (
-    PAIRING_KEY,
-    is_complete_checkpoint,
-    latest_complete_checkpoint,
-    set_aside_previous_run,
-)
+from acs_hf.run.checks import preflight, set_aside_previous_run
+from acs_hf.training.checkpoints import PAIRING_KEY, is_complete_checkpoint, latest_complete_checkpoint
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = str(RECIPES / "configs" / "digits_demo.yaml")
@@ -51,6 +46,7 @@ def states(ckpt: Path) -> tuple[dict, dict]:
     return json.loads((ckpt / "acs_state.json").read_text()), json.loads((ckpt / "trainer_state.json").read_text())
 
 
+@pytest.mark.slow
 def test_resume_on_more_processes_never_saves_into_the_checkpoint_it_resumed_from(tmp_path, monkeypatch):
     """A checkpoint at the end of epoch 0 of a run with 6 steps per epoch on 2 processes, resumed
     where an epoch takes 3 steps: the first save of the resumed run would be step 6 again, the
@@ -95,6 +91,7 @@ def test_state_files_of_different_saves_make_an_incomplete_checkpoint(tmp_path):
         resumed.train(resume_from_checkpoint=str(last))
 
 
+@pytest.mark.slow
 def test_a_resume_continues_its_run_and_replaces_its_own_later_checkpoints(tmp_path):
     """Resumed from its first checkpoint, a run keeps its id, and its save of step 6 replaces the
     old checkpoint-6 (same run, same step numbers) instead of writing into it; another run gets
@@ -150,6 +147,7 @@ def test_overwrite_moves_the_previous_runs_onnx_export_aside(tmp_path):
     assert sorted(p.name for p in aside.iterdir()) == sorted([*run_files, "selection", "checkpoint-1"])
 
 
+@pytest.mark.slow
 def test_overwritten_run_interrupted_then_resumed_continues_only_the_new_run(recipe, tmp_path, monkeypatch):
     """Run A finishes; run B with --overwrite_output_dir is killed while saving its epoch-1
     checkpoint; --resume_from_checkpoint true must continue B from its epoch-0 checkpoint. Before,

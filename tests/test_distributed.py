@@ -66,6 +66,7 @@ def two_process_run(tmp_path_factory):
     return out, [r["subset_hash"] for r in alone.history], proc
 
 
+@pytest.mark.slow
 def test_two_processes_train_a_transformers_student(two_process_run):
     """A transformers ViT student under DDP: both processes select the same coresets every epoch,
     split each epoch's batches between them, and write a checkpoint."""
@@ -78,6 +79,7 @@ def test_two_processes_train_a_transformers_student(two_process_run):
     assert (out / "vit" / "checkpoint-3" / "acs_state.json").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_prepare_the_data_once(two_process_run):
     """The local main process loads the parquet dataset and checks every image; rank 1 waits, then
     reuses the cached filter: 39 checks in all (30 + 9 rows), not 78, and the same data."""
@@ -88,6 +90,7 @@ def test_two_processes_prepare_the_data_once(two_process_run):
     assert sum(checks) == 30 + 9 and len(checks) == 1  # one process checked every image once
 
 
+@pytest.mark.slow
 def test_two_processes_agree_and_split_batches(two_process_run):
     out, _, _ = two_process_run
     r0, r1 = result(out, rank=0), result(out, rank=1)
@@ -103,6 +106,7 @@ def test_two_processes_agree_and_split_batches(two_process_run):
     assert r0["global_step"] == 9
 
 
+@pytest.mark.slow
 def test_epoch_boundary_resume_on_two_processes_selects_the_same_subsets(two_process_run):
     """Ranks score with rank 0's BatchNorm statistics, so the resumed run (which loads rank 0's
     model) scores and selects exactly as the uninterrupted one did."""
@@ -113,6 +117,7 @@ def test_epoch_boundary_resume_on_two_processes_selects_the_same_subsets(two_pro
     assert resumed["global_step"] == 9
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_resumes_on_one_process(two_process_run, tmp_path):
     """The epoch-1 subset is the one the 2-process run chose, the remaining epochs are trained once, and
     the teacher cache written as two shards is read by one process (no teacher forward)."""
@@ -135,6 +140,7 @@ def test_two_process_checkpoint_resumes_on_one_process(two_process_run, tmp_path
     assert calls == []  # teacher probabilities came from the 2-process cache
 
 
+@pytest.mark.slow
 def test_mid_epoch_checkpoint_of_another_process_count_refused(two_process_run, tmp_path):
     out, _, _ = two_process_run
     trainer = acs_trainer(tmp_path, {"fraction": 0.25, "selection_interval": 1}, {"num_train_epochs": 3},
@@ -144,6 +150,7 @@ def test_mid_epoch_checkpoint_of_another_process_count_refused(two_process_run, 
         trainer.train(resume_from_checkpoint=str(out / "run" / "checkpoint-4"))
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two_processes(two_process_run):
     """Step 6 ends epoch 0 on one process; on two, the Trainer alone would count it as 2 epochs."""
     out, alone_hashes, _ = two_process_run
@@ -152,6 +159,7 @@ def test_one_process_checkpoint_resumes_on_two_processes(two_process_run):
     assert set(two["seen"]) == {"1", "2"} and two["global_step"] == 9  # epochs 1 and 2, 3 steps each
 
 
+@pytest.mark.slow
 def test_diverged_selection_stops_the_run(two_process_run):
     out, _, proc = two_process_run
     assert proc.returncode != 0
@@ -159,6 +167,7 @@ def test_diverged_selection_stops_the_run(two_process_run):
     assert not (out / "diverged_rank0.json").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_without_use_cpu_refused(tmp_path):
     proc = launch(tmp_path, [{"run": "run"}], "--no_use_cpu")
     assert proc.returncode != 0

@@ -28,6 +28,7 @@ FAMILIES = {
 IMAGE_SIZE = 32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", FAMILIES.values(), ids=FAMILIES.keys())
 def test_family_through_the_recipe(recipe, tmp_path, monkeypatch, model_name):
     saved = {}

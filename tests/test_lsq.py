@@ -151,6 +151,7 @@ def test_state_dict_round_trip_keeps_calibration():
     assert torch.equal(q(x), q2(x))
 
 
+@pytest.mark.slow
 def test_compiled_kernels_match_eager():
     torch._dynamo.reset()
     x = (torch.randn(3, 4, 5, 6) * 2).requires_grad_()

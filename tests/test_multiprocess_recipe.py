@@ -51,6 +51,7 @@ def disk_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_warmup_then_disk_cache_on_two_processes(disk_run):
     """Both processes scored with one teacher: one cache tag, two shards of it, nothing deleted."""
     out = disk_run
@@ -61,6 +62,7 @@ def test_warmup_then_disk_cache_on_two_processes(disk_run):
     assert all(len(s) == round(0.3 * 1437) for s in subsets(out).values())
 
 
+@pytest.mark.slow
 def test_memory_cache_selects_what_the_disk_cache_did(disk_run, tmp_path):
     """A sample's score no longer depends on which process scored it: the in-memory cache run
     (same seed) selects exactly the disk-cache run's subsets."""
@@ -70,6 +72,7 @@ def test_memory_cache_selects_what_the_disk_cache_did(disk_run, tmp_path):
     assert subsets(out) == subsets(disk_run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_epoch_boundary_resume_selects_the_uninterrupted_subsets(disk_run, tmp_path, processes):
     """Stopped after epoch 0 (the first checkpoint), resumed on 1 or 2 processes: the epoch-1
@@ -101,6 +104,7 @@ def selection_digests(out: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "selection").glob("*.npy"))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_epoch_boundary_resume_with_training_pass_scores_selects_the_uninterrupted_subsets(tmp_path, processes):
     """Issue 31: killed right after the epoch-0 checkpoint and resumed, a run that reuses training-pass

@@ -142,6 +142,7 @@ def op_counts(path: Path) -> Counter:
 # 1e-6 on every image; W8A8 (many more, finer codes) on 97.5% (timm, per-channel) and 99.5% (ViT),
 # the rest off by up to 2.5% of the logit scale. Hence: top-1 identical on every image (the models
 # are trained), and at least 90% of the images within 1e-5 of the logit scale.
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_onnxruntime_matches_pytorch_on_digits(case, exported):
     model, path = exported(case)
@@ -155,6 +156,7 @@ def test_onnxruntime_matches_pytorch_on_digits(case, exported):
     np.testing.assert_allclose(run_ort(path, evals[:1]), out[:1], rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_graph_has_one_qdq_per_quantizer_and_int4_containers(case, exported):
     model, path = exported(case)
@@ -178,6 +180,7 @@ def test_graph_has_one_qdq_per_quantizer_and_int4_containers(case, exported):
     assert found == expected and any(t.endswith("int4") for t in found) == (abits == 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["timm-W8A8", "timm-W2A2", "vit-W4A4"])
 def test_weight_codes_and_steps_are_the_learnt_ones(case, exported):
     model, path = exported(case)
@@ -196,6 +199,7 @@ def test_weight_codes_and_steps_are_the_learnt_ones(case, exported):
             assert float(m.input_quantizer.step.detach()) in q_scales
 
 
+@pytest.mark.slow
 def test_int8_containers_and_narrow_int4_activations(exported):
     model, path = exported("timm-W2A2", int4=False)
     evals = trained("timm")[3]
@@ -209,6 +213,7 @@ def test_int8_containers_and_narrow_int4_activations(exported):
     assert (out.argmax(1) == ref.argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_fold_batchnorm_lets_onnxruntime_run_integer_convs(exported, tmp_path):
     model, path = exported("timm-W8A8", fold_batchnorm=True)
     _, plain = exported("timm-W8A8")
@@ -225,6 +230,7 @@ def test_fold_batchnorm_lets_onnxruntime_run_integer_convs(exported, tmp_path):
     assert agree >= 0.95
 
 
+@pytest.mark.slow
 def test_export_of_a_loaded_checkpoint(exported, tmp_path):
     model, _ = exported("timm-W4A4")
     save_quantized(model, tmp_path / "ckpt", model_args={"num_classes": 10})
@@ -257,6 +263,7 @@ def test_refuses_uncalibrated_quantizers_and_keeps_the_old_file(tmp_path):
         export_onnx(model, path, input_size=(3, IMAGE_SIZE, IMAGE_SIZE), opset=20)
 
 
+@pytest.mark.slow
 def test_import_acs_hf_stays_light():
     code = (
         "import sys, acs_hf; assert 'torch' not in sys.modules; acs_hf.export_onnx; "
@@ -265,6 +272,7 @@ def test_import_acs_hf_stays_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_benchmark_deploy_quick(tmp_path):
     spec = importlib.util.spec_from_file_location("benchmark_deploy", RECIPES / "benchmark_deploy.py")
     bench = importlib.util.module_from_spec(spec)
@@ -291,6 +299,7 @@ def integer_student(bits: int) -> nn.Module:
     return student("timm", bits, bits, per_channel=False, integer_graph=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_integer_graph_runs_every_conv_and_addition_in_integer_kernels(bits, tmp_path):
     model, evals = integer_student(bits), trained("timm")[3]
@@ -317,6 +326,7 @@ def _no_optimization() -> ort.SessionOptions:
     return options
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 2])
 def test_integer_graph_is_exact_until_batchnorm_is_folded(bits, tmp_path):
     """Unfolded, the integer graph reproduces PyTorch exactly; folding BatchNorm rounds its shift to the
@@ -335,6 +345,7 @@ def test_integer_graph_is_exact_until_batchnorm_is_folded(bits, tmp_path):
     assert np.abs(out - ref).max() < np.abs(ref).max()
 
 
+@pytest.mark.slow
 def test_integer_graph_checkpoint_exports_the_same_graph(tmp_path):
     model, evals = integer_student(4), trained("timm")[3]
     save_quantized(model, tmp_path / "ckpt", model_args={"num_classes": 10})
@@ -346,6 +357,7 @@ def test_integer_graph_checkpoint_exports_the_same_graph(tmp_path):
     assert integer_kernel_counts(b)["add"] == {"integer": 4, "float": 0}
 
 
+@pytest.mark.slow
 def test_bad_destinations_and_input_sizes_are_refused_before_tracing(tmp_path, monkeypatch, caplog):
     import acs_hf.quantization.onnx_export as onnx_export
 
@@ -379,6 +391,7 @@ def test_bad_destinations_and_input_sizes_are_refused_before_tracing(tmp_path, m
     assert not chatter, f"{len(chatter)} INFO lines, e.g. {chatter[0].getMessage()!r}"
 
 
+@pytest.mark.slow
 def test_inverted_residuals_run_in_integer_kernels(tmp_path):
     """MobileNetV2: the residual additions become QLinearAdd, and a ReLU6 before a quantizer moves onto the
     integer codes, so its convolution fuses too; only the head conv (ReLU6 then the float global pool) stays."""

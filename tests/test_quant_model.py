@@ -63,6 +63,7 @@ def test_quant_linear_matches_formula():
     torch.testing.assert_close(q(x), F.linear(xq, wq, lin.bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "kwargs", "first", "last"),
     [
@@ -186,6 +187,7 @@ def test_quantize_model_attaches_nothing_to_the_model():
     assert first.input_quantizer.name == "conv1.0.input_quantizer"
 
 
+@pytest.mark.slow
 def test_whole_model_compiles_into_one_graph_with_eager_values():
     """torch.compile over a quantized model traces the LSQ op into the model's graph (no break,
     so each fake quant can fuse with its neighbours) and keeps the eager values and gradients.

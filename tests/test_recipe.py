@@ -32,6 +32,7 @@ def demo_run(tmp_path_factory, recipe):
     return out, summary, caught
 
 
+@pytest.mark.slow
 def test_demo_outputs_present_and_reloadable(demo_run):
     out, summary, _ = demo_run
     for name in ("model.safetensors", "config.json", "README.md", "acs_selection.png", "acs_selection.jsonl",
@@ -58,6 +59,7 @@ def test_demo_outputs_present_and_reloadable(demo_run):
     assert acc == pytest.approx(results["eval_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_cpu_run_asks_for_no_pinned_memory(demo_run):
     """Without an accelerator the recipe's data loaders do not pin memory (torch would warn at each one)."""
     _, _, caught = demo_run
@@ -140,6 +142,7 @@ def test_paper_configs_parse(recipe, config, expected):
     assert values["bf16"] is True
 
 
+@pytest.mark.slow
 def test_resume_reuses_the_fp_warmup_model(recipe, tmp_path, monkeypatch):
     argv = [DEMO, "--output_dir", str(tmp_path), *TINY_RUN, "--num_train_epochs", "2", "--save_strategy", "epoch"]
     first = recipe.main(argv)
@@ -238,6 +241,7 @@ def test_second_run_on_a_folder_refused_and_stale_lock_taken_over(recipe, tmp_pa
     assert not (tmp_path / LOCK_NAME).exists()  # released even though the run failed
 
 
+@pytest.mark.slow
 def test_failed_push_keeps_the_model_and_exits_nonzero(recipe, tmp_path, monkeypatch):
     import acs_hf.integrations.models
     from acs_hf.integrations.hub import HubPushError
@@ -349,6 +353,7 @@ def write_hub_schema(root: Path, schema: str) -> None:
         ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schema, columns, eval_split", [("imagenet", ("image", "label"), "validation"),
                                                          ("cifar100", ("img", "fine_label"), "test")])  # fmt: skip
 def test_hub_dataset_schemas_end_to_end(recipe, tmp_path, schema, columns, eval_split):
@@ -449,6 +454,7 @@ def test_held_lock_is_touched_and_released_only_while_ours(tmp_path, quick_lock)
     assert json.loads(lock.read_text())["host"] == "elsewhere"  # not ours to remove
 
 
+@pytest.mark.slow
 def test_export_onnx_flag_writes_a_model_onnxruntime_runs(recipe, tmp_path):
     """--export_onnx leaves model.onnx beside the checkpoint; ONNX Runtime gives the reloaded
     checkpoint's predictions on the run's validation images."""
@@ -473,6 +479,7 @@ def test_export_onnx_flag_writes_a_model_onnxruntime_runs(recipe, tmp_path):
     assert close >= 0.9, f"only {close:.0%} of images agree within 1e-4"
 
 
+@pytest.mark.slow
 def test_integer_graph_run_exports_integer_kernels_and_logs_the_speed(recipe, tmp_path, caplog):
     """--integer_graph true: the checkpoint carries the output quantizers, and --export_onnx writes a model
     whose every convolution and residual addition ONNX Runtime runs as an integer kernel; the run says how

@@ -89,6 +89,7 @@ def test_pool_scores_only_the_pool_and_keeps_its_top(tmp_path):
     assert record["scored_samples"] == N // 2 and record["reused_samples"] == 0
 
 
+@pytest.mark.slow
 def test_pool_of_one_gives_the_papers_subsets(tmp_path):
     """p = 1 (the default) selects exactly the top of all samples' scores, round after round."""
     default = acs_trainer(tmp_path / "a", {"selection_interval": 1}, {"num_train_epochs": 3}, ds=tiny_dataset(N))
@@ -132,6 +133,7 @@ def test_training_pass_scores_equal_a_separate_pass(tmp_path, kd_alpha):
     assert torch.isnan(stats["evs"][~seen]).all()
 
 
+@pytest.mark.slow
 def test_reused_scores_join_the_pool_and_skip_the_pass(tmp_path):
     """Round 2 scores by forward only the pool samples that were not trained on in round 1."""
     trainer = acs_trainer(

@@ -16,6 +16,7 @@ from acs_hf import ACSArguments, ACSTrainer, QuantConfig
 from acs_hf.training.sampler import CoresetSampler, subset_hash
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fraction", "batch", "accum", "drop_last"),
     [(0.25, 4, 1, False), (0.3, 4, 2, False), (0.5, 5, 1, True), (0.2, 4, 3, False)],
@@ -43,6 +44,7 @@ def test_exact_steps_per_epoch(tmp_path, fraction, batch, accum, drop_last):
         assert set(seen) <= set(np.load(tmp_path / "selection" / f"epoch_{epoch:04d}.npy").tolist())
 
 
+@pytest.mark.slow
 def test_subset_changes_only_every_R_epochs(tmp_path):
     trainer = acs_trainer(tmp_path, {"selection_interval": 2}, {"num_train_epochs": 5})
     trainer.train()
@@ -70,6 +72,7 @@ def test_random_static_never_changes(tmp_path):
     assert all(set(trainer.recorder.seen[e]) == first for e in range(3))
 
 
+@pytest.mark.slow
 def test_random_dynamic_changes_every_round(tmp_path):
     trainer = acs_trainer(
         tmp_path, {"selection_method": "random_dynamic", "selection_interval": 1}, {"num_train_epochs": 3}
@@ -91,6 +94,7 @@ class LabelledView(torch.utils.data.Dataset):
         return self.ds[i]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["random_dynamic", "random_static"])
 def test_label_only_selectors_decode_no_image(tmp_path, method):
     """With a score view that offers ``labels``, random selection never runs the scoring loader
@@ -110,6 +114,7 @@ def test_label_only_selectors_decode_no_image(tmp_path, method):
     assert "data_seconds" in through_loader.history[0] and "data_seconds" not in from_labels.history[0]
 
 
+@pytest.mark.slow
 def test_full_equals_plain_trainer_order(tmp_path):
     ds = tiny_dataset()
     acs = acs_trainer(tmp_path / "acs", {"selection_method": "full", "fraction": 1.0}, {"num_train_epochs": 2}, ds=ds)
@@ -125,6 +130,7 @@ def test_full_equals_plain_trainer_order(tmp_path):
     assert sorted(acs.recorder.seen[0]) == list(range(len(ds)))
 
 
+@pytest.mark.slow
 def test_teacher_frozen_and_excluded(tmp_path):
     trainer = acs_trainer(tmp_path, args_kwargs={"num_train_epochs": 2, "save_strategy": "epoch"})
     before = {k: v.clone() for k, v in trainer.teacher_model.state_dict().items()}
@@ -184,6 +190,7 @@ def test_decay_rules_on_a_vit(tmp_path):
     assert any(".norm1." in n for n, _ in model.named_parameters()) and not any(".norm1." in n for n in names)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_reproduces_run(tmp_path):
     args = {"num_train_epochs": 4, "save_strategy": "steps", "save_steps": 5}
     full = acs_trainer(tmp_path / "a", args_kwargs=args)
@@ -205,6 +212,7 @@ def test_resume_mid_epoch_reproduces_run(tmp_path):
         assert lb[step] == pytest.approx(la[step], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_run_matches_fp32(tmp_path):
     """The first step (same model, same batch) gives the fp32 loss to bf16 precision, and the
     student's convolutions really run in bf16 under the trainer's autocast."""
@@ -319,6 +327,7 @@ def test_kd_loss_formula(tmp_path):
     assert loss.item() == pytest.approx((0.7 * kd + 0.3 * ce).item(), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_epoch_begin_runs_before_the_sampler_is_iterated(tmp_path):
     """The contract ACSTrainer relies on, checked against the installed transformers."""
     from transformers import TrainerCallback
@@ -363,6 +372,7 @@ def test_cross_entropy_only_without_teacher(tmp_path):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_kernels_through_the_trainer(tmp_path):
     torch._dynamo.reset()
     eager = acs_trainer(tmp_path / "e", args_kwargs={"num_train_epochs": 1, "max_steps": 2})
@@ -379,6 +389,7 @@ def test_compile_kernels_through_the_trainer(tmp_path):
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_single_sample_last_batch_trains(tmp_path):
     """49 samples at batch 4 on the full selector: the last batch has one sample (BatchNorm needs two)."""
     ds = tiny_dataset(49)
@@ -387,6 +398,7 @@ def test_single_sample_last_batch_trains(tmp_path):
     assert trainer.state.global_step == 13 and len(trainer.recorder.seen[0]) == 49
 
 
+@pytest.mark.slow
 def test_interrupted_save_keeps_the_last_complete_checkpoint(tmp_path, monkeypatch):
     """A crash after the ACS state and before the Trainer finished its save: the newest checkpoint is
     incomplete, the previous complete one was not rotated away, and resuming from the incomplete one
@@ -415,6 +427,7 @@ def test_interrupted_save_keeps_the_last_complete_checkpoint(tmp_path, monkeypat
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
 
 
+@pytest.mark.slow
 def test_resume_on_other_data_refused(tmp_path):
     args = {"num_train_epochs": 2, "save_strategy": "epoch"}
     acs_trainer(tmp_path / "a", args_kwargs=args).train()
@@ -424,6 +437,7 @@ def test_resume_on_other_data_refused(tmp_path):
         resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_files_are_named(tmp_path):
     args = {"num_train_epochs": 2, "save_strategy": "epoch"}
     acs_trainer(tmp_path / "a", args_kwargs=args).train()

@@ -48,6 +48,7 @@ def pipeline_probabilities(classify, image, names) -> torch.Tensor:
     return torch.tensor([by_label[n] for n in names], dtype=torch.float64)
 
 
+@pytest.mark.slow
 def test_timm_student_loads_with_from_pretrained_and_pipeline(timm_run):
     reference = load_quantized(timm_run)
     model = AutoModelForImageClassification.from_pretrained(timm_run)
@@ -76,6 +77,7 @@ def test_timm_student_loads_with_from_pretrained_and_pipeline(timm_run):
         assert (pipeline_probabilities(classify, image, names) - expected).abs().max().item() <= ATOL
 
 
+@pytest.mark.slow
 def test_without_acs_hf_transformers_refuses_the_checkpoint(timm_run):
     """A fresh interpreter that never imports acs_hf: an error, not a model with missing weights."""
     code = (
@@ -135,6 +137,7 @@ def test_processor_data_config_matches_the_processor(vit_folder):
         assert (ours - theirs).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
 def test_transformers_vit_student_trains_saves_and_reloads(vit_run, vit_folder):
     out, summary = vit_run
     assert 0 <= summary["metrics"]["eval_accuracy"] <= 1
@@ -188,6 +191,7 @@ def test_transformers_model_names_and_sizes(vit_folder):
     assert model(torch.randn(1, 3, 64, 64)).logits.shape == (1, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", ["acs_hf", "transformers"])
 def test_registration_whichever_is_imported_first(first):
     """``import acs_hf`` registers the quantizer whether transformers' registry is imported
@@ -218,6 +222,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", ["acs_hf", "transformers"])
 def test_registration_failure_raises(first):
     """A registration that fails (here acs_hf's quantizer module cannot be imported) raises an
@@ -245,6 +250,7 @@ def test_registration_failure_raises(first):
     assert all("acs_hf could not register its quantizer with transformers" in line for line in raised), raised
 
 
+@pytest.mark.slow
 def test_a_probe_before_the_import_leaves_the_hook_in_place():
     """``importlib.util.find_spec`` of the registry (as some libraries probe) before its import does
     not use up the hook: the real import still registers."""
@@ -314,6 +320,7 @@ def test_edited_config_is_named_before_loading(timm_run, tmp_path):
         AutoModelForImageClassification.from_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_transformers_teacher_for_a_timm_student(recipe, vit_folder, tmp_path):
     """Distillation and scoring read the teacher's ``.logits``: a transformers ViT teaches a timm ResNet."""
     out = tmp_path / "out"

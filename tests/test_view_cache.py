@@ -51,6 +51,7 @@ def _trainer(out, views, **acs):
     )
 
 
+@pytest.mark.slow
 def test_same_scores_and_subsets_with_the_cache(views, tmp_path):
     """Three rounds with one loader worker: the first fills the cache, the others read it."""
     plain = _trainer(tmp_path / "plain", views)

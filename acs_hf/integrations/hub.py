@@ -35,7 +35,7 @@ class HubPushError(RuntimeError):
     """The upload failed; the local folder is untouched (its path is in the message)."""
 
 
-TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
+TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "model_card.md"
 
 
 def _fmt(v: Any) -> str:

@@ -137,7 +137,7 @@ class QATTrainer(ImageClassificationTrainer):
     """Quantization-aware training of a model prepared with :func:`acs_hf.quantize_model`.
 
     Args:
-        qat_args: :class:`~acs_hf.run.arguments.QATArguments` (distillation, step-size LR, calibration).
+        qat_args: :class:`~acs_hf.QATArguments` (distillation, step-size LR, calibration).
         teacher_model: frozen FP model for distillation (moved to the device, kept in eval mode,
             never optimised or checkpointed); ``None`` trains on cross-entropy alone.
         calibration_dataset: un-augmented examples for calibrating the LSQ steps before the first
