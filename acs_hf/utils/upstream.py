@@ -122,22 +122,14 @@ def is_damaged_file_error(error: BaseException) -> bool:
 def check_upstream() -> list[str]:
     """What the installed libraries lack of this module's entries (empty when all is there)."""
     import argparse
-    import inspect
 
     import datasets
     import timm.models._hub as timm_hub
     from torch import nn
     from transformers import Trainer
 
-    problems = []
-    for owner, overrides in (("transformers.Trainer", TRAINER_OVERRIDES), ("torch.nn.Module", TORCH_OVERRIDES)):
-        cls = Trainer if owner.startswith("transformers") else nn.Module
-        for name, (params, why) in overrides.items():
-            method = getattr(cls, name, None)
-            found = () if method is None else tuple(inspect.signature(method).parameters)
-            missing = [p for p in params if p not in found]
-            if method is None or missing:
-                problems.append(f"{owner}.{name} ({why}) lacks {missing or 'the method'}")
+    problems = _missing_parameters("transformers.Trainer", Trainer, TRAINER_OVERRIDES)
+    problems += _missing_parameters("torch.nn.Module", nn.Module, TORCH_OVERRIDES)
     ds = datasets.Dataset.from_dict({"x": [0, 1, 2]}).select([2, 0])
     if not isinstance(getattr(ds, "_fingerprint", None), str) or getattr(ds, "_indices", None) is None:
         problems.append("datasets.Dataset._fingerprint / _indices are gone")
@@ -150,6 +142,20 @@ def check_upstream() -> list[str]:
     return problems
 
 
+def _missing_parameters(owner: str, cls: type, methods: dict[str, tuple[tuple[str, ...], str]]) -> list[str]:
+    """The ``methods`` of ``cls`` that are gone or lack a parameter relied on."""
+    import inspect
+
+    problems = []
+    for name, (params, why) in methods.items():
+        method = getattr(cls, name, None)
+        found = () if method is None else tuple(inspect.signature(method).parameters)
+        missing = [p for p in params if p not in found]
+        if method is None or missing:
+            problems.append(f"{owner}.{name} ({why}) lacks {missing or 'the method'}")
+    return problems
+
+
 def _check_quantizer_hooks() -> list[str]:
     import importlib
     import inspect
@@ -157,13 +163,7 @@ def _check_quantizer_hooks() -> list[str]:
 
     from transformers.quantizers.base import HfQuantizer
 
-    problems = []
-    for name, (params, why) in HF_QUANTIZER_HOOKS.items():
-        method = getattr(HfQuantizer, name, None)
-        found = () if method is None else tuple(inspect.signature(method).parameters)
-        missing = [p for p in params if p not in found]
-        if method is None or missing:
-            problems.append(f"transformers HfQuantizer.{name} ({why}) lacks {missing or 'the method'}")
+    problems = _missing_parameters("transformers HfQuantizer", HfQuantizer, HF_QUANTIZER_HOOKS)
     for module, (pattern, what) in HF_QUANTIZER_CALLS.items():
         if not re.search(pattern, inspect.getsource(importlib.import_module(module)), re.DOTALL):
             problems.append(f"{module} no longer calls {what}: acs_hf checkpoints would load unchecked")
