@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .utils.moved import MovedModuleFinder as _MovedModuleFinder
 from .utils.upstream import TRANSFORMERS_QUANTIZER_REGISTRY as _TRANSFORMERS_REGISTRY
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "acs_hf.training.arguments": ["ACSArguments", "QATArguments"],
