@@ -7,6 +7,7 @@ The trainer's own (:class:`~acs_hf.QATArguments`, :class:`~acs_hf.ACSArguments`)
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from ..layout import RunLayout
@@ -39,6 +40,21 @@ class ModelArguments:
             "copy of the FP model the student starts from."
         },
     )
+    pretrained_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local weights file the FP model starts from: safetensors, or a torch checkpoint (a state dict, "
+            "or a dict holding one under 'state_dict' / 'model'; a DataParallel 'module.' prefix is removed). "
+            "Every tensor must match the model; it is also the teacher unless --teacher_model_name is given."
+        },
+    )
+    teacher_pretrained_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local weights file for --teacher_model_name (same formats as --pretrained_weights), instead "
+            "of the teacher's Hub weights."
+        },
+    )
     image_size: int | None = field(default=None, metadata={"help": "Input resolution (default: the model's)."})
     fp_warmup_epochs: float = field(
         default=0,
@@ -52,6 +68,20 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.pretrained_weights and self.pretrained:
+            raise ValueError(
+                f"pretrained=True and pretrained_weights={self.pretrained_weights!r} both choose the starting "
+                "weights: give one of them"
+            )
+        if self.teacher_pretrained_weights and not self.teacher_model_name:
+            raise ValueError(
+                f"teacher_pretrained_weights={self.teacher_pretrained_weights!r} needs --teacher_model_name (without "
+                "it the teacher is the FP model, which --pretrained_weights sets)"
+            )
+        for name in ("pretrained_weights", "teacher_pretrained_weights"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name}={path!r} is not a file (a .safetensors or torch checkpoint file)")
         check_number("fp_warmup_epochs", self.fp_warmup_epochs, 0)
         check_number("fp_warmup_learning_rate", self.fp_warmup_learning_rate, 0, low_open=True, optional=True)
         check_number("image_size", self.image_size, 8, integer=True, optional=True)
