@@ -12,6 +12,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .utils.moved import MovedModuleFinder as _MovedModuleFinder
@@ -49,6 +50,7 @@ _EXPORTS = {
     "acs_hf.training.trainer": ["ACSTrainer"],
     "acs_hf.training.reporting": ["SelectionReporter"],
     "acs_hf.utils.io": ["atomic_write_json"],
+    "acs_hf.integrations.weights": ["load_weights"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -75,6 +77,7 @@ __all__ = [
     "integer_kernel_counts",
     "list_selectors",
     "load_quantized",
+    "load_weights",
     "onnx_session",
     "quantize_model",
     "register_selector",
@@ -108,21 +111,24 @@ def _register_with_transformers() -> None:
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Registers acs_hf's quantizer right after transformers imports its quantizer registry.
+    """Runs ``register`` right after the module ``name`` is imported (transformers' quantizer registry,
+    timm).
 
-    Plain registration calls at import would cost every ``import acs_hf`` the import of torch and
-    transformers' quantizer registry (measured: 0.01 s for ``import acs_hf`` now, against about
-    3.3 s with torch, transformers and ``transformers.quantizers.auto``, of which the registry alone
-    is 1.3 s); waiting for the registry's own import costs nothing and still registers before any
-    ``from_pretrained`` can consult it. A failure raises (:func:`_register_with_transformers`), and
-    the hook stays installed until a registration succeeds, so that a retried import raises again.
+    Plain registration calls at import would cost every ``import acs_hf`` the import of torch,
+    transformers' quantizer registry and timm (measured: 0.01 s for ``import acs_hf`` now, against
+    about 3.3 s with torch, transformers and ``transformers.quantizers.auto``, of which the registry
+    alone is 1.3 s); waiting for the module's own import costs nothing and still registers before
+    any ``from_pretrained`` or ``timm.create_model`` can consult it. A failure raises, and the hook
+    stays installed until a registration succeeds, so that a retried import raises again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, register: Callable[[], None]) -> None:
+        self.name = name
+        self.register = register
         self._finding = False
 
     def find_spec(self, name, path, target=None):
-        if name != _TRANSFORMERS_REGISTRY or self._finding:
+        if name != self.name or self._finding:
             return None
         self._finding = True  # the lookup below passes through sys.meta_path again
         try:
@@ -134,13 +140,13 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
         exec_module = getattr(spec.loader, "exec_module", None)
         if exec_module is None:
             raise ImportError(
-                f"acs_hf cannot register its quantizer: {name} has no loader that executes it ({spec!r}); "
-                "transformers' from_pretrained would not read acs_hf checkpoints"
+                f"acs_hf cannot register with {name}: it has no loader that executes it ({spec!r}); "
+                "acs_hf's checkpoints and model families would not be found"
             )
 
         def exec_then_register(module):
             exec_module(module)
-            _register_with_transformers()
+            self.register()
             if self in sys.meta_path:  # registered: the hook's work is done
                 sys.meta_path.remove(self)
 
@@ -148,16 +154,26 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if _TRANSFORMERS_REGISTRY in sys.modules:
-    _register_with_transformers()
-elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterAfterImport())
+def _register_model_families() -> None:
+    importlib.import_module("acs_hf.models")  # timm's @register_model runs at its import
+
+
+def _register_after(name: str, register: Callable[[], None]) -> None:
+    if name in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterAfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport(name, register))
+
+
+_register_after(_TRANSFORMERS_REGISTRY, _register_with_transformers)
+_register_after("timm", _register_model_families)  # cifar_resnet20 ... for timm.create_model
 
 if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):  # acs_hf 0.1's module paths
     sys.meta_path.append(_MovedModuleFinder())
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
+    from .integrations.weights import load_weights
     from .quantization import (
         LayerQuantConfig,
         LSQQuantizer,

@@ -11,6 +11,11 @@ interval, never from the means.
     python recipes/benchmark_accuracy.py                          # digits, W2A2 + W4A4, f 0.1 + 0.3, 5 seeds
     python recipes/benchmark_accuracy.py --dataset_name uoft-cs/cifar100 --model_name resnet18 --image_size 32
     python recipes/benchmark_accuracy.py --train_dir data/train --validation_dir data/val
+    python recipes/benchmark_accuracy.py --model_name cifar_resnet20 --pretrained_weights resnet20.th \
+        --dataset_name path/to/cifar10 --bits 2 --float_activations   # QAT from a pretrained network
+
+With ``--pretrained_weights`` every seed starts from that one network (and distils from it); its
+accuracy is measured on the evaluation split first.
 
 Writes ``<output_dir>/accuracy.json`` (every run; per cell the means and, per random baseline,
 ``diff_mean``, ``ci95_low``, ``ci95_high`` and the verdict; the command, seeds and software
@@ -47,6 +52,7 @@ from acs_hf import (
     atomic_write_json,
     create_selector,
     list_selectors,
+    load_weights,
     quantize_model,
 )
 from acs_hf.data import ImageView, load_image_datasets, prepare_datasets, score_transform
@@ -127,6 +133,25 @@ def training_args(out: Path, epochs: float, lr: float, seed: int, batch_size: in
     )
 
 
+def pretrained_fp(ds, args) -> tuple[torch.nn.Module, float]:
+    """The network in ``--pretrained_weights`` and its accuracy on the evaluation split (measured once,
+    kept in ``<output_dir>/fp/pretrained.json``)."""
+    model = load_weights(timm.create_model(args.model_name, num_classes=len(ds.id2label)), args.pretrained_weights)
+    saved = args.output_dir / "fp" / "pretrained.json"
+    if saved.is_file():
+        return model, json.loads(saved.read_text())["accuracy"]
+    trainer = ImageClassificationTrainer(
+        model=model,
+        args=training_args(args.output_dir / "fp", 1, args.lr, 0, args.batch_size),
+        eval_dataset=ds.eval_dataset,
+        compute_metrics=make_compute_metrics(k=5),
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+    )
+    accuracy = trainer.evaluate()["eval_accuracy"]
+    atomic_write_json(saved, {"accuracy": accuracy, "weights": str(args.pretrained_weights)})
+    return model, accuracy
+
+
 def train_fp(ds, args, seed: int) -> tuple[torch.nn.Module, float]:
     """The FP model of seed ``seed``, trained once and kept in ``<output_dir>/fp/`` for resumes."""
     torch.manual_seed(seed)
@@ -163,7 +188,8 @@ def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -
         view = ds.score_dataset
         score_view = ImageView(view.dataset, score_transform(ds.data_config, score_size), view.image_column,
                                view.label_column, view.split)  # fmt: skip
-    config = QuantConfig(weight_bits=bits, act_bits=bits, first_last_bits=8, integer_graph=integer_graph)
+    act_bits = None if args.float_activations else bits
+    config = QuantConfig(weight_bits=bits, act_bits=act_bits, first_last_bits=8, integer_graph=integer_graph)
     student = quantize_model(copy.deepcopy(fp), config)
     acs = ACSArguments(
         selection_method=name,
@@ -171,6 +197,7 @@ def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -
         selection_temperature=args.temperature,
         selection_share=args.share,
         teacher_cache_dir="memory",
+        score_cache_dir=args.score_cache_dir,
         **{"selection_interval": args.selection_interval, **settings, "fraction": run_fraction(method, fraction)},
     )
     trainer = ACSTrainer(
@@ -195,6 +222,7 @@ def run_cell(fp, ds, args, bits: int, fraction: float, method: str, seed: int) -
     seconds = time.perf_counter() - start
     train_images = trainer.num_selected * args.epochs
     result = {
+        "act_bits": act_bits,
         "accuracy": trainer.evaluate()["eval_accuracy"],
         "seconds": seconds,
         "scoring_seconds": sum(r.get("scoring_seconds", 0.0) for r in trainer.history),
@@ -288,6 +316,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             "train_fraction": run_fraction(method, fraction),
             "top1_mean": statistics.mean(values), "top1_std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "seconds_mean": statistics.mean(r["seconds"] for r in cell_runs),
+            "act_bits": cell_runs[0].get("act_bits", bits),
         }  # fmt: skip
         if all("compute_units" in r for r in cell_runs):
             cell["compute_units_mean"] = statistics.mean(r["compute_units"] for r in cell_runs)
@@ -316,6 +345,12 @@ def summarize(runs: list[dict]) -> list[dict]:
     return out
 
 
+def width(bits: int, rows: list[dict]) -> str:
+    """``W4A4``, or ``W2A32`` where the runs of ``bits`` kept float activations (``act_bits`` None)."""
+    acts = {r.get("act_bits", bits) for r in rows if r["bits"] == bits}
+    return f"W{bits}A{acts.pop() if acts and None not in acts else 32}"
+
+
 def _interval(c: dict | None) -> str:
     if not c or c.get("ci95_low") is None:
         return ""
@@ -326,7 +361,7 @@ def markdown(cells: list[dict], fractions: list[float], fp_accuracy: float, meth
     lines = [f"FP models top-1 (mean over seeds): {fp_accuracy * 100:.2f}", ""]
     methods = methods + sorted({c["method"] for c in cells} - set(methods))
     for bits in sorted({c["bits"] for c in cells}):
-        lines += [f"W{bits}A{bits}: top-1 mean ± std over seeds; compute in millions of image forward "
+        lines += [f"{width(bits, cells)}: top-1 mean ± std over seeds; compute in millions of image forward "
                   "equivalents (training step 3, distillation teacher 1, scoring forward 1); paired difference, "
                   "mean [95% interval] and verdict, against random_dynamic at equal epochs (same distillation) "
                   "and at equal compute (random_dynamic's fraction ladder interpolated to the run's compute)",
@@ -369,7 +404,7 @@ def plot_compute(runs: list[dict], path: Path) -> None:
             if rs:
                 ax.scatter([r["compute_units"] / 1e6 for r in rs], [r["accuracy"] * 100 for r in rs],
                            color=colours[m], label=m, s=18, marker="o" if is_random(m) else "^")  # fmt: skip
-        ax.set(title=f"W{bits}A{bits}", xlabel="compute (M image forward equivalents)", ylabel="top-1 (%)")
+        ax.set(title=width(bits, runs), xlabel="compute (M image forward equivalents)", ylabel="top-1 (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -402,7 +437,7 @@ def plot(cells: list[dict], path: Path) -> None:
                 err = [[m - d["ci95_low"] for m, (_, d) in zip(mean, points)],
                        [d["ci95_high"] - m for m, (_, d) in zip(mean, points)]]  # fmt: skip
                 bottom.errorbar([f for f, _ in points], mean, yerr=err, marker="o", capsize=3, label=method)
-        top.set(title=f"W{bits}A{bits}", xlabel="fraction of training data per round", ylabel="top-1 (%)")
+        top.set(title=width(bits, cells), xlabel="fraction of training data per round", ylabel="top-1 (%)")
         top.legend(fontsize=8)
         bottom.axhline(0, color="k", linewidth=0.8)
         bottom.set(xlabel="fraction", ylabel="top-1 minus random_dynamic (points, 95% CI)")
@@ -424,6 +459,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_name", default="resnet18")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument(
+        "--float_activations",
+        action="store_true",
+        help="quantize weights only (--bits), activations stay float (the paper's CIFAR setting)",
+    )
+    parser.add_argument(
+        "--pretrained_weights",
+        type=Path,
+        default=None,
+        help="start every seed from this weights file (safetensors or torch checkpoint) instead of "
+        "training FP models; it is also the teacher",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=[0.08, 1.0],
+        help="random-resized-crop area range of the training view (timm's default)",
+    )
+    parser.add_argument("--color_jitter", type=float, default=0.4, help="colour jitter strength (timm's default)")
+    parser.add_argument(
+        "--score_cache_dir", default=None, help="cache the decoded scoring view here (ACSArguments.score_cache_dir)"
+    )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                         help="selectors, each optionally with settings after @: acs@pool=0.3,reuse=1 (score pool "
@@ -498,8 +556,9 @@ def load_data(args):
     dataset = None if args.train_dir else args.dataset_name
     raw = load_image_datasets(dataset, args.dataset_config_name, args.train_dir, args.validation_dir)
     probe = timm.create_model(args.model_name, num_classes=2)
+    augmentation = {"scale": tuple(args.scale), "color_jitter": args.color_jitter}
     return prepare_datasets(raw, probe, image_size=args.image_size, max_train_samples=args.max_train_samples,
-                            max_eval_samples=args.max_eval_samples)  # fmt: skip
+                            max_eval_samples=args.max_eval_samples, augmentation=augmentation)  # fmt: skip
 
 
 def run_grid(args, ds, runs: list[dict], log: Path) -> dict:
@@ -509,9 +568,14 @@ def run_grid(args, ds, runs: list[dict], log: Path) -> dict:
         print(f"resuming: {len(done)} runs already in {log}", flush=True)
     fp_accuracies = {}
     for seed in args.seeds:
-        fp_seed = seed if args.fp_seed is None else args.fp_seed
-        fp, fp_accuracies[f"seed{fp_seed}"] = train_fp(ds, args, fp_seed)
-        print(f"seed {seed}: FP model (seed {fp_seed}) top-1 {fp_accuracies[f'seed{fp_seed}'] * 100:.2f}", flush=True)
+        if args.pretrained_weights:
+            fp, fp_accuracies["pretrained"] = pretrained_fp(ds, args)
+            print(f"seed {seed}: pretrained FP model top-1 {fp_accuracies['pretrained'] * 100:.2f}", flush=True)
+        else:
+            fp_seed = seed if args.fp_seed is None else args.fp_seed
+            fp, fp_accuracies[f"seed{fp_seed}"] = train_fp(ds, args, fp_seed)
+            print(f"seed {seed}: FP model (seed {fp_seed}) top-1 {fp_accuracies[f'seed{fp_seed}'] * 100:.2f}",
+                  flush=True)  # fmt: skip
         for bits in args.bits:
             for method in args.methods:
                 for fraction in [1.0] if selects_all(method) else args.fractions:

@@ -91,6 +91,7 @@ def write_model_card(
     checkpoint_bytes: int,
     plot_name: str | None = None,
     base_model: str | None = None,
+    weights_source: str | None = None,
     eval_split: str = "validation",
     image_size: int | None = None,
     repo_id: str | None = None,
@@ -103,6 +104,7 @@ def write_model_card(
     ``eval_split``, and tags for the bit widths (``4-bit``, ``w4a4``) and the method.
     ``results`` keys ``top-1 (quantized)`` / ``top-5 (quantized)`` are fractions in [0, 1].
     ``library``: ``timm`` or ``transformers``, the library of the student's architecture.
+    ``weights_source``: the local weights file the FP model started from (name and digest).
     """
     wb, scheme = quant_config.get("weight_bits"), _scheme(quant_config)
     eval_results = _eval_results(results, dataset_name, eval_split)
@@ -122,6 +124,7 @@ def write_model_card(
         acs_family=selector.acs_family,
         dataset_name=dataset_name,
         base_model=base_model,
+        weights_source=weights_source,
         weight_bits=wb,
         results={k: _fmt(v) for k, v in results.items()},
         eval_split=eval_split,

@@ -21,11 +21,19 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
+from ..integrations.weights import check_weights_file
 from ..layout import RunLayout
 from ..training.arguments import check_number
 from ..training.checkpoints import checkpoint_runs, latest_complete_checkpoint
 
-__all__ = ["preflight", "output_dir_lock", "set_aside_previous_run", "RunInUseError", "LOCK_NAME"]
+__all__ = [
+    "check_start_weights",
+    "preflight",
+    "output_dir_lock",
+    "set_aside_previous_run",
+    "RunInUseError",
+    "LOCK_NAME",
+]
 
 LOCK_NAME = RunLayout.LOCK
 #: The lock's holder touches it this often (seconds), so that a run elsewhere can tell it is alive.
@@ -39,6 +47,19 @@ logger = logging.getLogger(__name__)
 
 class RunInUseError(RuntimeError):
     """Another run holds the output folder's lock."""
+
+
+def check_start_weights(model_args) -> None:
+    """Every ``--pretrained_weights`` / ``--teacher_pretrained_weights`` file fits its model (tensor names
+    and shapes; the classifier's class count is checked once the data is loaded)."""
+    pairs = (
+        ("pretrained_weights", model_args.model_name),
+        ("teacher_pretrained_weights", model_args.teacher_model_name),
+    )
+    for argument, name in pairs:
+        path = getattr(model_args, argument)
+        if path:
+            check_weights_file(name, path, model_args.image_size, argument)
 
 
 def _check_epochs(args: TrainingArguments) -> None:

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, TrainingArguments
 from ..data.loading import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
 from ..integrations.hub import HubPushError, base_model_id, push_folder_to_hub, write_model_card
 from ..integrations.models import check_model_name, create_model, image_processor_for, model_size_kwargs
+from ..integrations.weights import load_weights, weights_source
 from ..layout import RunLayout
 from ..metrics import make_compute_metrics, preprocess_logits_for_metrics
 from ..quantization import (
@@ -33,7 +34,7 @@ from ..training.qat_trainer import ImageClassificationTrainer
 from ..training.trainer import ACSTrainer
 from ..utils.io import atomic_write, atomic_write_json
 from .arguments import DataArguments, ModelArguments, RunArguments
-from .checks import output_dir_lock, preflight, set_aside_previous_run
+from .checks import check_start_weights, output_dir_lock, preflight, set_aside_previous_run
 
 __all__ = ["run_acs", "prepare_run_data", "default_output_dir", "save_student"]
 
@@ -109,6 +110,7 @@ def run_acs(
     for name in filter(None, (model_args.model_name, model_args.teacher_model_name)):
         check_model_name(name)
         model_size_kwargs(name, model_args.image_size)  # a size the model cannot take fails now
+    check_start_weights(model_args)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the packed folder ourselves
     if training_args.device.type == "cpu":  # pinned memory needs an accelerator; torch warns at every loader
         training_args.dataloader_pin_memory = False
@@ -172,6 +174,8 @@ def prepare_run_data(
         fp_model = create_model(
             model_args.model_name, model_args.pretrained, len(names), model_args.image_size, dict(enumerate(names))
         )
+        if model_args.pretrained_weights:
+            load_weights(fp_model, model_args.pretrained_weights)
         ds = prepare_datasets(
             raw,
             fp_model,
@@ -274,11 +278,12 @@ def _warm_model(fp_model, ds, training_args: TrainingArguments, model_args: Mode
 
 
 def _teacher(model_args: ModelArguments, fp_model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
-    if model_args.teacher_model_name:
-        return create_model(
-            model_args.teacher_model_name, True, len(names), model_args.image_size, dict(enumerate(names))
-        )
-    return copy.deepcopy(fp_model)
+    if not model_args.teacher_model_name:
+        return copy.deepcopy(fp_model)
+    weights = model_args.teacher_pretrained_weights
+    teacher = create_model(model_args.teacher_model_name, not weights, len(names), model_args.image_size,
+                           dict(enumerate(names)))  # fmt: skip
+    return load_weights(teacher, weights, "teacher_pretrained_weights") if weights else teacher
 
 
 def _evaluate(trainer: ACSTrainer, teacher, ds, training_args: TrainingArguments, compute_metrics) -> dict[str, Any]:
@@ -320,6 +325,7 @@ def _publish(out: Path, trainer: ACSTrainer, ds, fp_model, metrics, run, push: b
         checkpoint_bytes=ckpt_bytes,
         plot_name=plot,
         base_model=base_model_id(model_args.model_name, model_args.pretrained),
+        weights_source=model_args.pretrained_weights and weights_source(model_args.pretrained_weights),
         library="transformers" if isinstance(fp_model, PreTrainedModel) else "timm",
         eval_split=ds.eval_split,
         image_size=ds.data_config["input_size"][-1],
