@@ -18,7 +18,10 @@ stay float. This placement adds LSQ quantizers, learnt like the others, so that
 - a tensor that several quantized layers read is quantized once where it is made (ResNet's stem
   output, read by the first block's convolution and its shortcut convolution);
 - a max pool's input is quantized rather than its output (max commutes with quantization), so the stem
-  convolution also gets an integer output.
+  convolution also gets an integer output;
+- strided slicing and zero padding keep a quantized tensor on its grid (zero is a code of every grid), so
+  a CIFAR ResNet's option-A shortcut (``F.pad(x[:, :, ::2, ::2], ...)``) reads the block input's
+  quantizer and needs none of its own; the export quantizes its output again at the same step.
 
 The additions are found in a ``torch.fx`` trace of the float model (``timm``'s untraceable helpers
 kept as leaves): any ``add`` of two computed tensors. An addition whose three tensors cannot all carry
@@ -60,6 +63,28 @@ _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _NON_NEGATIVE = (nn.ReLU, nn.ReLU6)
 _ADDS = {operator.add, operator.iadd, torch.add}
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_PADS = {torch.nn.functional.pad, torch._C._nn.pad}
+
+
+def _keeps_grid(node: fx.Node) -> bool:
+    """A function that only selects elements or pads with zeros: a quantized input stays quantized, on
+    the same grid (``x[:, :, ::2, ::2]``, ``F.pad(x, pads)`` with the constant 0)."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.target is operator.getitem:
+        index = node.args[1] if len(node.args) > 1 else None
+        index = index if isinstance(index, tuple) else (index,)
+        return all(
+            i is None
+            or i is Ellipsis
+            or (isinstance(i, slice) and not any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step)))
+            for i in index
+        )
+    if node.target in _PADS:
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        return mode == "constant" and value in (None, 0)
+    return False
 
 
 @dataclass(frozen=True)
@@ -150,13 +175,24 @@ class _Planner:
 
     def tensor_site(self, node: fx.Node) -> str | None:
         """The module whose output quantizer quantizes the tensor ``node`` (``None`` when none can)."""
-        while node.op == "call_module" and isinstance(self._module(node.target), _POOLS):
-            node = node.args[0]  # quantize the pool's input: max commutes with quantization
+        while self._quantize_before(node):
+            node = node.args[0]  # quantize the input: max, slicing, zero padding and identity keep the grid
             if not isinstance(node, fx.Node):
                 return None
         if node.op == "call_module":
             return node.target if self._hookable(node.target) else None
         return self.add_output_site(node) if _is_residual_add(node) else None
+
+    def _quantize_before(self, node: fx.Node) -> bool:
+        """Whether ``node``'s tensor is quantized at its input instead: a max pool, a strided slice or zero
+        pad, or an identity whose input other nodes read too (one quantizer for the shared tensor; a
+        block's identity shortcut, as in a CIFAR ResNet)."""
+        if _keeps_grid(node):
+            return True
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        module = self._module(node.target)
+        return isinstance(module, _POOLS) or (type(module) is nn.Identity and len(node.args[0].users) > 1)
 
     def add_output_site(self, node: fx.Node) -> str | None:
         """Where the sum ``node`` is quantized: the ReLU that alone consumes it, else the innermost
@@ -173,7 +209,9 @@ class _Planner:
     def _passes_through(self, node: fx.Node) -> bool:
         if node.op == "call_module":
             return isinstance(self._module(node.target), _PASS_THROUGH)
-        return node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten")
+        return _keeps_grid(node) or (
+            node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten")
+        )
 
     def pass_through_root(self, node: Any) -> Any:
         """The tensor ``node`` is read from, looking through pass-through modules."""

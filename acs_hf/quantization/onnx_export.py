@@ -20,7 +20,7 @@ weight step. So activation codes are uint8 (signed ones at zero point 128), rang
 on the codes (``Clip`` on uint8: a float Clip before ``QuantizeLinear`` would block the fusion),
 BatchNorm is folded with the weight codes moved onto the int8 grid (``INT4 -> Cast -> Mul(2^k)``,
 folded when the session starts, so the file keeps 4-bit codes and the bias rounds 2^k finer), and each
-MaxPool of codes is quantized again at the same step (ONNX Runtime then pools the codes).
+MaxPool, Slice or zero Pad of codes is quantized again at the same step (ONNX Runtime then runs it on codes).
 
 The graph is traced by ``torch.onnx.export(dynamo=True)`` through the model's own forward, with
 each layer's quantizers swapped for export-time modules (custom ops whose eager meaning is LSQ's
@@ -49,7 +49,7 @@ from .onnx_passes import (
     fold_batchnorm_nodes,
     int8_weight_kernels,
     keep_float_biases,
-    requantize_after_max_pool,
+    requantize_after_code_ops,
     save_atomically,
 )
 from .onnx_qdq import deploy_view, translation_table
@@ -211,7 +211,7 @@ def _graph_passes(onnx_model: Any, fold_batchnorm: bool, integer_kernels: bool) 
     """The traced graph cleaned up, BatchNorm folded, and laid out for integer kernels where asked."""
     clean_up(onnx_model)
     if integer_kernels:  # before the fold, which needs a dequantized input on each Conv
-        requantize_after_max_pool(onnx_model)
+        requantize_after_code_ops(onnx_model)
     if fold_batchnorm:
         folded = fold_batchnorm_nodes(onnx_model, int8_kernels=integer_kernels)
         logger.info("export_onnx: folded %d BatchNormalization nodes", folded)

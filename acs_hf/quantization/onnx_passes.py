@@ -20,7 +20,7 @@ __all__ = [
     "clamp_on_codes",
     "int8_weight_kernels",
     "keep_float_biases",
-    "requantize_after_max_pool",
+    "requantize_after_code_ops",
     "save_atomically",
 ]
 
@@ -229,31 +229,45 @@ def int8_weight_kernels(model: Any) -> int:
     return cast
 
 
-def requantize_after_max_pool(model: Any) -> int:
-    """After each MaxPool of a dequantized tensor, quantize again at the same scale and zero point.
+def requantize_after_code_ops(model: Any) -> int:
+    """After each MaxPool, Slice or zero Pad of a dequantized tensor, quantize again at the same scale
+    and zero point.
 
-    Max pooling picks codes, so its output is already quantized: the added pair changes no value, and
-    lets ONNX Runtime run the pool on the codes and feed the next Conv or Add as an integer kernel.
-    Returns how many pools were wrapped."""
+    Each picks codes (or pads with the zero point's value, 0), so its output is already quantized: the
+    added pair changes no value, and lets ONNX Runtime run it on the codes and feed the next Conv or Add
+    as an integer kernel (a CIFAR ResNet's option-A shortcut: Slice then Pad). Nodes are visited in
+    graph order, so a chain of them is requantized link by link. Returns how many were wrapped."""
     import onnx_ir as ir
 
     graph, wrapped = model.graph, 0
-    for pool in [n for n in graph if n.op_type == "MaxPool"]:
-        dq = pool.inputs[0].producer()
-        out = pool.outputs[0]
-        if dq is None or dq.op_type != "DequantizeLinear" or out.is_graph_output() or len(pool.outputs) != 1:
+    for node in [n for n in graph if n.op_type in ("MaxPool", "Slice", "Pad")]:
+        dq = node.inputs[0].producer()
+        out = node.outputs[0]
+        if dq is None or dq.op_type != "DequantizeLinear" or out.is_graph_output() or len(node.outputs) != 1:
             continue
-        if any(u.op_type == "QuantizeLinear" for u, _ in out.uses()):
+        if (node.op_type == "Pad" and not _zero_pad(node)) or any(u.op_type == "QuantizeLinear" for u, _ in out.uses()):
             continue
         uses = list(out.uses())
         scale, zero = dq.inputs[1], dq.inputs[2]
         q = ir.node("QuantizeLinear", [out, scale, zero])
         back = ir.node("DequantizeLinear", [q.outputs[0], scale, zero])
-        graph.insert_after(pool, [q, back])
+        graph.insert_after(node, [q, back])
         for user, index in uses:
             user.replace_input_with(index, back.outputs[0])
         wrapped += 1
     return wrapped
+
+
+def _zero_pad(pad: Any) -> bool:
+    """A constant-mode Pad whose value is 0 (or absent, which means 0)."""
+    mode = pad.attributes.get_string("mode", "constant") if "mode" in pad.attributes else "constant"
+    if mode != "constant":
+        return False
+    value = pad.inputs[2] if len(pad.inputs) > 2 else None
+    if value is None:
+        return True
+    const = _const(value)
+    return const is not None and const.size == 1 and float(const.reshape(-1)[0]) == 0.0
 
 
 def clamp_on_codes(model: Any) -> int:
