@@ -162,87 +162,6 @@ def broken_links(text: str, folder: Path) -> list[str]:
     return broken
 
 
-def _docs(paths):
-    return pytest.mark.parametrize("path", paths, ids=[str(p.relative_to(ROOT)) for p in paths])
-
-
-def test_the_docs_are_there():
-    names = {p.name for p in CHECKED}
-    assert {"README.md", "arguments.md", "models.md", "resume.md", "checkpoints.md", "deploy.md", "api.md"} <= names
-    assert "architecture.md" in names and all(p.exists() for p in LINKS_ONLY)
-
-
-@_docs(CHECKED + LINKS_ONLY)
-def test_code_fences_are_balanced(path):
-    """An unclosed fence would hide the rest of a document from the checks (or show them a code block as prose)."""
-    assert len(re.findall(r"^```", path.read_text(), re.M)) % 2 == 0
-
-
-@_docs(CHECKED)
-def test_every_recipe_flag_exists(path):
-    assert not unknown_flags(path.read_text()), f"{path.name} names flags the recipe does not take"
-
-
-@_docs(CHECKED)
-def test_every_acs_hf_name_exists(path):
-    assert not unknown_names(path.read_text()), f"{path.name} names what acs_hf does not have"
-
-
-@_docs(CHECKED + LINKS_ONLY)
-def test_every_relative_link_resolves(path):
-    assert not broken_links(path.read_text(), path.parent), f"{path.name} links to what is not there"
-
-
-def test_api_page_names_every_public_name():
-    import acs_hf
-
-    api = (ROOT / "docs" / "api.md").read_text()
-    assert not [n for n in acs_hf.__all__ if f"acs_hf.{n}" not in api]
-
-
-def test_the_checks_see_the_real_docs():
-    """The extraction is not vacuous: the README's own commands and tables are read."""
-    readme = (ROOT / "README.md").read_text()
-    flags = recipe_flags(readme)
-    assert {"--integer_graph", "--export_onnx", "--pretrained_weights", "--per_device_train_batch_size"} <= flags
-    assert "acs_hf.load_quantized" in acs_hf_names(readme)
-    assert {"--fraction", "--selection_method", "--act_bits"} <= recipe_flags(
-        (ROOT / "docs" / "arguments.md").read_text()
-    )
-
-
-def test_the_checks_report_what_is_made_up(tmp_path):
-    """Each check reports a made-up flag, name and link, and leaves other programs' flags alone."""
-    (tmp_path / "there.md").write_text("# A heading\n")
-    made_up = """
-Pass `--made_up_flag` or `--fraction 0.3 --another_made_up 2`; `acs_hf.made_up_name` and `acs_hf.quantization.nope`.
-See [there](there.md#a-heading), [a missing page](docs/missing.md), [a missing heading](there.md#nowhere).
-
-```bash
-accelerate launch --multi_gpu --num_processes 8 --num_machines 2 recipes/run_acs.py --fraction 0.1 \\
-    --made_up_in_command 1   # --made_up_in_comment
-pip install -e ".[test]" && python -m pytest -q -m "not slow" tests
-python recipes/benchmark_deploy.py --quick
-```
-
-```python
-from acs_hf.selection import select_coreset, made_up_import
-```
-"""
-    assert unknown_flags(made_up) == ["--another_made_up", "--made_up_flag", "--made_up_in_command"]
-    assert "--fraction" in recipe_flags(made_up) and not {"--multi_gpu", "--num_processes", "--quick"} & recipe_flags(
-        made_up
-    )
-    assert unknown_names(made_up) == [
-        "acs_hf.made_up_name",
-        "acs_hf.quantization.nope",
-        "acs_hf.selection.made_up_import",
-    ]
-    assert broken_links(made_up, tmp_path) == ["docs/missing.md", "there.md#nowhere"]
-    valid = "`--fraction`, `--no_class_balanced`, `acs_hf.QuantConfig`, `acs_hf.training.trainer`, [r](there.md)"
-    assert not unknown_flags(valid) and not unknown_names(valid) and not broken_links(valid, tmp_path)
-
-
 def render_signature(qualified: str) -> str:
     """``acs_hf.name(a, b=1, *, c=None)``: how docs/api.md writes a public name's signature (no annotations)."""
     import dataclasses
@@ -272,10 +191,100 @@ def render_signature(qualified: str) -> str:
     return f"{qualified}({', '.join(parts)})"
 
 
-def test_api_page_signatures_are_the_code_s():
-    """docs/api.md writes each top-level name's signature as the code has it (regenerate the line if not)."""
+def stale_signatures(api: str) -> list[str]:
+    """The top-level signatures, as :func:`render_signature` writes them, that the API page does not hold."""
     import acs_hf
 
+    return [line for line in map(render_signature, (f"acs_hf.{n}" for n in acs_hf.__all__)) if line not in api]
+
+
+def _docs(paths):
+    return pytest.mark.parametrize("path", paths, ids=[str(p.relative_to(ROOT)) for p in paths])
+
+
+def test_the_docs_are_there():
+    names = {p.name for p in CHECKED}
+    assert {"README.md", "arguments.md", "models.md", "resume.md", "checkpoints.md", "deploy.md", "api.md"} <= names
+    assert "architecture.md" in names and all(p.exists() for p in LINKS_ONLY)
+
+
+@_docs(CHECKED + LINKS_ONLY)
+def test_code_fences_are_balanced(path):
+    """An unclosed fence would hide the rest of a document from the checks (or show them a code block as prose)."""
+    assert len(re.findall(r"^```", path.read_text(), re.M)) % 2 == 0
+
+
+@_docs(CHECKED)
+def test_every_recipe_flag_exists(path):
+    unknown = unknown_flags(path.read_text())
+    assert not unknown, f"{path.name} names flags the recipe does not take: {unknown}"
+
+
+@_docs(CHECKED)
+def test_every_acs_hf_name_exists(path):
+    unknown = unknown_names(path.read_text())
+    assert not unknown, f"{path.name} names what acs_hf does not have: {unknown}"
+
+
+@_docs(CHECKED + LINKS_ONLY)
+def test_every_relative_link_resolves(path):
+    broken = broken_links(path.read_text(), path.parent)
+    assert not broken, f"{path.name} links to what is not there: {broken}"
+
+
+def test_api_page_gives_every_public_signature():
+    """docs/api.md writes every top-level name with its signature as the code has it (paste the line if not)."""
+    stale = stale_signatures((ROOT / "docs" / "api.md").read_text())
+    assert not stale, f"docs/api.md lacks these signatures (or has old ones): {stale}"
+
+
+def test_the_checks_see_the_real_docs():
+    """The extraction is not vacuous: the README's own commands and tables are read."""
+    readme = (ROOT / "README.md").read_text()
+    flags = recipe_flags(readme)
+    assert {"--integer_graph", "--export_onnx", "--pretrained_weights", "--per_device_train_batch_size"} <= flags
+    assert "acs_hf.load_quantized" in acs_hf_names(readme)
+    assert {"--fraction", "--selection_method", "--act_bits"} <= recipe_flags(
+        (ROOT / "docs" / "arguments.md").read_text()
+    )
+
+
+def test_the_checks_report_what_is_made_up(tmp_path):
+    """Each check reports a made-up flag, name, link and signature, and leaves other programs' flags alone."""
+    (tmp_path / "there.md").write_text("# A heading\n")
+    made_up = """
+Pass `--made_up_flag` or `--fraction 0.3 --another_made_up 2`; `acs_hf.made_up_name` and `acs_hf.quantization.nope`.
+Run `python recipes/run_acs.py --made_up_in_span 1` with `accelerate launch --multi_gpu`.
+See [there](there.md#a-heading), [a missing page](docs/missing.md), [a missing heading](there.md#nowhere).
+
+```bash
+accelerate launch --multi_gpu --num_processes 8 --num_machines 2 recipes/run_acs.py --fraction 0.1 \\
+    --made_up_in_command 1   # --made_up_in_comment
+pip install -e ".[test]" && python -m pytest -q -m "not slow" tests
+python recipes/benchmark_deploy.py --quick
+```
+
+```python
+from acs_hf.selection import select_coreset, made_up_import
+```
+"""
+    assert unknown_flags(made_up) == [
+        "--another_made_up",
+        "--made_up_flag",
+        "--made_up_in_command",
+        "--made_up_in_span",
+    ]
+    assert "--fraction" in recipe_flags(made_up) and not {"--multi_gpu", "--num_processes", "--quick"} & recipe_flags(
+        made_up
+    )
+    assert unknown_names(made_up) == [
+        "acs_hf.made_up_name",
+        "acs_hf.quantization.nope",
+        "acs_hf.selection.made_up_import",
+    ]
+    assert broken_links(made_up, tmp_path) == ["docs/missing.md", "there.md#nowhere"]
+    valid = "`--fraction`, `--no_class_balanced`, `acs_hf.QuantConfig`, `acs_hf.training.trainer`, [r](there.md)"
+    assert not unknown_flags(valid) and not unknown_names(valid) and not broken_links(valid, tmp_path)
     api = (ROOT / "docs" / "api.md").read_text()
-    stale = [render_signature(f"acs_hf.{n}") for n in acs_hf.__all__]
-    assert not [line for line in stale if line not in api], "write these signatures into docs/api.md"
+    made_up_signature = api.replace("acs_hf.select_coreset(scores, labels, fraction,", "acs_hf.select_coreset(scores,")
+    assert stale_signatures(made_up_signature) == [render_signature("acs_hf.select_coreset")]
