@@ -1,4 +1,4 @@
-"""The shape of the package (README "Layout"): imports flow one way between its layers, no module
+"""The shape of the package (docs/architecture.md, "Layout"): imports flow one way between its layers, no module
 imports itself back through others, the trainer class is imported only by the recipe and the
 package's face, every name of the run folder is typed in one module, and the old flat module paths
 still import (with a DeprecationWarning)."""
@@ -115,7 +115,7 @@ def test_imports_flow_down_the_layers():
         for target in targets
         if _part(target) != _part(module) and LAYERS[_part(target)] >= LAYERS[_part(module)]
     ]
-    assert not upward, "imports against the layers (README Layout):\n" + "\n".join(sorted(upward))
+    assert not upward, "imports against the layers (docs/architecture.md, Layout):\n" + "\n".join(sorted(upward))
 
 
 def test_only_the_recipe_and_the_face_import_the_trainer_class():
