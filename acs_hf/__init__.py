@@ -159,7 +159,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
 
 def _register_model_families() -> None:
-    importlib.import_module("acs_hf.models")  # timm's @register_model runs at its import
+    importlib.import_module("acs_hf.families")  # timm's @register_model runs at its import
 
 
 def _register_after(name: str, register: Callable[[], None]) -> None:

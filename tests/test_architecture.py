@@ -25,7 +25,7 @@ LAYERS = {
     "data": 3,
     "metrics": 3,
     "integrations": 3,
-    "models": 1,
+    "families": 1,
     "training": 4,
     "run": 5,
     "__init__": 6,

@@ -21,6 +21,7 @@ FAMILIES = {
     "EfficientNet": "test_efficientnet",
     "ConvNeXt": "test_convnext",
     "RegNet": "regnetx_002",
+    "CifarResNet": "cifar_resnet20",
     "ViT": "test_vit",
     "DeiT": "deit_tiny_patch16_224",
     "Swin": "swin_tiny_patch4_window7_224",
