@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,12 @@ from ..quantization import (
 )
 from ..selection import check_coreset
 from ..training.arguments import ACSArguments
+from ..training.consistency import broadcast_module_state
 from ..training.qat_trainer import ImageClassificationTrainer
 from ..training.trainer import ACSTrainer
 from ..utils.io import atomic_write, atomic_write_json
 from .arguments import DataArguments, ModelArguments, RunArguments
-from .checks import output_dir_lock, preflight, set_aside_previous_run
+from .checks import check_resume_quantization, output_dir_lock, preflight, set_aside_previous_run
 
 __all__ = ["run_acs", "prepare_run_data", "default_output_dir", "save_student"]
 
@@ -120,6 +122,7 @@ def run_acs(
             raise ValueError(f"--export_onnx needs {', '.join(missing)}: pip install 'acs_hf[onnx]'")
     teacher_cache_dir = acs_args.teacher_cache_dir if acs_args.cache_teacher_outputs else "memory"
     preflight(training_args, teacher_cache_dir, push, run_args.overwrite_output_dir)
+    check_resume_quantization(training_args, qconfig)
     # One writer per folder: the global main process holds the lock (see output_dir_lock).
     with output_dir_lock(training_args.output_dir, enabled=training_args.process_index == 0):
         if run_args.overwrite_output_dir:  # under the lock: never under a run still writing there
@@ -235,6 +238,7 @@ def _run(
         selector=selector,
         score_dataset=ds.score_dataset,
         data_fingerprint=ds.fingerprint,
+        quant_config=qconfig,
         **_data_and_metrics(ds, compute_metrics),
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -258,14 +262,32 @@ def _run(
     return summary, trainer
 
 
+def _saved_warmups(training_args: TrainingArguments) -> list[Path]:
+    """Where a resumed run's FP warm-up model may be: the interrupted run's folder (the checkpoint's
+    parent: a resume may write into a new ``--output_dir``), then ``output_dir``."""
+    folders = [Path(training_args.resume_from_checkpoint).parent, Path(training_args.output_dir)]
+    return list(dict.fromkeys(RunLayout(f).fp_warmup / RunLayout.WEIGHTS for f in folders))
+
+
 def _warm_model(fp_model, ds, training_args: TrainingArguments, model_args: ModelArguments, compute_metrics):
-    """The FP model after its warm-up: the saved one when resuming, else trained (and saved) now."""
+    """The FP model after its warm-up: the interrupted run's when resuming, else trained (and saved) now."""
     warm = RunLayout(training_args.output_dir).fp_warmup / RunLayout.WEIGHTS
-    if training_args.resume_from_checkpoint and warm.is_file():
+    if training_args.resume_from_checkpoint:
         # The teacher and the QAT starting point must be the model the interrupted run used.
-        _load_warmup(fp_model, warm)
-        logger.info("Resuming: FP warm-up model loaded from %s", warm)
-        return fp_model
+        candidates = _saved_warmups(training_args)
+        saved = next((path for path in candidates if path.is_file()), None)
+        if saved is not None:
+            _load_warmup(fp_model, saved)
+            logger.info("Resuming: FP warm-up model loaded from %s", saved)
+            if saved != warm and training_args.process_index == 0:  # a later resume from this folder finds it
+                atomic_write(warm, lambda tmp: shutil.copyfile(saved, tmp))
+            return fp_model
+        logger.warning(
+            "Resuming from %s, but no saved FP warm-up model is in %s: training the warm-up again, so the "
+            "teacher and the QAT starting point differ from the interrupted run's",
+            training_args.resume_from_checkpoint,
+            " or ".join(str(p) for p in candidates),
+        )
     fp_model = _warmup(fp_model, ds, training_args, model_args, compute_metrics)
     if training_args.process_index == 0:
         state = {k: v.detach().cpu().contiguous() for k, v in fp_model.state_dict().items()}
@@ -283,6 +305,8 @@ def _teacher(model_args: ModelArguments, fp_model: torch.nn.Module, names: list[
 
 def _evaluate(trainer: ACSTrainer, teacher, ds, training_args: TrainingArguments, compute_metrics) -> dict[str, Any]:
     """The quantized model's evaluation, with the FP teacher's accuracy beside it."""
+    # Every process evaluates the model process 0 saved: training leaves each its own BatchNorm statistics.
+    broadcast_module_state(trainer.accelerator.unwrap_model(trainer.model))
     metrics = trainer.evaluate()
     fp_metrics = _fp_trainer(teacher, ds, training_args, compute_metrics, report_to=[]).evaluate(
         metric_key_prefix="fp_eval"
