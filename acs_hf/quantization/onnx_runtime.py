@@ -99,6 +99,8 @@ def onnx_session(
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"onnx_session: threads must be a positive integer or None, got {threads!r}")
+    if exact_on_avx2 is not None and not isinstance(exact_on_avx2, bool):
+        raise ValueError(f"onnx_session: exact_on_avx2 must be True, False or None (auto), got {exact_on_avx2!r}")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or physical_cores()
