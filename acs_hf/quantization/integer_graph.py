@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import weakref
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..utils.upstream import forward_hook_count, remove_forward_hook
 from .lsq import LSQQuantizer, check_bits
 from .modules import LayerQuantConfig
 
@@ -226,7 +226,7 @@ def plan_integer_graph(
     _place_additions(planner, plan, config)
     _quantize_shared_inputs_once(planner, plan, config)
     _drop_inputs_quantized_upstream(planner, plan)
-    _log_plan(plan)
+    _log_plan(plan, model)
     return plan
 
 
@@ -244,11 +244,36 @@ def _place_additions(planner: _Planner, plan: IntegerGraphPlan, config: OutputQu
         sites = [planner.tensor_site(a) for a in node.args[:2]] + [planner.add_output_site(node)]
         if None in sites or sites[0] == sites[1]:
             which = ["first input", "second input", "sum"][sites.index(None)] if None in sites else "inputs"
-            plan.float_adds.append(f"{_describe(node)}: its {which} is not the output of a module called once")
+            plan.float_adds.append(f"{_describe(node)}: {_why_float(planner, node, which)}")
             continue
         for site in sites:
             plan.outputs.setdefault(site, _site_config(planner.model, site, config))
         plan.integer_adds.append(_describe(node))
+
+
+def _why_float(planner: _Planner, node: fx.Node, which: str) -> str:
+    """Why the addition ``node``'s ``which`` (``first input``, ``second input``, ``sum``, ``inputs``) takes no
+    output quantizer: named when it is a module called several times (torchvision's ResNet calls one
+    ``relu`` two or three times a block), where one quantizer would serve every call."""
+    if which == "sum":
+        users = list(node.users)
+        tensor = users[0] if len(users) == 1 and users[0].op == "call_module" else None
+    else:
+        tensor = node.args[0 if which == "first input" else 1] if which != "inputs" else None
+    while (
+        isinstance(tensor, fx.Node)
+        and tensor.op == "call_module"
+        and isinstance(planner._module(tensor.target), _POOLS)
+    ):
+        tensor = tensor.args[0]
+    calls = planner.calls.get(tensor.target, 1) if isinstance(tensor, fx.Node) and tensor.op == "call_module" else 1
+    if calls > 1:
+        goes = "goes into" if which == "sum" else "comes out of"
+        return (
+            f"its {which} {goes} {tensor.target!r}, a module called {calls} times (an output quantizer would "
+            "serve every call; give each call a module of its own)"
+        )
+    return f"its {which} is not the output of a module called once"
 
 
 def _quantize_shared_inputs_once(planner: _Planner, plan: IntegerGraphPlan, config: OutputQuantConfig) -> None:
@@ -276,7 +301,15 @@ def _drop_inputs_quantized_upstream(planner: _Planner, plan: IntegerGraphPlan) -
             plan.layers[node.target] = LayerQuantConfig(**{**setting.to_dict(), "act_bits": None, "act_signed": None})
 
 
-def _log_plan(plan: IntegerGraphPlan) -> None:
+def _log_plan(plan: IntegerGraphPlan, model: nn.Module) -> None:
+    if not plan.float_adds and not plan.integer_adds:
+        logger.warning(
+            "integer_graph: %s has no residual addition (an addition of two computed tensors; DenseNet, for one, "
+            "concatenates): %s, so in ONNX Runtime its convolutions stay float%s",
+            type(model).__name__,
+            f"only {len(plan.outputs)} output quantizer(s) are added" if plan.outputs else "nothing is placed",
+            " except those whose output is quantized" if plan.outputs else "",
+        )
     if plan.float_adds:
         more = len(plan.float_adds) - 4
         listed = "; ".join(plan.float_adds[:4]) + (f"; and {more} more" if more > 0 else "")
@@ -288,11 +321,6 @@ def _log_plan(plan: IntegerGraphPlan) -> None:
 
 
 # -- output quantizers on modules -----------------------------------------------------------------
-#: Modules that carry the hook (it does nothing once their quantizer is removed; torch keeps no public
-#: way to find a hook again without its handle).
-_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
 def _quantize_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
     """Forward hook: the module's output through its ``output_quantizer`` (if it still has one)."""
     quantizer = getattr(module, "output_quantizer", None)
@@ -314,9 +342,8 @@ def quantize_outputs(model: nn.Module, outputs: Mapping[str, OutputQuantConfig])
             config.bits, signed=config.signed, compiled=config.compiled, name=f"{name}.output_quantizer"
         )
         module.output_quantizer = quantizer.to(device) if device is not None else quantizer
-        if module not in _HOOKED:
+        if not forward_hook_count(module, _quantize_output):  # a copy of a quantized module keeps its hook
             module.register_forward_hook(_quantize_output)
-            _HOOKED.add(module)
     return model
 
 
@@ -330,7 +357,9 @@ def output_quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
 
 
 def remove_output_quantizers(model: nn.Module) -> nn.Module:
-    """Undo :func:`quantize_outputs` in place: the quantizers go (their hooks then do nothing)."""
+    """Undo :func:`quantize_outputs` in place: the quantizers and their forward hooks go."""
     for name, _ in output_quantizers(model):
-        del model.get_submodule(name).output_quantizer
+        module = model.get_submodule(name)
+        del module.output_quantizer
+        remove_forward_hook(module, _quantize_output)
     return model
