@@ -28,6 +28,7 @@ from onnx import numpy_helper
 from timm.layers import Conv2dSame
 from torch import nn
 
+import acs_hf
 from acs_hf import (
     QuantConfig,
     calibrate_quantizers,
@@ -473,3 +474,21 @@ def test_a_fixed_batch_export_without_an_example_runs_one_image(tmp_path):
     assert dims[0].dim_value == 1
     logits = run_ort(path, evals)  # a folded BatchNorm moves the logits a little, not the class
     assert logits.shape == (1, 10) and logits.argmax(1) == torch_logits(model, evals).argmax(1)
+
+
+def test_the_speed_against_fp32_is_a_median_with_its_spread(tmp_path, monkeypatch):
+    """Issue 37: the recipe's one-shot speed line ranged from 0.26x to 5.7x FP32 over runs of one size on a
+    loaded machine; it is now the median of several measurements, with their range."""
+    import acs_hf.quantization.onnx_runtime as onnx_runtime
+
+    measured = iter([0.26, 2.0, 5.7, 1.8, 1.9])
+    monkeypatch.setattr(onnx_runtime, "onnx_speedup", lambda *args, **kwargs: next(measured))
+    counts = {k: {"integer": 1, "float": 0} for k in ("conv", "add", "matmul")}
+    monkeypatch.setattr(onnx_runtime, "integer_kernel_counts", lambda path: counts)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    result = acs_hf.compare_with_float(tmp_path / "model.onnx", model, (3, 8, 8))
+    assert result["speedup_over_fp32"] == 1.9 and result["speedup_range"] == (0.26, 5.7)
+    assert "1.90x the speed of the FP32 model" in result["summary"]
+    assert "median of 5 measurements, 0.26x to 5.70x" in result["summary"]
+    with pytest.raises(ValueError, match="repeats must be a positive integer, got 0"):
+        acs_hf.compare_with_float(tmp_path / "model.onnx", model, (3, 8, 8), repeats=0)
