@@ -307,7 +307,7 @@ def test_truncated_fp_warmup_model_is_named(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from acs_hf.run.recipe import _load_warmup
+    from acs_hf.training.checkpoints import load_warmup as _load_warmup
 
     model = timm.create_model("test_resnet", num_classes=3)
     path = tmp_path / "fp_warmup" / "model.safetensors"

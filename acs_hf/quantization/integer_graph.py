@@ -252,26 +252,15 @@ def _place_additions(planner: _Planner, plan: IntegerGraphPlan, config: OutputQu
 
 
 def _why_float(planner: _Planner, node: fx.Node, which: str) -> str:
-    """Why the addition ``node``'s ``which`` (``first input``, ``second input``, ``sum``, ``inputs``) takes no
-    output quantizer: named when it is a module called several times (torchvision's ResNet calls one
-    ``relu`` two or three times a block), where one quantizer would serve every call."""
-    if which == "sum":
-        users = list(node.users)
-        tensor = users[0] if len(users) == 1 and users[0].op == "call_module" else None
-    else:
-        tensor = node.args[0 if which == "first input" else 1] if which != "inputs" else None
-    while (
-        isinstance(tensor, fx.Node)
-        and tensor.op == "call_module"
-        and isinstance(planner._module(tensor.target), _POOLS)
-    ):
-        tensor = tensor.args[0]
+    """Why the addition ``node``'s ``which`` takes no quantizer (torchvision's ResNet reuses one ``relu``)."""
+    users = list(node.users)
+    tensor = {"first input": node.args[0], "second input": node.args[1], "sum": users[0] if len(users) == 1 else None}
+    tensor = planner.pass_through_root(tensor.get(which))
     calls = planner.calls.get(tensor.target, 1) if isinstance(tensor, fx.Node) and tensor.op == "call_module" else 1
     if calls > 1:
-        goes = "goes into" if which == "sum" else "comes out of"
         return (
-            f"its {which} {goes} {tensor.target!r}, a module called {calls} times (an output quantizer would "
-            "serve every call; give each call a module of its own)"
+            f"its {which} {'goes into' if which == 'sum' else 'comes out of'} {tensor.target!r}, a module called "
+            f"{calls} times (an output quantizer would serve every call; give each call a module of its own)"
         )
     return f"its {which} is not the output of a module called once"
 
@@ -303,13 +292,9 @@ def _drop_inputs_quantized_upstream(planner: _Planner, plan: IntegerGraphPlan) -
 
 def _log_plan(plan: IntegerGraphPlan, model: nn.Module) -> None:
     if not plan.float_adds and not plan.integer_adds:
-        logger.warning(
-            "integer_graph: %s has no residual addition (an addition of two computed tensors; DenseNet, for one, "
-            "concatenates): %s, so in ONNX Runtime its convolutions stay float%s",
-            type(model).__name__,
-            f"only {len(plan.outputs)} output quantizer(s) are added" if plan.outputs else "nothing is placed",
-            " except those whose output is quantized" if plan.outputs else "",
-        )
+        placed = f"only {len(plan.outputs)} output quantizer(s) placed" if plan.outputs else "nothing is placed"
+        why = "an addition of two computed tensors; DenseNet, for one, concatenates"
+        logger.warning("integer_graph: %s has no residual addition (%s): %s", type(model).__name__, why, placed)
     if plan.float_adds:
         more = len(plan.float_adds) - 4
         listed = "; ".join(plan.float_adds[:4]) + (f"; and {more} more" if more > 0 else "")

@@ -191,8 +191,7 @@ def export_onnx(
             code in int8/uint8 (its LSQ range enforced by a Clip).
         int4_narrow_activations: 2-3 bit activations in int4/uint4 too (then onnxruntime 1.32 needs
             ``disabled_optimizers=["ClipQuantRewrite"]``); default int8/uint8.
-        dynamic_batch: a symbolic batch dimension; ``False`` fixes the example's batch size (1 without an
-            example).
+        dynamic_batch: a symbolic batch dimension; ``False`` fixes the example's batch (1 without one).
         fold_batchnorm: fold each BatchNormalization after a quantized Conv into per-channel weight scales and
             an int32 bias (a negative gain gives a negative scale, a zero gain zero codes), so that ONNX Runtime
             runs integer convolutions; outputs differ from PyTorch by the bias's rounding. Default: ``integer_kernels``.

@@ -8,12 +8,11 @@ import dataclasses
 import importlib.util
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, TrainingArguments
 
 from ..data.loading import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
@@ -30,6 +29,8 @@ from ..quantization import (
 )
 from ..selection import check_coreset
 from ..training.arguments import ACSArguments
+from ..training.checkpoint_state import quantization_settings
+from ..training.checkpoints import load_resumed_warmup
 from ..training.consistency import broadcast_module_state
 from ..training.qat_trainer import ImageClassificationTrainer
 from ..training.trainer import ACSTrainer
@@ -141,16 +142,6 @@ def _remove_if_empty(directory: Path) -> None:
         pass
 
 
-def _load_warmup(model: torch.nn.Module, path: Path) -> None:
-    try:
-        state = load_file(path)
-    except Exception as e:  # safetensors raises several types for a truncated file
-        raise ValueError(
-            f"the saved FP warm-up model {path} is unreadable ({e}); delete it to train the warm-up again"
-        ) from e
-    model.load_state_dict(state)
-
-
 def prepare_run_data(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
 ) -> tuple[ImageDatasets, torch.nn.Module]:
@@ -238,9 +229,9 @@ def _run(
         selector=selector,
         score_dataset=ds.score_dataset,
         data_fingerprint=ds.fingerprint,
-        quant_config=qconfig,
         **_data_and_metrics(ds, compute_metrics),
     )
+    trainer.checkpointer.quantization = quantization_settings(qconfig)  # recorded in checkpoints, checked on resume
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_metrics("train", train_result.metrics)
     out = Path(training_args.output_dir)
@@ -262,32 +253,11 @@ def _run(
     return summary, trainer
 
 
-def _saved_warmups(training_args: TrainingArguments) -> list[Path]:
-    """Where a resumed run's FP warm-up model may be: the interrupted run's folder (the checkpoint's
-    parent: a resume may write into a new ``--output_dir``), then ``output_dir``."""
-    folders = [Path(training_args.resume_from_checkpoint).parent, Path(training_args.output_dir)]
-    return list(dict.fromkeys(RunLayout(f).fp_warmup / RunLayout.WEIGHTS for f in folders))
-
-
 def _warm_model(fp_model, ds, training_args: TrainingArguments, model_args: ModelArguments, compute_metrics):
     """The FP model after its warm-up: the interrupted run's when resuming, else trained (and saved) now."""
     warm = RunLayout(training_args.output_dir).fp_warmup / RunLayout.WEIGHTS
-    if training_args.resume_from_checkpoint:
-        # The teacher and the QAT starting point must be the model the interrupted run used.
-        candidates = _saved_warmups(training_args)
-        saved = next((path for path in candidates if path.is_file()), None)
-        if saved is not None:
-            _load_warmup(fp_model, saved)
-            logger.info("Resuming: FP warm-up model loaded from %s", saved)
-            if saved != warm and training_args.process_index == 0:  # a later resume from this folder finds it
-                atomic_write(warm, lambda tmp: shutil.copyfile(saved, tmp))
-            return fp_model
-        logger.warning(
-            "Resuming from %s, but no saved FP warm-up model is in %s: training the warm-up again, so the "
-            "teacher and the QAT starting point differ from the interrupted run's",
-            training_args.resume_from_checkpoint,
-            " or ".join(str(p) for p in candidates),
-        )
+    if training_args.resume_from_checkpoint and load_resumed_warmup(fp_model, training_args):
+        return fp_model  # the teacher and the QAT starting point must be the model the interrupted run used
     fp_model = _warmup(fp_model, ds, training_args, model_args, compute_metrics)
     if training_args.process_index == 0:
         state = {k: v.detach().cpu().contiguous() for k, v in fp_model.state_dict().items()}

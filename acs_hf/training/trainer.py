@@ -20,7 +20,7 @@ from ..selection import Selector
 from ..utils.upstream import dataset_fingerprint, trainer_output_dir
 from .arguments import ACSArguments
 from .callback import SelectionCallback, dispatch_selection
-from .checkpoint_state import SelectionCheckpointer, continue_schedule, quantization_settings
+from .checkpoint_state import SelectionCheckpointer, continue_schedule
 from .checkpoints import PAIRING_KEY
 from .consistency import check_same_across_processes
 from .qat_trainer import QATTrainer
@@ -54,8 +54,6 @@ class ACSTrainer(QATTrainer):
             the ``datasets`` fingerprint, N and the labels); a resume on other data is refused.
             Default: the ``datasets`` fingerprint of ``train_dataset`` when it has one.
         selector: the run's selector; default ``acs_args.create_selector()`` (built once, here).
-        quant_config: the :class:`~acs_hf.QuantConfig` the student was quantized with, recorded in each
-            checkpoint; a resume from a checkpoint that records other settings is refused.
         *args, **kwargs: as for ``transformers.Trainer``; ``model`` is prepared with
             :func:`acs_hf.quantize_model`, batches are dicts with ``pixel_values`` and ``labels``.
 
@@ -73,7 +71,6 @@ class ACSTrainer(QATTrainer):
         report_selection: bool = True,
         data_fingerprint: str | None = None,
         selector: Selector | None = None,
-        quant_config: Any | None = None,
         **kwargs: Any,
     ) -> None:
         self.acs_args = acs_args = acs_args or ACSArguments()
@@ -89,7 +86,6 @@ class ACSTrainer(QATTrainer):
         self.selection = SelectionState()
         self.rounds = RoundRunner(self._round_context(), acs_args, self.selector, score_dataset, n, data_fingerprint)
         self.checkpointer = SelectionCheckpointer(acs_args.selection_method, acs_args.fraction, n, data_fingerprint)
-        self.checkpointer.quantization = quantization_settings(quant_config)
         self._resume_epochs: int | None = None  # epochs done by a checkpoint of another process count
         self.selection_callback = SelectionCallback(self.selection, self.rounds, self._publish)
         if not self.selector.selects_all:
