@@ -16,3 +16,12 @@ def test_unknown_name_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="no attribute 'ACSTrainr'"):
         acs_hf.ACSTrainr  # noqa: B018
+
+
+def test_the_onnx_helpers_are_exported_together():
+    """Issue 37: the README announces acs_hf.onnx_speedup and acs_hf.compare_with_float beside the other
+    ONNX helpers; they lived only in acs_hf.quantization."""
+    from acs_hf import quantization
+
+    for name in ("export_onnx", "onnx_session", "integer_kernel_counts", "onnx_speedup", "compare_with_float"):
+        assert name in acs_hf.__all__ and getattr(acs_hf, name) is getattr(quantization, name), name

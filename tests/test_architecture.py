@@ -237,3 +237,45 @@ def test_the_old_module_paths_import_the_moved_modules_with_a_warning():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["ok", str(len(MOVED_MODULES))]
+
+
+#: Issue 37: names of acs_hf 0.1's ``__all__`` that the new homes of their modules lack, with the value
+#: each must still give through the old path.
+OLD_NAMES = {
+    "acs_hf.scoring": {"ORDER_KEY": "order"},
+    "acs_hf.reporting": {
+        "RECORD_NAME": "acs_selection.jsonl",
+        "PLOT_NAME": "acs_selection.png",
+        "SUBSET_DIR": "selection",
+    },  # fmt: skip
+    "acs_hf.checkpoint_folders": {
+        "read_array": None,
+        "read_arrays": None,
+        "check_resume_layout": None,
+        "set_aside_previous_run": None,
+    },  # fmt: skip
+}
+
+
+def test_the_old_module_paths_give_every_name_of_their_old_all():
+    import importlib
+    import warnings
+
+    from acs_hf.utils.moved import REMOVED_NAMES
+
+    for old, names in OLD_NAMES.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+            for name, value in names.items():
+                found = getattr(module, name)
+                assert found == value if value is not None else callable(found), (old, name)
+        moved = [str(w.message) for w in caught if w.category is DeprecationWarning and "in acs_hf 0.2" in str(w)]
+        assert all(any(f"{old}.{name} moved to" in m for m in moved) for name in names), moved
+    for old, names in REMOVED_NAMES.items():  # no replacement: the error says what does the job now
+        module = importlib.import_module(old)
+        for name, replacement in names.items():
+            with pytest.raises(AttributeError, match=f"{name} is gone in acs_hf 0.2: {re.escape(replacement)}"):
+                getattr(module, name)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        importlib.import_module("acs_hf.scoring").no_such_name  # noqa: B018

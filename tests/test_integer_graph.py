@@ -3,6 +3,7 @@ quantized once, that training, calibration and checkpoints see the new quantizer
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -127,3 +128,51 @@ def test_checkpoint_round_trip_and_dequantize(tmp_path):
     float_model.load_state_dict(loaded.state_dict())  # nothing of the quantization is left
     with torch.no_grad():
         assert torch.equal(loaded(x), float_model(x))
+
+
+def _output_hooks(model: nn.Module) -> int:
+    from acs_hf.quantization.output_quant import _quantize_output
+
+    return sum(h is _quantize_output for m in model.modules() for h in m._forward_hooks.values())
+
+
+def test_dequantize_removes_the_output_hooks_and_a_copy_quantized_again_has_one_each():
+    """Issue 37: dequantize_model left one no-op hook per output quantizer (20 on resnet18), and a copy
+    dequantized and quantized again carried two."""
+    model = quantize_model(timm.create_model("resnet18", num_classes=10), QuantConfig(4, 4, integer_graph=True))
+    placed = len(output_quantizers(model))
+    assert _output_hooks(model) == placed == 20
+    copy_ = dequantize_model(copy.deepcopy(model))
+    assert _output_hooks(copy_) == 0 and _output_hooks(model) == placed
+    quantize_model(copy_, QuantConfig(4, 4, integer_graph=True))
+    assert _output_hooks(copy_) == placed
+    assert _output_hooks(dequantize_model(model)) == 0
+
+
+def test_upstream_still_has_the_module_hook_tables():
+    from acs_hf.utils.upstream import check_upstream
+
+    assert not [p for p in check_upstream() if "hooks" in p]
+
+
+def test_a_model_without_residual_additions_is_warned_about_with_the_reason(caplog):
+    """Issue 37: on densenet121 the placement adds nothing (it concatenates), said in one INFO line."""
+    model = timm.create_model("densenet121", num_classes=10)
+    with caplog.at_level(logging.WARNING, logger="acs_hf.quantization.integer_graph"):
+        quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, integer_graph=True))
+    assert output_quantizers(model) == []
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("DenseNet has no residual addition" in m and "nothing is placed" in m for m in warned), warned
+
+
+def test_a_module_called_several_times_is_named_as_the_reason(caplog):
+    """Issue 37: torchvision's ResNet calls one ``relu`` module twice a block (three times in a
+    Bottleneck); the warning said only that a tensor was not the output of a module called once."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10)
+    with caplog.at_level(logging.WARNING, logger="acs_hf.quantization.integer_graph"):
+        quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, integer_graph=True))
+    assert "8 of 8 residual additions stay float" in caplog.text
+    assert "its sum goes into 'layer1.0.relu', a module called 2 times" in caplog.text
+    assert "its second input comes out of 'layer1.0.relu', a module called 2 times" in caplog.text

@@ -28,6 +28,7 @@ from onnx import numpy_helper
 from timm.layers import Conv2dSame
 from torch import nn
 
+import acs_hf
 from acs_hf import (
     QuantConfig,
     calibrate_quantizers,
@@ -408,3 +409,86 @@ def test_inverted_residuals_run_in_integer_kernels(tmp_path):
     unfolded = export_onnx(model, tmp_path / "unfolded.onnx", input_size=(3, 32, 32), fold_batchnorm=False)
     ref = torch_logits(model, x)  # the clamp on the codes is exact: the unfolded graph matches PyTorch
     np.testing.assert_allclose(run_ort(unfolded, x), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+# -- issue 37: arguments checked, sizes read where the model keeps them -----------------------------------
+class _Traced(Exception):
+    """Raised by a stand-in for the tracer, with the example batch export_onnx built."""
+
+
+@pytest.fixture
+def traced_example(monkeypatch):
+    """export_onnx stops where it would trace; the ``_Traced`` exception carries the example batch."""
+    import acs_hf.quantization.onnx_export as onnx_export
+
+    def capture(model, x, *args, **kwargs):
+        raise _Traced(x)
+
+    monkeypatch.setattr(onnx_export, "_trace", capture)
+
+
+def test_onnx_session_refuses_a_non_bool_exact_on_avx2(tmp_path):
+    """``exact_on_avx2="no"`` turned the exact kernels on (a truthy string): checked like ``threads``."""
+    with pytest.raises(ValueError, match="exact_on_avx2 must be True, False or None .*got 'no'"):
+        onnx_session(tmp_path / "model.onnx", exact_on_avx2="no")
+
+
+def test_input_size_with_the_wrong_channel_count_is_refused_before_tracing(tmp_path, traced_example):
+    model = quantize_model(fp_model("timm"), QuantConfig(4, 4))
+    calibrate_quantizers(model, [torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE)])
+    message = "the images have 1 channel.* the model's first convolution takes 3"
+    with pytest.raises(ValueError, match=message):
+        export_onnx(model, tmp_path / "model.onnx", input_size=(1, IMAGE_SIZE, IMAGE_SIZE))
+    with pytest.raises(ValueError, match=message):
+        export_onnx(model, tmp_path / "model.onnx", torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE))
+    with pytest.raises(_Traced):  # the right count passes
+        export_onnx(model, tmp_path / "model.onnx", input_size=(3, IMAGE_SIZE, IMAGE_SIZE))
+
+
+def test_the_input_size_of_a_model_loaded_with_from_pretrained_is_read_from_its_config(tmp_path, traced_example):
+    """transformers' timm wrapper keeps timm's ``pretrained_cfg`` in its config, not on the model."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    config = TimmWrapperConfig(architecture="test_resnet", num_labels=10, pretrained_cfg={"input_size": [3, 20, 24]})
+    model = TimmWrapperForImageClassification(config)
+    with pytest.raises(_Traced) as traced:
+        export_onnx(model, tmp_path / "model.onnx")
+    assert tuple(traced.value.args[0].shape) == (2, 3, 20, 24)
+
+
+def test_a_fixed_batch_without_an_example_is_one_image(tmp_path, traced_example):
+    model = quantize_model(fp_model("timm"), QuantConfig(4, 4))
+    calibrate_quantizers(model, [torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE)])
+    with pytest.raises(_Traced) as traced:
+        export_onnx(model, tmp_path / "model.onnx", input_size=(3, IMAGE_SIZE, IMAGE_SIZE), dynamic_batch=False)
+    assert traced.value.args[0].shape[0] == 1
+
+
+@pytest.mark.slow
+def test_a_fixed_batch_export_without_an_example_runs_one_image(tmp_path):
+    """``dynamic_batch=False`` fixed the batch at the 2 images made up for tracing: batch 1 failed in ORT."""
+    model = integer_student(4)
+    path = export_onnx(model, tmp_path / "fixed.onnx", input_size=(3, IMAGE_SIZE, IMAGE_SIZE), dynamic_batch=False)
+    evals = trained("timm")[3][:1]
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 1
+    logits = run_ort(path, evals)  # a folded BatchNorm moves the logits a little, not the class
+    assert logits.shape == (1, 10) and logits.argmax(1) == torch_logits(model, evals).argmax(1)
+
+
+def test_the_speed_against_fp32_is_a_median_with_its_spread(tmp_path, monkeypatch):
+    """Issue 37: the recipe's one-shot speed line ranged from 0.26x to 5.7x FP32 over runs of one size on a
+    loaded machine; it is now the median of several measurements, with their range."""
+    import acs_hf.quantization.onnx_runtime as onnx_runtime
+
+    measured = iter([0.26, 2.0, 5.7, 1.8, 1.9])
+    monkeypatch.setattr(onnx_runtime, "onnx_speedup", lambda *args, **kwargs: next(measured))
+    counts = {k: {"integer": 1, "float": 0} for k in ("conv", "add", "matmul")}
+    monkeypatch.setattr(onnx_runtime, "integer_kernel_counts", lambda path: counts)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    result = acs_hf.compare_with_float(tmp_path / "model.onnx", model, (3, 8, 8))
+    assert result["speedup_over_fp32"] == 1.9 and result["speedup_range"] == (0.26, 5.7)
+    assert "1.90x the speed of the FP32 model" in result["summary"]
+    assert "median of 5 measurements, 0.26x to 5.70x" in result["summary"]
+    with pytest.raises(ValueError, match="repeats must be a positive integer, got 0"):
+        acs_hf.compare_with_float(tmp_path / "model.onnx", model, (3, 8, 8), repeats=0)

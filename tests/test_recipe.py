@@ -307,7 +307,7 @@ def test_truncated_fp_warmup_model_is_named(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from acs_hf.run.recipe import _load_warmup
+    from acs_hf.training.checkpoints import load_warmup as _load_warmup
 
     model = timm.create_model("test_resnet", num_classes=3)
     path = tmp_path / "fp_warmup" / "model.safetensors"
@@ -506,3 +506,51 @@ def test_export_onnx_needs_the_extra(recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     with pytest.raises(ValueError, match=r"--export_onnx needs onnxscript: pip install 'acs_hf\[onnx\]'"):
         recipe.main([DEMO, "--output_dir", str(tmp_path), *TINY_RUN, "--export_onnx", "true"])
+
+
+def _checkpoint(folder: Path, quantization: dict | None = None, weights: dict | None = None) -> Path:
+    """A checkpoint folder with what the resume checks read: the ACS state (and its recorded
+    quantization settings) and, optionally, weights."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    state = {"global_step": 5, **({"quantization": quantization} if quantization is not None else {})}
+    (folder / "acs_state.json").write_text(json.dumps(state))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 5}))
+    if weights is not None:
+        save_file(weights, folder / "model.safetensors")
+    return folder
+
+
+W4A4 = {"weight_bits": 4, "act_bits": 4, "first_last_bits": 8, "per_channel_weights": False, "exclude": [],
+        "integer_graph": False}  # fmt: skip
+
+
+def test_resume_with_other_quantization_settings_refused_before_loading_data(recipe, tmp_path, no_data):
+    """Issue 37: a W4A4 checkpoint resumed at W8A8 ran to the end and saved a W8A8 config; one resumed
+    with --integer_graph flipped failed in transformers' checkpoint loading, after the data and the
+    calibration, naming no setting. Both are refused before any data is loaded, naming each change."""
+    ckpt = _checkpoint(tmp_path / "old" / "checkpoint-5", W4A4)
+    argv = [DEMO, "--output_dir", str(tmp_path / "new"), "--resume_from_checkpoint", str(ckpt)]
+    changed = ["--weight_bits", "8", "--act_bits", "8", "--integer_graph", "true"]
+    with pytest.raises(ValueError, match="other quantization settings") as refused:
+        recipe.main([*argv, *changed])
+    for expected in ("weight_bits: 4 in the checkpoint, 8 on the command line",
+                     "act_bits: 4 in the checkpoint, 8 on the command line",
+                     "integer_graph: False in the checkpoint, True on the command line"):  # fmt: skip
+        assert expected in str(refused.value)
+    assert "first_last_bits" not in str(refused.value)  # unchanged settings are not named
+    with pytest.raises(AssertionError, match="not caught before loading data"):  # the same settings pass
+        recipe.main([*argv, "--compile_kernels", "true"])  # kernels may change: same quantizers, same math
+
+
+def test_resume_of_an_older_checkpoint_with_integer_graph_flipped_refused(recipe, tmp_path, no_data):
+    """A checkpoint that records no settings (older versions, the ``full`` selector): its weights show
+    whether it has output quantizers (--integer_graph)."""
+    weights = {"conv1.weight": torch.zeros(1), "layer1.0.bn2.output_quantizer.step": torch.ones(1)}
+    ckpt = _checkpoint(tmp_path / "old" / "checkpoint-5", weights=weights)
+    argv = [DEMO, "--output_dir", str(tmp_path / "new"), "--resume_from_checkpoint", str(ckpt)]
+    with pytest.raises(ValueError, match="integer_graph: True in the checkpoint, False on the command line"):
+        recipe.main(argv)
+    with pytest.raises(AssertionError, match="not caught before loading data"):
+        recipe.main([*argv, "--integer_graph", "true"])

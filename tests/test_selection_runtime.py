@@ -196,3 +196,29 @@ def test_the_checkpoint_files_restore_the_state_and_refuse_other_data(setup, tmp
     other = SelectionCheckpointer("random_static", 0.25, N, "other data")
     with pytest.raises(ValueError, match="was trained on other data"):
         other.restore(folder, 1, SelectionState(), selector)
+
+
+def test_the_checkpoint_records_the_quantization_settings_and_refuses_others(setup, tmp_path):
+    """Issue 37: a resume with other quantization settings than the checkpoint's is refused, naming each."""
+    from acs_hf import QuantConfig
+    from acs_hf.training.checkpoint_state import quantization_settings
+
+    runner = _runner(setup, selection_method="random_static")
+    state = SelectionState()
+    subset, record = runner.run(epoch=0, num_epochs=4, state=state)
+    state.take(subset, 0, record)
+    w4a4 = quantization_settings(QuantConfig(weight_bits=4, act_bits=4))
+    checkpointer = SelectionCheckpointer("random_static", 0.25, N, "data", run_id="r", quantization=w4a4)
+    folder = RunLayout(tmp_path).checkpoint(5)
+    identity = checkpointer.save(folder, state, runner.selector, None, global_step=5, world_size=1)
+    trainer_state = {"global_step": 5, "stateful_callbacks": {PAIRING_KEY: {"args": {}, "attributes": identity}}}
+    (folder / RunLayout.TRAINER_STATE).write_text(json.dumps(trainer_state))
+    assert json.loads((folder / RunLayout.ACS_STATE).read_text())["quantization"] == w4a4
+    selector = ACSArguments(selection_method="random_static").create_selector()
+    w8a8 = quantization_settings(QuantConfig(weight_bits=8, act_bits=8))
+    other = SelectionCheckpointer("random_static", 0.25, N, "data", quantization=w8a8)
+    with pytest.raises(ValueError, match="weight_bits: 4 in the checkpoint, 8 in this run; act_bits: 4 in"):
+        other.restore(folder, 1, SelectionState(), selector)
+    SelectionCheckpointer("random_static", 0.25, N, "data", quantization=w4a4).restore(
+        folder, 1, SelectionState(), selector
+    )

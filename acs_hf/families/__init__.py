@@ -1,4 +1,4 @@
-"""Model families acs_hf adds to timm's registry (registered once both acs_hf and timm are imported, in either order)."""
+"""Model families acs_hf adds to timm's registry (registered once acs_hf and timm are both imported)."""
 
 from .cifar_resnet import CifarResNet, ShortcutA
 

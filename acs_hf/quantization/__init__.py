@@ -4,14 +4,7 @@ Each step is a function you can call alone (torchao-style); ``dequantize_model``
 Knows nothing of data, coreset selection or transformers.
 """
 
-from .integer_graph import (
-    IntegerGraphPlan,
-    OutputQuantConfig,
-    output_quantizers,
-    plan_integer_graph,
-    quantize_outputs,
-    remove_output_quantizers,
-)
+from .integer_graph import IntegerGraphPlan, plan_integer_graph
 from .lsq import LSQQuantizer, check_bits, lsq_fake_quant, quant_range
 from .model import (
     QuantConfig,
@@ -33,6 +26,7 @@ from .onnx_runtime import (
     onnx_session,
     onnx_speedup,
 )
+from .output_quant import OutputQuantConfig, output_quantizers, quantize_outputs, remove_output_quantizers
 from .packed import (
     WEIGHTS_NAME,
     layer_configs_from_table,

@@ -33,26 +33,19 @@ from __future__ import annotations
 
 import logging
 import operator
-import weakref
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .lsq import LSQQuantizer, check_bits
+from .lsq import check_bits
 from .modules import LayerQuantConfig
+from .output_quant import OutputQuantConfig
 
-__all__ = [
-    "OutputQuantConfig",
-    "IntegerGraphPlan",
-    "plan_integer_graph",
-    "quantize_outputs",
-    "output_quantizers",
-    "remove_output_quantizers",
-]
+__all__ = ["IntegerGraphPlan", "plan_integer_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,27 +78,6 @@ def _keeps_grid(node: fx.Node) -> bool:
         value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
         return mode == "constant" and value in (None, 0)
     return False
-
-
-@dataclass(frozen=True)
-class OutputQuantConfig:
-    """The quantizer on one module's output.
-
-    Args:
-        bits: code bits, 2..8.
-        signed: signedness of the codes; ``None`` decides it from the calibration data.
-        compiled: ``torch.compile``-fused fake-quant kernels.
-    """
-
-    bits: int
-    signed: bool | None = None
-    compiled: bool = False
-
-    def __post_init__(self) -> None:
-        check_bits("OutputQuantConfig.bits", self.bits)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -264,7 +236,7 @@ def plan_integer_graph(
     _place_additions(planner, plan, config)
     _quantize_shared_inputs_once(planner, plan, config)
     _drop_inputs_quantized_upstream(planner, plan)
-    _log_plan(plan)
+    _log_plan(plan, model)
     return plan
 
 
@@ -282,11 +254,25 @@ def _place_additions(planner: _Planner, plan: IntegerGraphPlan, config: OutputQu
         sites = [planner.tensor_site(a) for a in node.args[:2]] + [planner.add_output_site(node)]
         if None in sites or sites[0] == sites[1]:
             which = ["first input", "second input", "sum"][sites.index(None)] if None in sites else "inputs"
-            plan.float_adds.append(f"{_describe(node)}: its {which} is not the output of a module called once")
+            plan.float_adds.append(f"{_describe(node)}: {_why_float(planner, node, which)}")
             continue
         for site in sites:
             plan.outputs.setdefault(site, _site_config(planner.model, site, config))
         plan.integer_adds.append(_describe(node))
+
+
+def _why_float(planner: _Planner, node: fx.Node, which: str) -> str:
+    """Why the addition ``node``'s ``which`` takes no quantizer (torchvision's ResNet reuses one ``relu``)."""
+    users = list(node.users)
+    tensor = {"first input": node.args[0], "second input": node.args[1], "sum": users[0] if len(users) == 1 else None}
+    tensor = planner.pass_through_root(tensor.get(which))
+    calls = planner.calls.get(tensor.target, 1) if isinstance(tensor, fx.Node) and tensor.op == "call_module" else 1
+    if calls > 1:
+        return (
+            f"its {which} {'goes into' if which == 'sum' else 'comes out of'} {tensor.target!r}, a module called "
+            f"{calls} times (an output quantizer would serve every call; give each call a module of its own)"
+        )
+    return f"its {which} is not the output of a module called once"
 
 
 def _quantize_shared_inputs_once(planner: _Planner, plan: IntegerGraphPlan, config: OutputQuantConfig) -> None:
@@ -314,7 +300,11 @@ def _drop_inputs_quantized_upstream(planner: _Planner, plan: IntegerGraphPlan) -
             plan.layers[node.target] = LayerQuantConfig(**{**setting.to_dict(), "act_bits": None, "act_signed": None})
 
 
-def _log_plan(plan: IntegerGraphPlan) -> None:
+def _log_plan(plan: IntegerGraphPlan, model: nn.Module) -> None:
+    if not plan.float_adds and not plan.integer_adds:
+        placed = f"only {len(plan.outputs)} output quantizer(s) placed" if plan.outputs else "nothing is placed"
+        why = "an addition of two computed tensors; DenseNet, for one, concatenates"
+        logger.warning("integer_graph: %s has no residual addition (%s): %s", type(model).__name__, why, placed)
     if plan.float_adds:
         more = len(plan.float_adds) - 4
         listed = "; ".join(plan.float_adds[:4]) + (f"; and {more} more" if more > 0 else "")
@@ -323,52 +313,3 @@ def _log_plan(plan: IntegerGraphPlan) -> None:
     logger.info(
         "integer_graph: %d residual additions integer, %d output quantizers", len(plan.integer_adds), len(plan.outputs)
     )
-
-
-# -- output quantizers on modules -----------------------------------------------------------------
-#: Modules that carry the hook (it does nothing once their quantizer is removed; torch keeps no public
-#: way to find a hook again without its handle).
-_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-def _quantize_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-    """Forward hook: the module's output through its ``output_quantizer`` (if it still has one)."""
-    quantizer = getattr(module, "output_quantizer", None)
-    return quantizer(output) if quantizer is not None else None
-
-
-def quantize_outputs(model: nn.Module, outputs: Mapping[str, OutputQuantConfig]) -> nn.Module:
-    """Give each named module an ``output_quantizer`` (an :class:`LSQQuantizer`) applied to its output
-    by a forward hook, in place; uninitialised until :func:`~acs_hf.calibrate_quantizers`."""
-    for name, config in outputs.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"quantize_outputs: the model has no module {name!r}") from None
-        if isinstance(module, _CONTAINERS) or hasattr(module, "output_quantizer"):
-            raise ValueError(f"quantize_outputs: module {name!r} cannot take an output quantizer")
-        device = next((t.device for t in [*module.parameters(), *module.buffers()]), None)
-        quantizer = LSQQuantizer(
-            config.bits, signed=config.signed, compiled=config.compiled, name=f"{name}.output_quantizer"
-        )
-        module.output_quantizer = quantizer.to(device) if device is not None else quantizer
-        if module not in _HOOKED:
-            module.register_forward_hook(_quantize_output)
-            _HOOKED.add(module)
-    return model
-
-
-def output_quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
-    """``(module name, quantizer)`` for every output quantizer of ``model``."""
-    return [
-        (n, m.output_quantizer)
-        for n, m in model.named_modules()
-        if isinstance(getattr(m, "output_quantizer", None), LSQQuantizer)
-    ]
-
-
-def remove_output_quantizers(model: nn.Module) -> nn.Module:
-    """Undo :func:`quantize_outputs` in place: the quantizers go (their hooks then do nothing)."""
-    for name, _ in output_quantizers(model):
-        del model.get_submodule(name).output_quantizer
-    return model

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .integer_graph import output_quantizers, plan_integer_graph, quantize_outputs, remove_output_quantizers
+from .integer_graph import plan_integer_graph
 from .lsq import LSQQuantizer, check_bits
 from .modules import LayerQuantConfig, QuantModule, is_quantizable, quant_class_for
+from .output_quant import output_quantizers, quantize_outputs, remove_output_quantizers
 
 __all__ = [
     "QuantConfig",

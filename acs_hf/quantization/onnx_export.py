@@ -41,7 +41,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .integer_graph import output_quantizers
 from .model import quant_modules
 from .onnx_passes import (
     clamp_on_codes,
@@ -53,6 +52,7 @@ from .onnx_passes import (
     save_atomically,
 )
 from .onnx_qdq import deploy_view, translation_table
+from .output_quant import output_quantizers
 
 __all__ = ["export_onnx", "quiet_loggers"]
 
@@ -104,23 +104,40 @@ def _example_input(
     model: nn.Module, example_input: torch.Tensor | None, input_size: Sequence[int] | None, dynamic_batch: bool
 ) -> torch.Tensor:
     """A float32 batch on the model's device; at least 2 images with a dynamic batch (torch.export
-    specialises a batch of 1)."""
+    specialises a batch of 1), 1 image with a fixed batch and no example."""
     device = next(model.parameters()).device
     if example_input is None:
         size = tuple(input_size) if input_size is not None else _model_input_size(model)
-        example_input = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+        _check_channels(model, size[0])
+        batch = 2 if dynamic_batch else 1
+        example_input = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+    elif example_input.dim() == 4:
+        _check_channels(model, example_input.shape[1])
     x = example_input.detach().to(device=device, dtype=torch.float32)
     if dynamic_batch and x.shape[0] < 2:
         x = x.expand(2, *x.shape[1:]).contiguous()
     return x
 
 
+def _check_channels(model: nn.Module, channels: int) -> None:
+    """Refuse, before tracing, images whose channel count the model's first convolution does not take."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and channels != first.in_channels:
+        raise ValueError(
+            f"export_onnx: the images have {channels} channel(s) but the model's first convolution takes "
+            f"{first.in_channels}; give input_size (or example_input) with {first.in_channels} channels"
+        )
+
+
 def _model_input_size(model: nn.Module) -> tuple[int, ...]:
-    """(C, H, W) from timm's ``pretrained_cfg`` or a transformers ``config`` (``num_channels``, ``image_size``)."""
-    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
-    if size:
-        return tuple(size)
+    """(C, H, W) from timm's ``pretrained_cfg`` (on the model, or in a transformers ``config``, as timm
+    models loaded with ``from_pretrained`` carry it) or a transformers ``config`` (``num_channels``,
+    ``image_size``)."""
     config = getattr(model, "config", None)
+    for cfg in (getattr(model, "pretrained_cfg", None), getattr(config, "pretrained_cfg", None)):
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        if size:
+            return tuple(size)
     image_size = getattr(config, "image_size", None)
     if image_size is not None:
         h, w = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
@@ -174,7 +191,7 @@ def export_onnx(
             code in int8/uint8 (its LSQ range enforced by a Clip).
         int4_narrow_activations: 2-3 bit activations in int4/uint4 too (then onnxruntime 1.32 needs
             ``disabled_optimizers=["ClipQuantRewrite"]``); default int8/uint8.
-        dynamic_batch: a symbolic batch dimension; ``False`` fixes the example's batch size.
+        dynamic_batch: a symbolic batch dimension; ``False`` fixes the example's batch (1 without one).
         fold_batchnorm: fold each BatchNormalization after a quantized Conv into per-channel weight scales and
             an int32 bias (a negative gain gives a negative scale, a zero gain zero codes), so that ONNX Runtime
             runs integer convolutions; outputs differ from PyTorch by the bias's rounding. Default: ``integer_kernels``.
@@ -189,7 +206,8 @@ def export_onnx(
     Raises:
         RuntimeError: a quantizer is not calibrated.
         ValueError: an opset too old for INT4, a quantized layer that is not float32, an ``input_size`` that
-            is not (C, H, W), or a ``path`` that is a directory or lies under a file.
+            is not (C, H, W) or whose channels the first convolution does not take, or a ``path`` that is a
+            directory or lies under a file.
         PermissionError: ``path`` cannot be written.
     """
     _check_exportable(model, int4, opset)

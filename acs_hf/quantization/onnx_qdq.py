@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .integer_graph import output_quantizers
 from .lsq import LSQQuantizer, lsq_fake_quant, quant_range
 from .model import quant_modules
 from .modules import QuantModule
+from .output_quant import output_quantizers
 from .packed import broadcast_step, stored_weight_codes
 
 __all__ = ["U8_SIGNED_ZERO_POINT", "deploy_view", "translation_table"]

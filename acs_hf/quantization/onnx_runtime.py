@@ -99,6 +99,8 @@ def onnx_session(
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"onnx_session: threads must be a positive integer or None, got {threads!r}")
+    if exact_on_avx2 is not None and not isinstance(exact_on_avx2, bool):
+        raise ValueError(f"onnx_session: exact_on_avx2 must be True, False or None (auto), got {exact_on_avx2!r}")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or physical_cores()
@@ -160,21 +162,28 @@ def onnx_speedup(
     return statistics.median(times[1]) / statistics.median(times[0])
 
 
-def compare_with_float(path: str | os.PathLike, float_model: Any, input_size: Any) -> dict[str, Any]:
+def compare_with_float(path: str | os.PathLike, float_model: Any, input_size: Any, repeats: int = 5) -> dict[str, Any]:
     """How the exported model at ``path`` runs against ``float_model`` exported in FP32 (a few seconds):
-    ``speedup_over_fp32`` (batch 1, :func:`onnx_speedup`), ``kernels`` (:func:`integer_kernel_counts`)
-    and a one-line ``summary``."""
+    ``speedup_over_fp32`` (batch 1: the median of ``repeats`` :func:`onnx_speedup` measurements, fresh
+    sessions each, since one measurement on a loaded machine can be off several fold),
+    ``speedup_range`` (their lowest and highest), ``kernels`` (:func:`integer_kernel_counts`) and a
+    one-line ``summary`` giving the median and the range."""
     from .onnx_export import export_onnx, quiet_loggers
 
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"compare_with_float: repeats must be a positive integer, got {repeats!r}")
     with tempfile.TemporaryDirectory() as tmp:
         with quiet_loggers(export_onnx.__module__, level=logging.ERROR):  # an FP32 export is what is wanted here
             reference = export_onnx(copy.deepcopy(float_model).float(), Path(tmp) / "fp32.onnx", input_size=input_size)
-        speedup = onnx_speedup(path, reference)
+        speedups = [onnx_speedup(path, reference, iterations=10) for _ in range(repeats)]
+    speedup, low, high = statistics.median(speedups), min(speedups), max(speedups)
     kernels = integer_kernel_counts(path)
     conv, add = kernels["conv"], kernels["add"]
+    measured = f"median of {repeats} measurements, {low:.2f}x to {high:.2f}x" if repeats > 1 else "one measurement"
     summary = (
-        f"{path} runs at {speedup:.2f}x the speed of the FP32 model in ONNX Runtime on this machine (batch 1); "
+        f"{path} runs at {speedup:.2f}x the speed of the FP32 model in ONNX Runtime on this machine (batch 1; "
+        f"{measured}); "
         f"integer kernels: {conv['integer']} of {conv['integer'] + conv['float']} convolutions, "
         f"{add['integer']} of {add['integer'] + add['float']} residual additions"
     )
-    return {"speedup_over_fp32": speedup, "kernels": kernels, "summary": summary}
+    return {"speedup_over_fp32": speedup, "speedup_range": (low, high), "kernels": kernels, "summary": summary}

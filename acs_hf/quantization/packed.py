@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .integer_graph import OutputQuantConfig, output_quantizers, quantize_outputs
 from .lsq import STEP_FLOOR, LSQQuantizer, quant_range
 from .model import quant_modules, quantize_layers, quantizers_initialized
 from .modules import LayerQuantConfig, quant_class_for
+from .output_quant import OutputQuantConfig, output_quantizers, quantize_outputs
 
 __all__ = [
     "QUANT_METHOD",

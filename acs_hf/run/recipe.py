@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, TrainingArguments
 
 from ..data.loading import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
@@ -30,11 +30,14 @@ from ..quantization import (
 )
 from ..selection import check_coreset
 from ..training.arguments import ACSArguments
+from ..training.checkpoint_state import quantization_settings
+from ..training.checkpoints import load_resumed_warmup
+from ..training.consistency import broadcast_module_state
 from ..training.qat_trainer import ImageClassificationTrainer
 from ..training.trainer import ACSTrainer
 from ..utils.io import atomic_write, atomic_write_json
 from .arguments import DataArguments, ModelArguments, RunArguments
-from .checks import check_start_weights, output_dir_lock, preflight, set_aside_previous_run
+from .checks import check_resume_quantization, check_start_weights, output_dir_lock, preflight, set_aside_previous_run
 
 __all__ = ["run_acs", "prepare_run_data", "default_output_dir", "save_student"]
 
@@ -122,6 +125,7 @@ def run_acs(
             raise ValueError(f"--export_onnx needs {', '.join(missing)}: pip install 'acs_hf[onnx]'")
     teacher_cache_dir = acs_args.teacher_cache_dir if acs_args.cache_teacher_outputs else "memory"
     preflight(training_args, teacher_cache_dir, push, run_args.overwrite_output_dir)
+    check_resume_quantization(training_args, qconfig)
     # One writer per folder: the global main process holds the lock (see output_dir_lock).
     with output_dir_lock(training_args.output_dir, enabled=training_args.process_index == 0):
         if run_args.overwrite_output_dir:  # under the lock: never under a run still writing there
@@ -138,16 +142,6 @@ def _remove_if_empty(directory: Path) -> None:
         directory.rmdir()  # only an empty folder; one another process removed first is fine too
     except OSError:
         pass
-
-
-def _load_warmup(model: torch.nn.Module, path: Path) -> None:
-    try:
-        state = load_file(path)
-    except Exception as e:  # safetensors raises several types for a truncated file
-        raise ValueError(
-            f"the saved FP warm-up model {path} is unreadable ({e}); delete it to train the warm-up again"
-        ) from e
-    model.load_state_dict(state)
 
 
 def prepare_run_data(
@@ -241,6 +235,7 @@ def _run(
         data_fingerprint=ds.fingerprint,
         **_data_and_metrics(ds, compute_metrics),
     )
+    trainer.checkpointer.quantization = quantization_settings(qconfig)  # recorded in checkpoints, checked on resume
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_metrics("train", train_result.metrics)
     out = Path(training_args.output_dir)
@@ -263,13 +258,10 @@ def _run(
 
 
 def _warm_model(fp_model, ds, training_args: TrainingArguments, model_args: ModelArguments, compute_metrics):
-    """The FP model after its warm-up: the saved one when resuming, else trained (and saved) now."""
+    """The FP model after its warm-up: the interrupted run's when resuming, else trained (and saved) now."""
     warm = RunLayout(training_args.output_dir).fp_warmup / RunLayout.WEIGHTS
-    if training_args.resume_from_checkpoint and warm.is_file():
-        # The teacher and the QAT starting point must be the model the interrupted run used.
-        _load_warmup(fp_model, warm)
-        logger.info("Resuming: FP warm-up model loaded from %s", warm)
-        return fp_model
+    if training_args.resume_from_checkpoint and load_resumed_warmup(fp_model, training_args):
+        return fp_model  # the teacher and the QAT starting point must be the model the interrupted run used
     fp_model = _warmup(fp_model, ds, training_args, model_args, compute_metrics)
     if training_args.process_index == 0:
         state = {k: v.detach().cpu().contiguous() for k, v in fp_model.state_dict().items()}
@@ -288,6 +280,8 @@ def _teacher(model_args: ModelArguments, fp_model: torch.nn.Module, names: list[
 
 def _evaluate(trainer: ACSTrainer, teacher, ds, training_args: TrainingArguments, compute_metrics) -> dict[str, Any]:
     """The quantized model's evaluation, with the FP teacher's accuracy beside it."""
+    # Every process evaluates the model process 0 saved: training leaves each its own BatchNorm statistics.
+    broadcast_module_state(trainer.accelerator.unwrap_model(trainer.model))
     metrics = trainer.evaluate()
     fp_metrics = _fp_trainer(teacher, ds, training_args, compute_metrics, report_to=[]).evaluate(
         metric_key_prefix="fp_eval"

@@ -9,7 +9,8 @@ Into ``checkpoint-<step>/``, before the Trainer's own files, :meth:`SelectionChe
 - ``acs_state.json``: round counters, the selection history, the hash of the subset, the process
   count and optimizer steps per epoch it was taken with, the fingerprint of the training data, and
   the identity of the save: the run's id (made once per run and kept by its resumes) and an id of
-  this save, also recorded in the Trainer's ``trainer_state.json``.
+  this save, also recorded in the Trainer's ``trainer_state.json``; and, when the trainer was given
+  them, the student's quantization settings (:data:`QUANT_SETTINGS`).
 
 :meth:`SelectionCheckpointer.restore` refuses what would not reproduce the interrupted run. Which
 folders are complete and whose run they belong to is :mod:`acs_hf.training.checkpoints`' job.
@@ -22,6 +23,7 @@ import os
 import uuid
 import warnings
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,12 +46,43 @@ from .checkpoints import (
 from .sampler import subset_hash
 from .selection_state import SelectionState
 
-__all__ = ["SelectionCheckpointer", "check_resume_layout", "continue_schedule", "read_array", "read_arrays"]
+__all__ = [
+    "QUANT_SETTINGS",
+    "SelectionCheckpointer",
+    "check_resume_layout",
+    "continue_schedule",
+    "quantization_changes",
+    "quantization_settings",
+    "read_array",
+    "read_arrays",
+]
 
 logger = logging.getLogger(__name__)
 
 STATE, SUBSET, SELECTOR_SUBSET = RunLayout.ACS_STATE, RunLayout.SUBSET, RunLayout.SELECTOR_SUBSET
 TRAINING_SCORES = RunLayout.TRAINING_SCORES
+
+#: The ``QuantConfig`` fields a resume must keep: they decide which quantizers exist and their ranges
+#: (``compile_kernels`` only picks the kernels computing them, and may change).
+QUANT_SETTINGS = ("weight_bits", "act_bits", "first_last_bits", "per_channel_weights", "exclude", "integer_graph")
+
+
+def quantization_settings(config: Any) -> dict[str, Any] | None:
+    """The :data:`QUANT_SETTINGS` of a ``QuantConfig`` (or of its ``to_dict()``), as a checkpoint records them."""
+    if config is None:
+        return None
+    values = config if isinstance(config, Mapping) else config.to_dict()
+    return {name: values[name] for name in QUANT_SETTINGS if name in values}
+
+
+def quantization_changes(saved: Mapping[str, Any], current: Mapping[str, Any], now: str = "in this run") -> list[str]:
+    """Each setting that ``saved`` (a checkpoint's) and ``current`` both give with other values, as
+    ``"name: <saved> in the checkpoint, <current> <now>"``."""
+    return [
+        f"{name}: {saved[name]!r} in the checkpoint, {current[name]!r} {now}"
+        for name in QUANT_SETTINGS
+        if name in saved and name in current and saved[name] != current[name]
+    ]
 
 
 def read_array(path: Path) -> torch.Tensor:
@@ -125,6 +158,8 @@ class SelectionCheckpointer:
         data_fingerprint: identifies the training set (a checkpoint of other data is refused).
         run_id: the run's id, set when training starts (a resume continues its run).
         steps_per_epoch: optimizer steps per epoch, set when training starts.
+        quantization: the student's :func:`quantization_settings` (recorded; a checkpoint that
+            records others is refused), or ``None``.
     """
 
     method: str
@@ -133,6 +168,7 @@ class SelectionCheckpointer:
     data_fingerprint: str | None
     run_id: str | None = None
     steps_per_epoch: int | None = None
+    quantization: dict[str, Any] | None = None
 
     def begin_run(
         self,
@@ -180,6 +216,8 @@ class SelectionCheckpointer:
             "at_epoch_boundary": bool(steps_per_epoch) and global_step % steps_per_epoch == 0,
             "history": state["history"],
         }
+        if self.quantization is not None:
+            saved["quantization"] = self.quantization
         atomic_save_npy(ckpt / SUBSET, state["subset"].numpy())
         selector_subset = selector.state_dict().get("subset")
         if selector_subset is not None:
@@ -226,6 +264,12 @@ class SelectionCheckpointer:
                 f"checkpoint {ckpt} was trained on other data: training-set fingerprint {saved_fp} there, "
                 f"{fingerprint} now (same size, but another seed, --max_train_samples draw, data "
                 "folder or dataset revision?). Resume with the original data settings, or start a new run."
+            )
+        changes = quantization_changes(state.get("quantization") or {}, self.quantization or {})
+        if changes:
+            raise ValueError(
+                f"checkpoint {ckpt} was trained with other quantization settings ({'; '.join(changes)}); resume "
+                "with the checkpoint's settings, or start a new run"
             )
 
     @staticmethod

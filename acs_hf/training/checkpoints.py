@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..layout import CHECKPOINT_PREFIX, RunLayout
+from ..utils.io import atomic_write
 from .consistency import broadcast_object
 
 __all__ = [
@@ -34,6 +35,9 @@ __all__ = [
     "checkpoint_runs",
     "run_identity",
     "check_checkpoints_ahead",
+    "load_warmup",
+    "load_resumed_warmup",
+    "saved_warmups",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,3 +196,45 @@ def check_checkpoints_ahead(
             f"(--output_dir NEW --resume_from_checkpoint {resumed_from}), or move those checkpoints out of "
             f"{output_dir} first"
         )
+
+
+# -- the FP warm-up model of the run a checkpoint belongs to ------------------------------------------
+def load_warmup(model: Any, path: Path) -> None:
+    """Load the saved warm-up model at ``path`` into ``model``, refusing an unreadable file by name."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except Exception as e:  # safetensors raises several types for a truncated file
+        raise ValueError(
+            f"the saved FP warm-up model {path} is unreadable ({e}); delete it to train the warm-up again"
+        ) from e
+    model.load_state_dict(state)
+
+
+def saved_warmups(training_args: Any) -> list[Path]:
+    """Where a resumed run's warm-up model may be: the interrupted run's folder (the checkpoint's
+    parent), then ``output_dir``."""
+    folders = [Path(training_args.resume_from_checkpoint).parent, Path(training_args.output_dir)]
+    return list(dict.fromkeys(RunLayout(f).fp_warmup / RunLayout.WEIGHTS for f in folders))
+
+
+def load_resumed_warmup(model: Any, training_args: Any) -> bool:
+    """Load the interrupted run's warm-up model into ``model`` (and keep a copy in ``output_dir``);
+    False, with a warning, when none was saved (the caller trains the warm-up again)."""
+    candidates = saved_warmups(training_args)
+    saved = next((path for path in candidates if path.is_file()), None)
+    if saved is None:
+        logger.warning(
+            "Resuming from %s, but no saved FP warm-up model is in %s: training the warm-up again, so the "
+            "teacher and the QAT starting point differ from the interrupted run's",
+            training_args.resume_from_checkpoint,
+            " or ".join(str(p) for p in candidates),
+        )
+        return False
+    load_warmup(model, saved)
+    logger.info("Resuming: FP warm-up model loaded from %s", saved)
+    kept = RunLayout(training_args.output_dir).fp_warmup / RunLayout.WEIGHTS
+    if saved != kept and training_args.process_index == 0:  # a later resume from this folder finds it
+        atomic_write(kept, lambda tmp: shutil.copyfile(saved, tmp))
+    return True

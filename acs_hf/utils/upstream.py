@@ -18,8 +18,10 @@ __all__ = [
     "check_upstream",
     "dataset_fingerprint",
     "dataset_index_map",
+    "forward_hook_count",
     "is_damaged_file_error",
     "parser_destinations",
+    "remove_forward_hook",
     "save_timm_config",
     "trainer_output_dir",
 ]
@@ -105,6 +107,23 @@ def parser_destinations(parser: Any) -> set[str]:
     return {action.dest for action in parser._actions}
 
 
+def forward_hook_count(module: Any, hook: Any) -> int:
+    """How many times the function ``hook`` is registered as a forward hook of ``module`` (a deep copy
+    of a module keeps its hooks). Relies on ``nn.Module._forward_hooks``; public alternative: the handle
+    ``register_forward_hook`` returned, which a copy of the module does not carry."""
+    return sum(h is hook for h in module._forward_hooks.values())
+
+
+def remove_forward_hook(module: Any, hook: Any) -> None:
+    """Remove every registration of the function ``hook`` as a forward hook of ``module``. Relies on
+    ``nn.Module._forward_hooks`` and its ``_forward_hooks_with_kwargs`` / ``_forward_hooks_always_called``
+    companions (keyed alike); public alternative: the handle ``register_forward_hook`` returned."""
+    for key in [k for k, h in module._forward_hooks.items() if h is hook]:
+        del module._forward_hooks[key]
+        module._forward_hooks_with_kwargs.pop(key, None)
+        module._forward_hooks_always_called.pop(key, None)
+
+
 def is_damaged_file_error(error: BaseException) -> bool:
     """Whether an exception from loading a checkpoint means a damaged or truncated file (as opposed
     to an architecture mismatch, out of memory or an API change)."""
@@ -117,6 +136,9 @@ def is_damaged_file_error(error: BaseException) -> bool:
         return True
     # torch.load reports a truncated archive as a plain RuntimeError.
     return isinstance(error, RuntimeError) and "PytorchStreamReader" in str(error)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
 def check_upstream() -> list[str]:
@@ -135,6 +157,9 @@ def check_upstream() -> list[str]:
         problems.append("datasets.Dataset._fingerprint / _indices are gone")
     if not callable(getattr(timm_hub, "save_config_for_hf", None)):
         problems.append("timm.models._hub.save_config_for_hf is gone")
+    module = nn.Module()
+    if not all(isinstance(getattr(module, name, None), dict) for name in _HOOK_DICTS):
+        problems.append(f"torch.nn.Module's {', '.join(_HOOK_DICTS)} are gone (output quantizers' hooks)")
     if not hasattr(argparse.ArgumentParser(), "_actions"):
         problems.append("argparse.ArgumentParser._actions is gone")
     problems += _check_quantizer_registry()
