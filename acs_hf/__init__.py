@@ -126,9 +126,10 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
     stays installed until a registration succeeds, so that a retried import raises again.
     """
 
-    def __init__(self, name: str, register: Callable[[], None]) -> None:
+    def __init__(self, name: str, register: Callable[[], None], what: str) -> None:
         self.name = name
         self.register = register
+        self.what = what
         self._finding = False
 
     def find_spec(self, name, path, target=None):
@@ -144,8 +145,8 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
         exec_module = getattr(spec.loader, "exec_module", None)
         if exec_module is None:
             raise ImportError(
-                f"acs_hf cannot register with {name}: it has no loader that executes it ({spec!r}); "
-                "acs_hf's checkpoints and model families would not be found"
+                f"acs_hf cannot register its {self.what}: {name} has no loader that executes it ({spec!r}); "
+                f"{name} would not know acs_hf's {self.what}"
             )
 
         def exec_then_register(module):
@@ -162,15 +163,15 @@ def _register_model_families() -> None:
     importlib.import_module("acs_hf.families")  # timm's @register_model runs at its import
 
 
-def _register_after(name: str, register: Callable[[], None]) -> None:
+def _register_after(name: str, register: Callable[[], None], what: str) -> None:
     if name in sys.modules:
         register()
     elif not any(isinstance(f, _RegisterAfterImport) and f.name == name for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterImport(name, register))
+        sys.meta_path.insert(0, _RegisterAfterImport(name, register, what))
 
 
-_register_after(_TRANSFORMERS_REGISTRY, _register_with_transformers)
-_register_after("timm", _register_model_families)  # cifar_resnet20 ... for timm.create_model
+_register_after("timm", _register_model_families, "model families")  # cifar_resnet20 ... for timm.create_model
+_register_after(_TRANSFORMERS_REGISTRY, _register_with_transformers, "quantizer")
 
 if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):  # acs_hf 0.1's module paths
     sys.meta_path.append(_MovedModuleFinder())

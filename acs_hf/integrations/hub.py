@@ -103,9 +103,8 @@ def write_model_card(
     quantized``, ``model-index`` with the quantized model's top-1 and top-5 on ``dataset_name`` /
     ``eval_split``, and tags for the bit widths (``4-bit``, ``w4a4``) and the method.
     ``results`` keys ``top-1 (quantized)`` / ``top-5 (quantized)`` are fractions in [0, 1].
-    ``library``: ``timm`` or ``transformers``, the library of the student's architecture.
-    ``weights_source``: the local weights file the FP model started from (name and digest).
-    """
+    ``library``: ``timm`` or ``transformers``, the library of the student's architecture;
+    ``weights_source``: the local weights file the FP model started from (name and digest)."""
     wb, scheme = quant_config.get("weight_bits"), _scheme(quant_config)
     eval_results = _eval_results(results, dataset_name, eval_split)
     method = str(acs_settings.get("selection_method", "acs"))
@@ -138,9 +137,8 @@ def write_model_card(
         image_size=image_size or 224,
         library=library,
     )
-    path = Path(directory) / RunLayout.MODEL_CARD
-    atomic_write_bytes(path, str(card).encode())
-    return path
+    atomic_write_bytes(Path(directory) / RunLayout.MODEL_CARD, str(card).encode())
+    return Path(directory) / RunLayout.MODEL_CARD
 
 
 def _scheme(quant_config: dict[str, Any]) -> str:

@@ -56,7 +56,6 @@ _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _NON_NEGATIVE = (nn.ReLU, nn.ReLU6)
 _ADDS = {operator.add, operator.iadd, torch.add}
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-_PADS = {torch.nn.functional.pad, torch._C._nn.pad}
 
 
 def _keeps_grid(node: fx.Node) -> bool:
@@ -73,7 +72,7 @@ def _keeps_grid(node: fx.Node) -> bool:
             or (isinstance(i, slice) and not any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step)))
             for i in index
         )
-    if node.target in _PADS:
+    if node.target is torch.nn.functional.pad:
         mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
         value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
         return mode == "constant" and value in (None, 0)
