@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The grid of PROTOCOL.md, in the order of its 22:15 change; each step resumes (runs.jsonl). Usage: run.sh SHARED_DIR
+# The grid of PROTOCOL.md, in the order of its 22:13 change; each step resumes (runs.jsonl). Usage: run.sh SHARED_DIR
 set -euo pipefail
 shared=${1:?usage: run.sh PATH/TO/shared}
 here=$(dirname "$0")
