@@ -139,7 +139,11 @@ def pretrained_fp(ds, args) -> tuple[torch.nn.Module, float]:
     model = load_weights(timm.create_model(args.model_name, num_classes=len(ds.id2label)), args.pretrained_weights)
     saved = args.output_dir / "fp" / "pretrained.json"
     if saved.is_file():
-        return model, json.loads(saved.read_text())["accuracy"]
+        measured = json.loads(saved.read_text())
+        if measured.get("weights") != str(args.pretrained_weights):
+            raise SystemExit(f"{args.output_dir} holds runs from {measured.get('weights')}, not "
+                             f"{args.pretrained_weights}: give another --output_dir")  # fmt: skip
+        return model, measured["accuracy"]
     trainer = ImageClassificationTrainer(
         model=model,
         args=training_args(args.output_dir / "fp", 1, args.lr, 0, args.batch_size),
@@ -348,6 +352,10 @@ def summarize(runs: list[dict]) -> list[dict]:
 def width(bits: int, rows: list[dict]) -> str:
     """``W4A4``, or ``W2A32`` where the runs of ``bits`` kept float activations (``act_bits`` None)."""
     acts = {r.get("act_bits", bits) for r in rows if r["bits"] == bits}
+    if len(acts) > 1:
+        raise ValueError(
+            f"runs of {bits}-bit weights mix activation widths {sorted(map(str, acts))}: use one output_dir each"
+        )
     return f"W{bits}A{acts.pop() if acts and None not in acts else 32}"
 
 
@@ -563,7 +571,8 @@ def load_data(args):
 
 def run_grid(args, ds, runs: list[dict], log: Path) -> dict:
     """Every (seed, bits, method, fraction) run not yet in ``runs``, each appended to ``log`` at once."""
-    done = {(r["bits"], r["fraction"], r["method"], r["seed"]) for r in runs}
+    act_bits = {b: None if args.float_activations else b for b in args.bits}
+    done = {(r["bits"], r.get("act_bits", r["bits"]), r["fraction"], r["method"], r["seed"]) for r in runs}
     if done:
         print(f"resuming: {len(done)} runs already in {log}", flush=True)
     fp_accuracies = {}
@@ -579,7 +588,7 @@ def run_grid(args, ds, runs: list[dict], log: Path) -> dict:
         for bits in args.bits:
             for method in args.methods:
                 for fraction in [1.0] if selects_all(method) else args.fractions:
-                    if (bits, fraction, method, seed) in done:
+                    if (bits, act_bits[bits], fraction, method, seed) in done:
                         continue
                     r = run_cell(fp, ds, args, bits, fraction, method, seed)
                     runs.append({"bits": bits, "fraction": fraction, "method": method, "seed": seed, **r})

@@ -1,8 +1,10 @@
 """The CIFAR ResNet family (acs_hf.families), starting from a local weights file (--pretrained_weights), and
 the integer-graph export of option-A blocks. Checkpoints in the public format are written by the tests."""
 
+import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -171,20 +173,26 @@ def test_recipe_starts_from_the_weights_file_and_the_card_names_it(recipe, tmp_p
     out = tmp_path / "out"
     summary = recipe.main([DEMO, "--output_dir", str(out), "--model_name", "cifar_resnet20", "--pretrained_weights",
                            str(path), "--max_train_samples", "64", "--max_eval_samples", "32",
-                           "--num_train_epochs", "1", "--fraction", "0.25", "--fp_warmup_epochs", "0"])  # fmt: skip
+                           "--num_train_epochs", "1", "--fraction", "0.25", "--fp_warmup_epochs", "0",
+                           "--save_strategy", "epoch"])  # fmt: skip
     for k, v in start.state_dict().items():
         if not k.endswith("num_batches_tracked"):
             assert torch.equal(seen["fp"][k], v), k
     card = ModelCard.load(out / "README.md")
-    import hashlib
-
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    assert f"weights file `start.th (sha256 {digest})`" in card.text.replace("\n", " ")
+    assert f"the weights file `start.th (sha256 {digest})`" in card.text.replace("\n", " ")
     assert str(tmp_path) not in card.text  # never a local path on a card
     model = load_quantized(out)
     assert type(model).__name__ == "CifarResNet"
     results = json.loads((out / "all_results.json").read_text())
     assert 0 <= results["eval_accuracy"] <= 1 and summary["metrics"]["fp_eval_accuracy"] is not None
+    # The checkpoint records the starting weights; a resume without them (a random teacher) is refused early.
+    (checkpoint,) = out.glob("checkpoint-*")
+    assert json.loads((checkpoint / "acs_state.json").read_text())["start"]["pretrained_weights"] == digest
+    monkeypatch.setattr(acs_hf.run.recipe, "load_image_datasets", lambda *a, **k: pytest.fail("data loaded"))
+    with pytest.raises(ValueError, match=f"started from other weights .*pretrained_weights: '{digest}' in the"):
+        recipe.main([DEMO, "--output_dir", str(tmp_path / "resumed"), "--model_name", "cifar_resnet20",
+                     "--resume_from_checkpoint", str(checkpoint), "--fp_warmup_epochs", "0"])  # fmt: skip
 
 
 def _integer_graph_student(shortcut: str):
@@ -244,3 +252,58 @@ def test_option_a_shortcut_reads_the_block_input_quantizer():
     codes = captured["out"] / step
     assert torch.allclose(codes, codes.round(), atol=1e-4)
     assert torch.equal(captured["out"][:, :8], torch.zeros_like(captured["out"][:, :8]))
+
+
+def test_features_only_gives_the_stem_and_the_three_stages():
+    model = timm.create_model("cifar_resnet20", features_only=True)
+    shapes = [tuple(f.shape) for f in model(torch.randn(1, 3, 32, 32))]
+    assert shapes == [(1, 16, 32, 32), (1, 16, 32, 32), (1, 32, 16, 16), (1, 64, 8, 8)]
+    assert model.feature_info.reduction() == [1, 1, 2, 4]
+
+
+def test_pretrained_without_downloadable_weights_is_refused_at_once():
+    with pytest.raises(ValueError, match="'cifar_resnet20' has no pretrained weights .* --pretrained_weights"):
+        ModelArguments(model_name="cifar_resnet20", pretrained=True).check_start_weights()
+    teacher_only = ModelArguments(model_name="cifar_resnet20", teacher_model_name="cifar_resnet56")
+    with pytest.raises(ValueError, match="'cifar_resnet56' has no pretrained weights .* --teacher_pretrained_weights"):
+        teacher_only.check_start_weights()
+
+
+def test_a_resume_from_other_weights_is_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    from acs_hf.run.resume_checks import check_resume_start
+
+    first = _public_checkpoint(timm.create_model("cifar_resnet20"), tmp_path / "first.th")
+    other = _public_checkpoint(timm.create_model("cifar_resnet20"), tmp_path / "other.th")
+    recorded = ModelArguments(model_name="cifar_resnet20", pretrained_weights=str(first)).start_settings()
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "acs_state.json").write_text(json.dumps({"start": recorded}))
+    args = TrainingArguments(output_dir=str(tmp_path / "new"), resume_from_checkpoint=str(ckpt), use_cpu=True)
+    check_resume_start(args, recorded)  # the same file, under any path: accepted
+
+    first_digest, other_digest = (hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in (first, other))
+    for changed, named in (
+        (
+            dict(pretrained_weights=str(other)),
+            f"pretrained_weights: '{first_digest}' in the checkpoint, '{other_digest}'",
+        ),
+        ({}, f"pretrained_weights: '{first_digest}' in the checkpoint, None on the command line"),
+    ):
+        now = ModelArguments(model_name="cifar_resnet20", **changed).start_settings()
+        with pytest.raises(ValueError, match=re.escape(named)):
+            check_resume_start(args, now)
+
+
+def test_a_teacher_for_other_classes_fails_before_the_warmup(recipe, tmp_path, monkeypatch):
+    seven = _public_checkpoint(timm.create_model("cifar_resnet56", num_classes=7), tmp_path / "seven.th")
+
+    def no_warmup(*args, **kwargs):
+        raise AssertionError("the teacher's class count was not checked before the FP warm-up")
+
+    monkeypatch.setattr(acs_hf.run.recipe, "_warmup", no_warmup)
+    with pytest.raises(ValueError, match=r"teacher_pretrained_weights=.*mis-shaped: linear\.bias \[7\] in the file"):
+        recipe.main([DEMO, "--output_dir", str(tmp_path / "out"), "--model_name", "cifar_resnet20",
+                     "--teacher_model_name", "cifar_resnet56", "--teacher_pretrained_weights", str(seven),
+                     "--max_train_samples", "64", "--max_eval_samples", "32"])  # fmt: skip

@@ -176,3 +176,58 @@ def test_a_module_called_several_times_is_named_as_the_reason(caplog):
     assert "8 of 8 residual additions stay float" in caplog.text
     assert "its sum goes into 'layer1.0.relu', a module called 2 times" in caplog.text
     assert "its second input comes out of 'layer1.0.relu', a module called 2 times" in caplog.text
+
+
+class _Shortcut(nn.Module):
+    """A block whose shortcut is ``fn(x)``: the integer graph passes only what keeps the grid."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)) + self.fn(x))
+
+
+class _Net(nn.Module):
+    def __init__(self, fn, stem_act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stem_act = stem_act
+        self.block = _Shortcut(fn)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.stem_act(x) if self.stem_act is not None else torch.relu(x)
+        return self.head(self.block(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("fn", "integer"),
+    [
+        (lambda x: torch.nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1)), True),  # slices and zeros: on the grid
+        (lambda x: torch.nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1), value=1.0), False),  # 1.0: off the grid
+        (lambda x: torch.nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1), mode="replicate"), False),
+        (lambda x: x[:, [3, 1, 2, 0, 4, 5, 6, 7]], False),  # a list index: gathered, not sliced
+        (lambda x: x * 1.0, False),
+    ],
+    ids=["zero-pad", "pad-one", "pad-replicate", "list-index", "scaled"],
+)
+def test_only_slices_and_zero_pads_pass_a_quantized_tensor_through(fn, integer):
+    from acs_hf.quantization import QuantConfig, quantize_model
+
+    model = quantize_model(_Net(fn, stem_act=nn.ReLU()), QuantConfig(weight_bits=4, act_bits=4, integer_graph=True))
+    sites = {name for name, _ in output_quantizers(model)}
+    assert ({"stem_act", "block.bn", "block.act"} <= sites) is integer, sites
+
+
+def test_an_identity_shortcut_after_a_function_quantizes_its_own_output():
+    """The stem's ReLU is a function (no module to hook): the identity shortcut takes the quantizer."""
+    from acs_hf.quantization import QuantConfig, quantize_model
+
+    model = quantize_model(_Net(nn.Identity()), QuantConfig(weight_bits=4, act_bits=4, integer_graph=True))
+    assert {name for name, _ in output_quantizers(model)} == {"block.bn", "block.fn", "block.act"}

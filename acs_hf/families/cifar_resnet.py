@@ -171,8 +171,9 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create(variant: str, blocks: int, pretrained: bool = False, **kwargs) -> CifarResNet:
+    # features_only: the stem and the three stages (feature_info), at strides 1, 1, 2, 4
     return build_model_with_cfg(
-        CifarResNet, variant, pretrained, blocks=blocks, feature_cfg={"flatten_sequential": True}, **kwargs
+        CifarResNet, variant, pretrained, blocks=blocks, feature_cfg={"out_indices": (0, 1, 2, 3)}, **kwargs
     )
 
 

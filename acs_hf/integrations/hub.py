@@ -104,7 +104,7 @@ def write_model_card(
     ``eval_split``, and tags for the bit widths (``4-bit``, ``w4a4``) and the method.
     ``results`` keys ``top-1 (quantized)`` / ``top-5 (quantized)`` are fractions in [0, 1].
     ``library``: ``timm`` or ``transformers``, the library of the student's architecture;
-    ``weights_source``: the local weights file the FP model started from (name and digest)."""
+    ``weights_source``: words naming the local weights files the run started from (names and digests)."""
     wb, scheme = quant_config.get("weight_bits"), _scheme(quant_config)
     eval_results = _eval_results(results, dataset_name, eval_split)
     method = str(acs_settings.get("selection_method", "acs"))

@@ -10,6 +10,7 @@ shape, and nothing else: a mismatch is an error naming the tensors, raised by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -22,7 +23,16 @@ from torch import nn
 from ..quantization.model import find_first_last
 from .models import create_model
 
-__all__ = ["read_weights", "check_weights", "load_weights", "check_weights_file", "weights_source"]
+__all__ = [
+    "read_weights",
+    "check_weights",
+    "load_weights",
+    "check_weights_file",
+    "has_downloadable_weights",
+    "describe_weights",
+    "weights_source",
+    "file_digest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +51,11 @@ def read_weights(path: str | os.PathLike, argument: str = "pretrained_weights") 
     try:
         state = load_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for a foreign or damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
-            f"{argument}={str(path)!r} cannot be read as weights ({type(e).__name__}: {e}); give a .safetensors "
-            "file or a torch checkpoint of tensors (a state_dict, not a pickled model)"
+            f"{argument}={str(path)!r} cannot be read as weights only ({type(e).__name__}: {first}); acs_hf never "
+            "unpickles code: give a .safetensors file, or re-save the tensors alone, e.g. "
+            "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pt') on a file you trust"
         ) from e
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)] if isinstance(state, Mapping) else None
     if bad is None or bad or not state:
@@ -114,10 +126,39 @@ def check_weights_file(
     check_weights(model, state, path, argument, heads_any_classes=True)
 
 
-def weights_source(path: str | os.PathLike) -> str:
-    """The file's name and the start of its sha256, for the model card (never the local path)."""
+def has_downloadable_weights(name: str) -> bool:
+    """False only for a plain timm name whose ``pretrained_cfg`` gives no URL, Hub repo or file (e.g.
+    ``cifar_resnet20``); Hub ids, folders and transformers models are left to their loaders."""
+    import timm
+
+    if os.path.isdir(name) or ":" in name or not timm.is_model(name):
+        return True
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg is None or any(getattr(cfg, k, None) for k in ("url", "hf_hub_id", "file", "state_dict"))
+
+
+def describe_weights(student: str | None, teacher: str | None = None) -> str | None:
+    """The model card's words for the local weights files a run started from (names and digests, no paths)."""
+    words = [f"the weights file `{weights_source(student)}`"] if student else []
+    words += [f"a teacher from `{weights_source(teacher)}`"] if teacher else []
+    return " and ".join(words) or None
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return f"{Path(path).name} (sha256 {digest.hexdigest()[:16]})"
+    return digest.hexdigest()[:16]
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The start of the file's sha256 (16 hex digits; read once per file version)."""
+    stat = os.stat(path)
+    return _digest(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+def weights_source(path: str | os.PathLike) -> str:
+    """The file's name and the start of its sha256, for the model card (never the local path)."""
+    return f"{Path(path).name} (sha256 {file_digest(path)})"

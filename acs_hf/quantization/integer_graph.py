@@ -145,14 +145,20 @@ class _Planner:
         return bool(name) and self.calls.get(name, 1) == 1 and not isinstance(self._module(name), _CONTAINERS)
 
     def tensor_site(self, node: fx.Node) -> str | None:
-        """The module whose output quantizer quantizes the tensor ``node`` (``None`` when none can)."""
+        """The module whose output quantizer quantizes the tensor ``node`` (``None`` when none can); an
+        identity whose input cannot be quantized where it is made quantizes its own output."""
+        start = node
         while self._quantize_before(node):
             node = node.args[0]  # quantize the input: max, slicing, zero padding and identity keep the grid
             if not isinstance(node, fx.Node):
                 return None
         if node.op == "call_module":
-            return node.target if self._hookable(node.target) else None
-        return self.add_output_site(node) if _is_residual_add(node) else None
+            site = node.target if self._hookable(node.target) else None
+        else:
+            site = self.add_output_site(node) if _is_residual_add(node) else None
+        if site is None and start is not node and start.op == "call_module" and self._hookable(start.target):
+            return start.target if type(self._module(start.target)) is nn.Identity else None
+        return site
 
     def _quantize_before(self, node: fx.Node) -> bool:
         """Whether ``node``'s tensor is quantized at its input instead: a max pool, a strided slice or zero

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
+from ..integrations.weights import check_weights_file, file_digest, has_downloadable_weights
 from ..layout import RunLayout
 from ..training.arguments import ACSArguments, QATArguments, check_number, is_finite_number
 
@@ -85,6 +87,29 @@ class ModelArguments:
         check_number("fp_warmup_epochs", self.fp_warmup_epochs, 0)
         check_number("fp_warmup_learning_rate", self.fp_warmup_learning_rate, 0, low_open=True, optional=True)
         check_number("image_size", self.image_size, 8, integer=True, optional=True)
+
+    def start_settings(self) -> dict[str, Any]:
+        """Where the FP model and the teacher come from, as a checkpoint records it (files by digest)."""
+        digest = {name: path and file_digest(path) for name in ("pretrained_weights", "teacher_pretrained_weights")
+                  for path in [getattr(self, name)]}  # fmt: skip
+        return {"pretrained": self.pretrained, "teacher_model_name": self.teacher_model_name, **digest}
+
+    def check_start_weights(self) -> None:
+        """Each weights file fits its model (names and shapes; the class count is checked once the data is
+        loaded), and a timm model asked for its pretrained weights has some to download."""
+        for argument, name in (("pretrained_weights", self.model_name),
+                               ("teacher_pretrained_weights", self.teacher_model_name)):  # fmt: skip
+            if getattr(self, argument):
+                check_weights_file(name, getattr(self, argument), self.image_size, argument)
+        wants = [("pretrained_weights", self.model_name)] if self.pretrained else []
+        if self.teacher_model_name and not self.teacher_pretrained_weights:  # the teacher is pretrained
+            wants.append(("teacher_pretrained_weights", self.teacher_model_name))
+        for argument, name in wants:
+            if not has_downloadable_weights(name):
+                raise ValueError(
+                    f"{name!r} has no pretrained weights to download (timm knows no URL or Hub repo for it); "
+                    f"give a local weights file with --{argument}"
+                )
 
 
 @dataclass

@@ -18,21 +18,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from transformers import TrainingArguments
 
-from ..integrations.weights import check_weights_file
 from ..layout import RunLayout
-from ..quantization.packed import WEIGHTS_NAME
 from ..training.arguments import check_number
-from ..training.checkpoint_state import quantization_changes, quantization_settings
 from ..training.checkpoints import checkpoint_runs, latest_complete_checkpoint
 
 __all__ = [
-    "check_start_weights",
     "preflight",
-    "check_resume_quantization",
     "output_dir_lock",
     "set_aside_previous_run",
     "RunInUseError",
@@ -51,14 +45,6 @@ logger = logging.getLogger(__name__)
 
 class RunInUseError(RuntimeError):
     """Another run holds the output folder's lock."""
-
-
-def check_start_weights(model_args: Any) -> None:
-    """Each weights file fits its model (names and shapes; the class count is checked once the data is loaded)."""
-    for argument, name in (("pretrained_weights", model_args.model_name),
-                           ("teacher_pretrained_weights", model_args.teacher_model_name)):  # fmt: skip
-        if getattr(model_args, argument):
-            check_weights_file(name, getattr(model_args, argument), model_args.image_size, argument)
 
 
 def _check_epochs(args: TrainingArguments) -> None:
@@ -164,46 +150,6 @@ def preflight(args: TrainingArguments, teacher_cache_dir: str | None, push: bool
         _check_writable(teacher_cache_dir, "teacher_cache_dir")
     if push and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise ValueError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub")
-
-
-def _checkpoint_quantization(ckpt: Path) -> dict[str, Any]:
-    """The quantization settings a checkpoint records (``acs_state.json``); for a checkpoint of an older
-    version, or of the ``full`` selector, what its weights show: output quantizers mean ``integer_graph``."""
-    try:
-        recorded = json.loads((ckpt / RunLayout.ACS_STATE).read_text()).get("quantization")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if isinstance(recorded, dict):
-        return recorded
-    weights = ckpt / WEIGHTS_NAME
-    if not weights.is_file():
-        return {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            names = list(f.keys())
-    except Exception:  # noqa: BLE001 - a damaged file is the Trainer's to refuse, with its own message
-        return {}
-    return {"integer_graph": any(".output_quantizer." in name for name in names)}
-
-
-def check_resume_quantization(args: TrainingArguments, config: Any) -> None:
-    """Refuse, before any data is loaded, a resume whose quantization settings (a ``QuantConfig``)
-    differ from those its checkpoint was trained with, naming each setting and both values. Call
-    after :func:`preflight` (which resolves ``resume_from_checkpoint=true``)."""
-    ckpt = args.resume_from_checkpoint
-    if not ckpt:
-        return
-    changes = quantization_changes(
-        _checkpoint_quantization(Path(ckpt)), quantization_settings(config), now="on the command line"
-    )
-    if changes:
-        raise ValueError(
-            f"resume_from_checkpoint={str(ckpt)!r} was trained with other quantization settings "
-            f"({'; '.join(changes)}); resume with the checkpoint's settings, or start a new run (another "
-            "--output_dir, without --resume_from_checkpoint)"
-        )
 
 
 def _pid_alive(pid: int) -> bool:

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, TrainingArguments
 from ..data.loading import DIGITS, ImageDatasets, class_names, detect_columns, load_image_datasets, prepare_datasets
 from ..integrations.hub import HubPushError, base_model_id, push_folder_to_hub, write_model_card
 from ..integrations.models import check_model_name, create_model, image_processor_for, model_size_kwargs
-from ..integrations.weights import load_weights, weights_source
+from ..integrations.weights import describe_weights, load_weights
 from ..layout import RunLayout
 from ..metrics import make_compute_metrics, preprocess_logits_for_metrics
 from ..quantization import (
@@ -37,7 +37,8 @@ from ..training.qat_trainer import ImageClassificationTrainer
 from ..training.trainer import ACSTrainer
 from ..utils.io import atomic_write, atomic_write_json
 from .arguments import DataArguments, ModelArguments, RunArguments
-from .checks import check_resume_quantization, check_start_weights, output_dir_lock, preflight, set_aside_previous_run
+from .checks import output_dir_lock, preflight, set_aside_previous_run
+from .resume_checks import check_resume_quantization, check_resume_start
 
 __all__ = ["run_acs", "prepare_run_data", "default_output_dir", "save_student"]
 
@@ -113,7 +114,7 @@ def run_acs(
     for name in filter(None, (model_args.model_name, model_args.teacher_model_name)):
         check_model_name(name)
         model_size_kwargs(name, model_args.image_size)  # a size the model cannot take fails now
-    check_start_weights(model_args)
+    model_args.check_start_weights()
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the packed folder ourselves
     if training_args.device.type == "cpu":  # pinned memory needs an accelerator; torch warns at every loader
         training_args.dataloader_pin_memory = False
@@ -126,6 +127,7 @@ def run_acs(
     teacher_cache_dir = acs_args.teacher_cache_dir if acs_args.cache_teacher_outputs else "memory"
     preflight(training_args, teacher_cache_dir, push, run_args.overwrite_output_dir)
     check_resume_quantization(training_args, qconfig)
+    check_resume_start(training_args, model_args.start_settings())
     # One writer per folder: the global main process holds the lock (see output_dir_lock).
     with output_dir_lock(training_args.output_dir, enabled=training_args.process_index == 0):
         if run_args.overwrite_output_dir:  # under the lock: never under a run still writing there
@@ -220,9 +222,10 @@ def _run(
     if not selector.selects_all:  # an impossible coreset fails here, not after the warm-up
         check_coreset(len(ds.train_dataset), acs_args.fraction, ds.score_dataset.labels, selector.class_balanced)
     compute_metrics = make_compute_metrics(k=min(5, len(ds.id2label)))
+    teacher = _teacher(model_args, list(ds.id2label.values()))  # a teacher of its own fails before the warm-up
     if model_args.fp_warmup_epochs > 0:
         fp_model = _warm_model(fp_model, ds, training_args, model_args, compute_metrics)
-    teacher = _teacher(model_args, fp_model, list(ds.id2label.values()))
+    teacher = teacher or copy.deepcopy(fp_model)
     student = quantize_model(copy.deepcopy(fp_model), qconfig)
 
     trainer = ACSTrainer(
@@ -236,6 +239,7 @@ def _run(
         **_data_and_metrics(ds, compute_metrics),
     )
     trainer.checkpointer.quantization = quantization_settings(qconfig)  # recorded in checkpoints, checked on resume
+    trainer.checkpointer.start = model_args.start_settings()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_metrics("train", train_result.metrics)
     out = Path(training_args.output_dir)
@@ -269,9 +273,10 @@ def _warm_model(fp_model, ds, training_args: TrainingArguments, model_args: Mode
     return fp_model
 
 
-def _teacher(model_args: ModelArguments, fp_model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+def _teacher(model_args: ModelArguments, names: list[str]) -> torch.nn.Module | None:
+    """The teacher named by ``--teacher_model_name`` (None: the teacher is a copy of the FP model)."""
     if not model_args.teacher_model_name:
-        return copy.deepcopy(fp_model)
+        return None
     weights = model_args.teacher_pretrained_weights
     teacher = create_model(model_args.teacher_model_name, not weights, len(names), model_args.image_size,
                            dict(enumerate(names)))  # fmt: skip
@@ -319,7 +324,7 @@ def _publish(out: Path, trainer: ACSTrainer, ds, fp_model, metrics, run, push: b
         checkpoint_bytes=ckpt_bytes,
         plot_name=plot,
         base_model=base_model_id(model_args.model_name, model_args.pretrained),
-        weights_source=model_args.pretrained_weights and weights_source(model_args.pretrained_weights),
+        weights_source=describe_weights(model_args.pretrained_weights, model_args.teacher_pretrained_weights),
         library="transformers" if isinstance(fp_model, PreTrainedModel) else "timm",
         eval_split=ds.eval_split,
         image_size=ds.data_config["input_size"][-1],

@@ -52,6 +52,7 @@ __all__ = [
     "check_resume_layout",
     "continue_schedule",
     "quantization_changes",
+    "setting_changes",
     "quantization_settings",
     "read_array",
     "read_arrays",
@@ -73,6 +74,16 @@ def quantization_settings(config: Any) -> dict[str, Any] | None:
         return None
     values = config if isinstance(config, Mapping) else config.to_dict()
     return {name: values[name] for name in QUANT_SETTINGS if name in values}
+
+
+def setting_changes(saved: Mapping[str, Any], current: Mapping[str, Any], now: str = "in this run") -> list[str]:
+    """Each key that ``saved`` (a checkpoint's) and ``current`` both give with other values, as
+    ``"name: <saved> in the checkpoint, <current> <now>"``."""
+    return [
+        f"{name}: {saved[name]!r} in the checkpoint, {current[name]!r} {now}"
+        for name in current
+        if name in saved and saved[name] != current[name]
+    ]
 
 
 def quantization_changes(saved: Mapping[str, Any], current: Mapping[str, Any], now: str = "in this run") -> list[str]:
@@ -160,6 +171,8 @@ class SelectionCheckpointer:
         steps_per_epoch: optimizer steps per epoch, set when training starts.
         quantization: the student's :func:`quantization_settings` (recorded; a checkpoint that
             records others is refused), or ``None``.
+        start: where the FP model and the teacher came from (e.g. weights files' digests; recorded, a
+            checkpoint that records others is refused), or ``None``.
     """
 
     method: str
@@ -169,6 +182,7 @@ class SelectionCheckpointer:
     run_id: str | None = None
     steps_per_epoch: int | None = None
     quantization: dict[str, Any] | None = None
+    start: dict[str, Any] | None = None
 
     def begin_run(
         self,
@@ -218,6 +232,8 @@ class SelectionCheckpointer:
         }
         if self.quantization is not None:
             saved["quantization"] = self.quantization
+        if self.start is not None:
+            saved["start"] = self.start
         atomic_save_npy(ckpt / SUBSET, state["subset"].numpy())
         selector_subset = selector.state_dict().get("subset")
         if selector_subset is not None:
@@ -271,6 +287,9 @@ class SelectionCheckpointer:
                 f"checkpoint {ckpt} was trained with other quantization settings ({'; '.join(changes)}); resume "
                 "with the checkpoint's settings, or start a new run"
             )
+        changes = setting_changes(state.get("start") or {}, self.start or {})
+        if changes:
+            raise ValueError(f"checkpoint {ckpt} started from other weights ({'; '.join(changes)}); resume with them")
 
     @staticmethod
     def _read_records(ckpt: Path, expected_hash: str) -> dict[str, torch.Tensor]:
