@@ -80,13 +80,14 @@ def check_weights(
     ``model`` that ``state`` lacks and every shape that differs. ``heads_any_classes``: the classifier's
     number of outputs (its first dimension) may differ (checked again once the data's classes are known)."""
     own = model.state_dict()
-    heads = tuple(f"{h}." for h in find_first_last(model)[1]) if heads_any_classes else ()
+    heads = sorted(find_first_last(model)[1])
+    head_prefixes = tuple(f"{h}." for h in heads)
     missing = [k for k in own if k not in state and not k.endswith(_OPTIONAL)]
     unexpected = [k for k in state if k not in own]
     shapes = []
     for k in own.keys() & state.keys():
         a, b = tuple(own[k].shape), tuple(state[k].shape)
-        if a != b and not (k.startswith(heads) and a[1:] == b[1:]):
+        if a != b and not (heads_any_classes and k.startswith(head_prefixes) and a[1:] == b[1:]):
             shapes.append(f"{k} {list(b)} in the file, {list(a)} in the model")
     problems = [
         f"{label}: {_listed(sorted(names))}"
@@ -94,10 +95,9 @@ def check_weights(
         if names
     ]
     if problems:
-        heads = sorted(find_first_last(model)[1])
         hint = (
             f" (the classifier {', '.join(heads)} must have one output per class of the data)"
-            if any(s.startswith(tuple(f"{h}." for h in heads)) for s in shapes)
+            if any(s.startswith(head_prefixes) for s in shapes)
             else ""
         )
         raise ValueError(f"{argument}={str(path)!r} does not fit {type(model).__name__}: " + "; ".join(problems) + hint)

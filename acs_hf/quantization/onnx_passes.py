@@ -260,8 +260,7 @@ def requantize_after_code_ops(model: Any) -> int:
 
 def _zero_pad(pad: Any) -> bool:
     """A constant-mode Pad whose value is 0 (or absent, which means 0)."""
-    mode = pad.attributes.get_string("mode", "constant") if "mode" in pad.attributes else "constant"
-    if mode != "constant":
+    if pad.attributes.get_string("mode", "constant") != "constant":
         return False
     value = pad.inputs[2] if len(pad.inputs) > 2 else None
     if value is None:

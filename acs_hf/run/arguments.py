@@ -90,9 +90,13 @@ class ModelArguments:
 
     def start_settings(self) -> dict[str, Any]:
         """Where the FP model and the teacher come from, as a checkpoint records it (files by digest)."""
-        digest = {name: path and file_digest(path) for name in ("pretrained_weights", "teacher_pretrained_weights")
-                  for path in [getattr(self, name)]}  # fmt: skip
-        return {"pretrained": self.pretrained, "teacher_model_name": self.teacher_model_name, **digest}
+        return {
+            "pretrained": self.pretrained,
+            "teacher_model_name": self.teacher_model_name,
+            "pretrained_weights": self.pretrained_weights and file_digest(self.pretrained_weights),
+            "teacher_pretrained_weights": self.teacher_pretrained_weights
+            and file_digest(self.teacher_pretrained_weights),
+        }
 
     def check_start_weights(self) -> None:
         """Each weights file fits its model (names and shapes; the class count is checked once the data is

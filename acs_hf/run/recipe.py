@@ -225,7 +225,7 @@ def _run(
     teacher = _teacher(model_args, list(ds.id2label.values()))  # a teacher of its own fails before the warm-up
     if model_args.fp_warmup_epochs > 0:
         fp_model = _warm_model(fp_model, ds, training_args, model_args, compute_metrics)
-    teacher = teacher or copy.deepcopy(fp_model)
+    teacher = teacher if teacher is not None else copy.deepcopy(fp_model)  # a Module's truth is its len() for some
     student = quantize_model(copy.deepcopy(fp_model), qconfig)
 
     trainer = ACSTrainer(

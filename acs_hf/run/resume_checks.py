@@ -17,14 +17,21 @@ from ..training.checkpoint_state import quantization_changes, quantization_setti
 __all__ = ["check_resume_quantization", "check_resume_start"]
 
 
-def _checkpoint_quantization(ckpt: Path) -> dict[str, Any]:
-    """The quantization settings a checkpoint records (``acs_state.json``); for a checkpoint of an older
-    version, or of the ``full`` selector, what its weights show: output quantizers mean ``integer_graph``."""
+def _recorded(ckpt: Path, key: str) -> dict[str, Any] | None:
+    """What a checkpoint's ``acs_state.json`` records under ``key``; ``None`` for a checkpoint of an older
+    version or of the ``full`` selector (no such file or entry)."""
     try:
-        recorded = json.loads((ckpt / RunLayout.ACS_STATE).read_text()).get("quantization")
+        recorded = json.loads((ckpt / RunLayout.ACS_STATE).read_text()).get(key)
     except (OSError, ValueError, AttributeError):
-        recorded = None
-    if isinstance(recorded, dict):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _checkpoint_quantization(ckpt: Path) -> dict[str, Any]:
+    """The quantization settings a checkpoint records; for one that records none, what its weights show:
+    output quantizers mean ``integer_graph``."""
+    recorded = _recorded(ckpt, "quantization")
+    if recorded is not None:
         return recorded
     weights = ckpt / WEIGHTS_NAME
     if not weights.is_file():
@@ -62,11 +69,8 @@ def check_resume_start(args: TrainingArguments, start: dict[str, Any]) -> None:
     differ from those its checkpoint records: the teacher would not be the interrupted run's."""
     if not args.resume_from_checkpoint:
         return
-    try:
-        saved = json.loads((Path(args.resume_from_checkpoint) / RunLayout.ACS_STATE).read_text()).get("start")
-    except (OSError, ValueError, AttributeError):
-        return  # a checkpoint of an older version, or of the full selector, records none
-    changes = setting_changes(saved if isinstance(saved, dict) else {}, start, now="on the command line")
+    saved = _recorded(Path(args.resume_from_checkpoint), "start") or {}
+    changes = setting_changes(saved, start, now="on the command line")
     if changes:
         raise ValueError(
             f"resume_from_checkpoint={str(args.resume_from_checkpoint)!r} started from other weights "

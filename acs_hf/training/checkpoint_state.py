@@ -87,13 +87,8 @@ def setting_changes(saved: Mapping[str, Any], current: Mapping[str, Any], now: s
 
 
 def quantization_changes(saved: Mapping[str, Any], current: Mapping[str, Any], now: str = "in this run") -> list[str]:
-    """Each setting that ``saved`` (a checkpoint's) and ``current`` both give with other values, as
-    ``"name: <saved> in the checkpoint, <current> <now>"``."""
-    return [
-        f"{name}: {saved[name]!r} in the checkpoint, {current[name]!r} {now}"
-        for name in QUANT_SETTINGS
-        if name in saved and name in current and saved[name] != current[name]
-    ]
+    """:func:`setting_changes` of the :data:`QUANT_SETTINGS` alone."""
+    return setting_changes(saved, {name: current[name] for name in QUANT_SETTINGS if name in current}, now)
 
 
 def read_array(path: Path) -> torch.Tensor:
