@@ -1,46 +1,42 @@
 """The integer-graph placement: an LSQ quantizer on every tensor that an integer runtime needs in integer form.
 
-ONNX Runtime runs a Conv as an integer kernel (``QLinearConv``) only when its input comes out of a
-``DequantizeLinear`` and its output goes into a ``QuantizeLinear``, and a residual ``Add`` as
-``QLinearAdd`` only when both inputs and its output are quantized (its QDQ selectors; TensorRT and
-NNCF place quantizers the same way). The paper's placement quantizes only the inputs of convolutions
-and linear layers, so every convolution that feeds a residual addition, and the additions themselves,
-stay float. This placement adds LSQ quantizers, learnt like the others, so that
+ONNX Runtime runs an operation as an integer kernel only when each input comes out of a
+``DequantizeLinear`` and (for most) its output goes into a ``QuantizeLinear`` (its QDQ selectors):
+``QLinearConv``, ``QLinearAdd``, ``QLinearMul``, ``QLinearConcat``, and ``MatMulIntegerToFloat`` for a
+matrix product of two activations, which needs no quantized output. The paper's placement quantizes
+only the inputs of convolutions and linear layers. This placement adds LSQ quantizers, learnt like the
+others, on the tensors of a ``torch.fx`` trace of the float model (timm's untraceable helpers kept as
+leaves; attention that timm fuses traced unfused), so that
 
-- both inputs of every residual addition are quantized: the module that produces each one gets an
-  *output quantizer* (for ResNet: ``bn2`` and ``downsample.1``);
-- the addition's output is quantized: at the ReLU that follows it (``act2``: quantizing after the
-  ReLU with unsigned codes equals quantizing the sum, and ONNX Runtime drops the ReLU), or else at the
-  output of the block that returns it (MobileNetV2 / EfficientNet inverted residuals);
-- every tensor is quantized once: a quantized layer whose input is already quantized upstream (through
-  max pooling, identity, dropout or flatten) drops its own input quantizer, so a block's output is
-  quantized once and shared by the next block's convolutions and its shortcut;
-- a tensor that several quantized layers read is quantized once where it is made (ResNet's stem
-  output, read by the first block's convolution and its shortcut convolution);
-- a max pool's input is quantized rather than its output (max commutes with quantization), so the stem
-  convolution also gets an integer output;
-- strided slicing and zero padding keep a quantized tensor on its grid (zero is a code of every grid), so
-  a CIFAR ResNet's option-A shortcut (``F.pad(x[:, :, ::2, ::2], ...)``) reads the block input's
-  quantizer and needs none of its own; the export quantizes its output again at the same step.
+- both inputs and the output of every addition, product (a squeeze-excitation gate) and
+  concatenation of computed tensors are quantized, and both operands of every matrix product of two
+  computed tensors (a ViT's ``q @ k.transpose(-2, -1)`` and ``attn @ v``);
+- a sum is quantized at the ReLU that alone reads it (unsigned codes after a ReLU equal quantizing
+  the sum, and ONNX Runtime drops the ReLU), or else at the output of the block that returns it;
+- every tensor is quantized once, where it is made: at the output of the module that makes it when
+  that module is called once (a forward hook: ``bn2`` and ``downsample.1`` in a timm ResNet), else inside
+  the forward that makes it (a *tensor site*, :mod:`.tensor_sites`: ``x + identity`` written as code, the
+  output of torchvision's ``relu``, called three times a block); a layer whose input is quantized
+  upstream (through max pooling, identity, dropout, flatten or a layout change) drops its own input
+  quantizer, and a tensor that several quantized layers read is quantized once where it is made;
+- a max pool, strided slice, zero pad or transpose of a quantized tensor keeps it on its grid, so the
+  quantizer goes before it (the export quantizes its output again at the same step);
+- codes are unsigned after a ReLU, a sigmoid or a softmax, signed elsewhere.
 
-The additions are found in a ``torch.fx`` trace of the float model (``timm``'s untraceable helpers
-kept as leaves): any ``add`` of two computed tensors. An addition whose three tensors cannot all carry
-a quantizer (a module called twice, an input computed by a function rather than a module, a sum used
-inside the block that makes it, as in a ViT) stays float, and :func:`plan_integer_graph` logs it.
+What cannot take a quantizer (an input made in a module that is itself called several times, or the
+image) leaves its operation float, and :func:`plan_integer_graph` logs each with the reason.
 """
 
 from __future__ import annotations
 
 import logging
-import operator
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
-import torch
 from torch import fx, nn
 
+from .graph_sites import GraphSites, integer_op, operands
 from .lsq import check_bits
 from .modules import LayerQuantConfig
 from .output_quant import OutputQuantConfig
@@ -48,35 +44,6 @@ from .output_quant import OutputQuantConfig
 __all__ = ["IntegerGraphPlan", "plan_integer_graph"]
 
 logger = logging.getLogger(__name__)
-
-#: Modules whose output equals their input, or a selection of its elements: a quantized input stays quantized.
-_PASS_THROUGH = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Identity, nn.Dropout, nn.Flatten)
-#: Of those, the ones that compute something (the quantizer goes before them, shared with what follows).
-_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_NON_NEGATIVE = (nn.ReLU, nn.ReLU6)
-_ADDS = {operator.add, operator.iadd, torch.add}
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-def _keeps_grid(node: fx.Node) -> bool:
-    """A function that only selects elements or pads with zeros: a quantized input stays quantized, on
-    the same grid (``x[:, :, ::2, ::2]``, ``F.pad(x, pads)`` with the constant 0)."""
-    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    if node.target is operator.getitem:
-        index = node.args[1] if len(node.args) > 1 else None
-        index = index if isinstance(index, tuple) else (index,)
-        return all(
-            i is None
-            or i is Ellipsis
-            or (isinstance(i, slice) and not any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step)))
-            for i in index
-        )
-    if node.target is torch.nn.functional.pad:
-        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-        return mode == "constant" and value in (None, 0)
-    return False
 
 
 @dataclass
@@ -86,131 +53,20 @@ class IntegerGraphPlan:
     Attributes:
         layers: the per-layer settings, with the input quantizer dropped (``act_bits=None``) where the
             input is already quantized upstream.
-        outputs: module name -> its output quantizer.
-        integer_adds: the residual additions made integer (named by the module that holds them).
-        float_adds: the additions that stay float, each with the reason.
+        outputs: module name or tensor site (``"<scope>::<node>"``) -> its output quantizer.
+        integer_ops: the operations made integer (``"add layer1.0 (add)"``: kind, owner, node).
+        float_ops: the operations that stay float, each with the reason.
     """
 
     layers: dict[str, LayerQuantConfig]
     outputs: dict[str, OutputQuantConfig] = field(default_factory=dict)
-    integer_adds: list[str] = field(default_factory=list)
-    float_adds: list[str] = field(default_factory=list)
-
-
-def _trace(model: nn.Module) -> fx.Graph:
-    """``torch.fx`` graph of ``model`` with timm's untraceable modules and functions kept opaque."""
-    from timm.layers import get_notrace_functions, get_notrace_modules
-
-    leaves = tuple(get_notrace_modules())
-
-    class _Tracer(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
-
-    tracer = _Tracer(autowrap_functions=tuple(get_notrace_functions()))
-    was_training = model.training
-    try:
-        return tracer.trace(model.eval())  # the graph alone: no GraphModule copy of the model is needed
-    finally:
-        model.train(was_training)
-
-
-def _is_residual_add(node: fx.Node) -> bool:
-    """An addition of two computed tensors (not of a parameter, a buffer or a number)."""
-    is_add = (node.op == "call_function" and node.target in _ADDS) or (
-        node.op == "call_method" and node.target in ("add", "add_")
-    )
-    args = node.args[:2]
-    return is_add and len(args) == 2 and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in args)
-
-
-class _Planner:
-    """One pass over the traced graph: where each residual addition's three tensors get quantized."""
-
-    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
-        self.model = model
-        self.graph = graph
-        self.calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-        self.scope_outputs: dict[str, set[fx.Node]] = {}
-        for node in graph.nodes:
-            for path in node.meta.get("nn_module_stack", {}):
-                if any(path not in u.meta.get("nn_module_stack", {}) for u in node.users):
-                    self.scope_outputs.setdefault(path, set()).add(node)
-
-    def _module(self, name: str) -> nn.Module:
-        return self.model.get_submodule(name)
-
-    def _hookable(self, name: str) -> bool:
-        """A module called once, not a container, not an opaque graph root: its output can be quantized."""
-        return bool(name) and self.calls.get(name, 1) == 1 and not isinstance(self._module(name), _CONTAINERS)
-
-    def tensor_site(self, node: fx.Node) -> str | None:
-        """The module whose output quantizer quantizes the tensor ``node`` (``None`` when none can); an
-        identity whose input cannot be quantized where it is made quantizes its own output."""
-        start = node
-        while self._quantize_before(node):
-            node = node.args[0]  # quantize the input: max, slicing, zero padding and identity keep the grid
-            if not isinstance(node, fx.Node):
-                return None
-        if node.op == "call_module":
-            site = node.target if self._hookable(node.target) else None
-        else:
-            site = self.add_output_site(node) if _is_residual_add(node) else None
-        if site is None and start is not node and start.op == "call_module" and self._hookable(start.target):
-            return start.target if type(self._module(start.target)) is nn.Identity else None
-        return site
-
-    def _quantize_before(self, node: fx.Node) -> bool:
-        """Whether ``node``'s tensor is quantized at its input instead: a max pool, a strided slice or zero
-        pad, or an identity whose input other nodes read too (one quantizer for the shared tensor; a
-        block's identity shortcut, as in a CIFAR ResNet)."""
-        if _keeps_grid(node):
-            return True
-        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
-            return False
-        module = self._module(node.target)
-        return isinstance(module, _POOLS) or (type(module) is nn.Identity and len(node.args[0].users) > 1)
-
-    def add_output_site(self, node: fx.Node) -> str | None:
-        """Where the sum ``node`` is quantized: the ReLU that alone consumes it, else the innermost
-        module whose forward returns it (and nothing else)."""
-        users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module" and self._hookable(users[0].target):
-            if type(self._module(users[0].target)) is nn.ReLU:
-                return users[0].target
-        for path in reversed(list(node.meta.get("nn_module_stack", {}))):
-            if self.scope_outputs.get(path) == {node}:
-                return path if self._hookable(path) else None
-        return None
-
-    def _passes_through(self, node: fx.Node) -> bool:
-        if node.op == "call_module":
-            return isinstance(self._module(node.target), _PASS_THROUGH)
-        return _keeps_grid(node) or (
-            node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten")
-        )
-
-    def pass_through_root(self, node: Any) -> Any:
-        """The tensor ``node`` is read from, looking through pass-through modules."""
-        while isinstance(node, fx.Node) and self._passes_through(node) and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
-        return node
-
-    def quantized_upstream(self, node: Any, outputs: Mapping[str, OutputQuantConfig]) -> OutputQuantConfig | None:
-        """The output quantizer that already quantizes the tensor ``node``, looking through pass-through modules."""
-        while isinstance(node, fx.Node):
-            site = self.tensor_site(node)
-            if site in outputs:
-                return outputs[site]
-            if not self._passes_through(node):
-                return None
-            node = node.args[0]
-        return None
+    integer_ops: list[str] = field(default_factory=list)
+    float_ops: list[str] = field(default_factory=list)
 
 
 def _describe(node: fx.Node) -> str:
     scope = list(node.meta.get("nn_module_stack", {}))
-    return f"{scope[-1] if scope else '<model>'} ({node.name})"
+    return f"{integer_op(node)} {scope[-1] if scope else '<model>'} ({node.name})"
 
 
 def plan_integer_graph(
@@ -225,96 +81,117 @@ def plan_integer_graph(
         compiled: ``torch.compile``-fused fake-quant kernels for them.
 
     Returns:
-        The plan; additions that stay float are logged at WARNING with the reason.
+        The plan; operations that stay float are logged at WARNING with the reason.
     """
     check_bits("bits", bits)
     plan = IntegerGraphPlan(layers=dict(layers))
     try:
-        graph = _trace(model)
+        sites = GraphSites(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure leaves the paper's placement
         reason = f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e})"
-        logger.warning("integer_graph: %s; every residual addition stays float", reason)
-        plan.float_adds.append(f"all: {reason}")
+        logger.warning("integer_graph: %s; every addition and product stays float", reason)
+        plan.float_ops.append(f"all: {reason}")
         return plan
-    planner = _Planner(model, graph)
     config = OutputQuantConfig(bits=bits, compiled=compiled)
-    _place_additions(planner, plan, config)
-    _quantize_shared_inputs_once(planner, plan, config)
-    _drop_inputs_quantized_upstream(planner, plan)
+    _place_integer_ops(sites, plan, config)
+    _quantize_shared_inputs_once(sites, plan, config)
+    _drop_inputs_quantized_upstream(sites, plan)
     _log_plan(plan, model)
     return plan
 
 
-def _site_config(model: nn.Module, site: str, config: OutputQuantConfig) -> OutputQuantConfig:
-    # Signed codes unless a ReLU makes the tensor non-negative: calibration cannot tell, since a
-    # zero-initialised BatchNorm (timm's last BN of a block) gives zeros.
-    return replace(config, signed=not isinstance(model.get_submodule(site), _NON_NEGATIVE))
+def _site_config(sites: GraphSites, node: fx.Node, config: OutputQuantConfig) -> OutputQuantConfig:
+    # Signed codes unless a ReLU, sigmoid or softmax makes the tensor non-negative: calibration cannot
+    # tell, since a zero-initialised BatchNorm (timm's last BN of a block) gives zeros.
+    return replace(config, signed=not sites.non_negative(sites.root(node)))
 
 
-def _place_additions(planner: _Planner, plan: IntegerGraphPlan, config: OutputQuantConfig) -> None:
-    """Output quantizers on both inputs and the sum of every residual addition that can take them."""
-    for node in planner.graph.nodes:
-        if not _is_residual_add(node):
+def _place_integer_ops(sites: GraphSites, plan: IntegerGraphPlan, config: OutputQuantConfig) -> None:
+    """Quantizers on the operands (and, but for a matrix product, the result) of every integer operation
+    on computed tensors."""
+    for node in sites.graph.nodes:
+        kind = integer_op(node)
+        tensors = operands(node) if kind is not None else []
+        if len(tensors) < 2 or not all(sites.is_data(t) for t in tensors):
             continue
-        sites = [planner.tensor_site(a) for a in node.args[:2]] + [planner.add_output_site(node)]
-        if None in sites or sites[0] == sites[1]:
-            which = ["first input", "second input", "sum"][sites.index(None)] if None in sites else "inputs"
-            plan.float_adds.append(f"{_describe(node)}: {_why_float(planner, node, which)}")
+        needed = [(f"input {i}", t, sites.site(t)) for i, t in enumerate(tensors)]
+        if kind != "matmul":
+            needed.append(("result", node, _result_site(sites, node)))
+        missing = [(which, t) for which, t, site in needed if site is None]
+        if missing or len({site for _, _, site in needed}) < len(needed):
+            which, tensor = missing[0] if missing else ("inputs", None)
+            plan.float_ops.append(f"{_describe(node)}: {_why_float(sites, which, tensor)}")
             continue
-        for site in sites:
-            plan.outputs.setdefault(site, _site_config(planner.model, site, config))
-        plan.integer_adds.append(_describe(node))
+        for _, tensor, site in needed:
+            plan.outputs.setdefault(site, _site_config(sites, _quantized_value(sites, tensor, site), config))
+        plan.integer_ops.append(_describe(node))
 
 
-def _why_float(planner: _Planner, node: fx.Node, which: str) -> str:
-    """Why the addition ``node``'s ``which`` takes no quantizer (torchvision's ResNet reuses one ``relu``)."""
-    users = list(node.users)
-    tensor = {"first input": node.args[0], "second input": node.args[1], "sum": users[0] if len(users) == 1 else None}
-    tensor = planner.pass_through_root(tensor.get(which))
-    calls = planner.calls.get(tensor.target, 1) if isinstance(tensor, fx.Node) and tensor.op == "call_module" else 1
-    if calls > 1:
-        return (
-            f"its {which} {'goes into' if which == 'sum' else 'comes out of'} {tensor.target!r}, a module called "
-            f"{calls} times (an output quantizer would serve every call; give each call a module of its own)"
-        )
-    return f"its {which} is not the output of a module called once"
+def _result_site(sites: GraphSites, node: fx.Node) -> str | None:
+    return sites.op_output_site(node) if sites.is_data(node) else None
 
 
-def _quantize_shared_inputs_once(planner: _Planner, plan: IntegerGraphPlan, config: OutputQuantConfig) -> None:
+def _quantized_value(sites: GraphSites, tensor: fx.Node, site: str) -> fx.Node:
+    """The node whose value the quantizer at ``site`` sees (the ReLU after a sum, where it goes there)."""
+    users = list(tensor.users)
+    if integer_op(tensor) is not None and len(users) == 1 and site in (users[0].target, sites.tensor_site(users[0])):
+        return users[0]
+    return tensor
+
+
+def _why_float(sites: GraphSites, which: str, tensor: fx.Node | None) -> str:
+    """Why ``tensor`` (the operation's ``which``) takes no quantizer."""
+    if tensor is None:
+        return "its inputs are the same tensor"
+    root = sites.pass_through_root(tensor)
+    if root.op == "placeholder" or not sites.is_data(root):
+        return f"its {which} is the model's input or a constant"
+    owner = sites.called_several_times(root)
+    if owner is not None:
+        return f"its {which} is made in {owner!r}, a module called several times (give each call a module of its own)"
+    return f"its {which} is made in a forward that cannot be traced alone"
+
+
+def _quantize_shared_inputs_once(sites: GraphSites, plan: IntegerGraphPlan, config: OutputQuantConfig) -> None:
     """A tensor that several quantized layers read (ResNet's stem output, read by the first block's conv
     and shortcut conv) is quantized once at its producer, so that the producing conv has one output."""
-    readers: dict[Any, list[str]] = {}
-    for node in planner.graph.nodes:
+    readers: dict[fx.Node, list[str]] = {}
+    for node in sites.graph.nodes:
         setting = plan.layers.get(node.target) if node.op == "call_module" else None
         if setting is not None and setting.act_bits == config.bits and node.args:
-            readers.setdefault(planner.pass_through_root(node.args[0]), []).append(node.target)
+            readers.setdefault(sites.pass_through_root(node.args[0]), []).append(node.target)
     for root, names in readers.items():
-        site = planner.tensor_site(root) if len(names) > 1 and isinstance(root, fx.Node) else None
+        if len(names) < 2 or not isinstance(root, fx.Node) or root.op != "call_module":
+            continue  # v1's rule, for module outputs only: a shared function output keeps its readers' quantizers
+        site = sites.site(root)
         if site is not None and site not in plan.outputs:
-            plan.outputs[site] = _site_config(planner.model, site, config)
+            plan.outputs[site] = _site_config(sites, root, config)
 
 
-def _drop_inputs_quantized_upstream(planner: _Planner, plan: IntegerGraphPlan) -> None:
+def _drop_inputs_quantized_upstream(sites: GraphSites, plan: IntegerGraphPlan) -> None:
     """A layer whose input is quantized upstream at its own bit width uses that quantizer, not one of its own."""
-    for node in planner.graph.nodes:
+    for node in sites.graph.nodes:
         setting = plan.layers.get(node.target) if node.op == "call_module" else None
         if setting is None or setting.act_bits is None or not node.args:
             continue
-        upstream = planner.quantized_upstream(node.args[0], plan.outputs)
+        upstream = sites.quantized_upstream(node.args[0], plan.outputs)
         if upstream is not None and upstream.bits == setting.act_bits:
             plan.layers[node.target] = LayerQuantConfig(**{**setting.to_dict(), "act_bits": None, "act_signed": None})
 
 
 def _log_plan(plan: IntegerGraphPlan, model: nn.Module) -> None:
-    if not plan.float_adds and not plan.integer_adds:
+    if not plan.float_ops and not plan.integer_ops:
         placed = f"only {len(plan.outputs)} output quantizer(s) placed" if plan.outputs else "nothing is placed"
-        why = "an addition of two computed tensors; DenseNet, for one, concatenates"
-        logger.warning("integer_graph: %s has no residual addition (%s): %s", type(model).__name__, why, placed)
-    if plan.float_adds:
-        more = len(plan.float_adds) - 4
-        listed = "; ".join(plan.float_adds[:4]) + (f"; and {more} more" if more > 0 else "")
-        total = len(plan.float_adds) + len(plan.integer_adds)
-        logger.warning("integer_graph: %d of %d residual additions stay float: %s", len(plan.float_adds), total, listed)
+        why = "an addition, product, concatenation or matrix product of two computed tensors"
+        logger.warning("integer_graph: %s has no integer operation (%s): %s", type(model).__name__, why, placed)
+    if plan.float_ops:
+        more = len(plan.float_ops) - 4
+        listed = "; ".join(plan.float_ops[:4]) + (f"; and {more} more" if more > 0 else "")
+        total = len(plan.float_ops) + len(plan.integer_ops)
+        logger.warning("integer_graph: %d of %d operations stay float: %s", len(plan.float_ops), total, listed)
+    kinds = Counter(op.split(" ", 1)[0] for op in plan.integer_ops)
     logger.info(
-        "integer_graph: %d residual additions integer, %d output quantizers", len(plan.integer_adds), len(plan.outputs)
+        "integer_graph: integer %s; %d output quantizers",
+        ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing",
+        len(plan.outputs),
     )

@@ -19,7 +19,7 @@ from torch import nn
 from .lsq import LSQQuantizer, lsq_fake_quant, quant_range
 from .model import quant_modules
 from .modules import QuantModule
-from .output_quant import output_quantizers
+from .output_quant import output_quantizers, set_output_quantizer
 from .packed import broadcast_step, stored_weight_codes
 
 __all__ = ["U8_SIGNED_ZERO_POINT", "deploy_view", "translation_table"]
@@ -166,7 +166,7 @@ def deploy_view(
     """The model in eval mode with every quantizer swapped for its export-time stand-in; restored on exit."""
     modes = {m: m.training for m in model.modules()}
     saved = [(m, m.weight_quantizer, m.input_quantizer) for _, m in quant_modules(model)]
-    outputs = [(model.get_submodule(name), q) for name, q in output_quantizers(model)]
+    outputs = output_quantizers(model)
 
     def activation(q: LSQQuantizer, int4_ok: bool = True) -> _ActivationQDQ:
         narrow_ok = int4_narrow_activations or q.bits == 4
@@ -177,13 +177,13 @@ def deploy_view(
             m.weight_quantizer = _WeightDQ(m, _container(wq.bits, int4))
             if iq is not None:
                 m.input_quantizer = activation(iq)
-        for m, q in outputs:  # int8 containers: onnxruntime 1.32 moves a uint4 DequantizeLinear past MaxPool
-            m.output_quantizer = activation(q, int4_ok=False)
+        for name, q in outputs:  # int8 containers: onnxruntime 1.32 moves a uint4 DequantizeLinear past MaxPool
+            set_output_quantizer(model, name, activation(q, int4_ok=False))
         yield model.eval()
     finally:
         for m, wq, iq in saved:
             m.weight_quantizer, m.input_quantizer = wq, iq
-        for m, q in outputs:
-            m.output_quantizer = q
+        for name, q in outputs:
+            set_output_quantizer(model, name, q)
         for m, training in modes.items():
             m.training = training

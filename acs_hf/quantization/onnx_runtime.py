@@ -39,6 +39,9 @@ AVX2_PRECISION_KEY = "session.x64quantprecision"
 _KERNELS = {
     "conv": ({"QLinearConv", "ConvInteger"}, {"Conv", "FusedConv"}),
     "add": ({"QLinearAdd"}, {"Add"}),
+    "mul": ({"QLinearMul"}, {"Mul"}),
+    "concat": ({"QLinearConcat"}, {"Concat"}),
+    "pool": ({"QLinearAveragePool", "QLinearGlobalAveragePool"}, {"AveragePool", "GlobalAveragePool"}),
     "matmul": ({"QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat"}, {"Gemm", "MatMul", "FusedGemm"}),
 }
 
@@ -112,9 +115,11 @@ def onnx_session(
 
 
 def integer_kernel_counts(path: str | os.PathLike) -> dict[str, dict[str, int]]:
-    """For each job (``conv``, ``add``, ``matmul``): how many nodes ONNX Runtime's CPU provider runs as
-    integer kernels (``integer``) and as float ones (``float``), read off the graph it optimises
-    (extended level: the QDQ fusions, without the layout changes that rename float ops)."""
+    """For each job (``conv``, ``add``, ``mul``, ``concat``, ``pool``, ``matmul``): how many nodes ONNX
+    Runtime's CPU provider runs as integer kernels (``integer``) and as float ones (``float``), read off
+    the graph it optimises (extended level: the QDQ fusions, without the layout changes that rename
+    float ops). A float Add, Mul or Concat with a constant input (a bias, a scale, a class token) is
+    not counted: only operations on two computed tensors have an integer kernel to miss."""
     import onnx
     import onnxruntime as ort
 
@@ -126,8 +131,12 @@ def integer_kernel_counts(path: str | os.PathLike) -> dict[str, dict[str, int]]:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         graph = onnx.load(str(optimized), load_external_data=False).graph
     constants = {t.name for t in graph.initializer}
-    # a float Add of a constant is a bias (the classifier's), not a residual addition
-    ops = Counter(n.op_type for n in graph.node if n.op_type != "Add" or not any(i in constants for i in n.input))
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    ops = Counter(
+        n.op_type
+        for n in graph.node
+        if n.op_type not in ("Add", "Mul", "Concat") or not any(i in constants for i in n.input)
+    )
     return {
         job: {"integer": sum(ops[o] for o in integer), "float": sum(ops[o] for o in floats)}
         for job, (integer, floats) in _KERNELS.items()

@@ -1,8 +1,9 @@
-"""Output quantizers: an LSQ quantizer on a module's output, applied by a forward hook.
+"""Output quantizers: an LSQ quantizer on a module's output (applied by a forward hook) or on a
+tensor made inside a module's forward (a site ``"<scope>::<node>"``, :mod:`.tensor_sites`).
 
-The integer-graph placement (:mod:`~acs_hf.quantization.integer_graph`) decides which modules get
-one; the checkpoint (``outputs`` table), the export and :func:`~acs_hf.dequantize_model` find them
-here.
+The integer-graph placement (:mod:`~acs_hf.quantization.integer_graph`) decides which modules and
+tensors get one; the checkpoint (``outputs`` table), the export and :func:`~acs_hf.dequantize_model`
+find them here.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ from torch import nn
 
 from ..utils.upstream import forward_hook_count, remove_forward_hook
 from .lsq import LSQQuantizer, check_bits
+from .tensor_sites import is_site, restore_forward, rewrite_forward, site_name, split_site
 
-__all__ = ["OutputQuantConfig", "quantize_outputs", "output_quantizers", "remove_output_quantizers"]
+__all__ = [
+    "OutputQuantConfig",
+    "quantize_outputs",
+    "output_quantizers",
+    "remove_output_quantizers",
+    "set_output_quantizer",
+]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -49,38 +57,68 @@ def _quantize_output(module: nn.Module, args: tuple, output: torch.Tensor) -> to
     return quantizer(output) if quantizer is not None else None
 
 
+def _new_quantizer(config: OutputQuantConfig, name: str, module: nn.Module) -> LSQQuantizer:
+    device = next((t.device for t in [*module.parameters(), *module.buffers()]), None)
+    label = name if is_site(name) else f"{name}.output_quantizer"
+    quantizer = LSQQuantizer(config.bits, signed=config.signed, compiled=config.compiled, name=label)
+    return quantizer.to(device) if device is not None else quantizer
+
+
+def _scope(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"quantize_outputs: the model has no module {name!r}") from None
+
+
 def quantize_outputs(model: nn.Module, outputs: Mapping[str, OutputQuantConfig]) -> nn.Module:
     """Give each named module an ``output_quantizer`` (an :class:`LSQQuantizer`) applied to its output
-    by a forward hook, in place; uninitialised until :func:`~acs_hf.calibrate_quantizers`."""
+    by a forward hook, and each tensor site ``"<scope>::<node>"`` a quantizer in its scope's forward,
+    in place; uninitialised until :func:`~acs_hf.calibrate_quantizers`."""
+    sites: dict[str, dict[str, LSQQuantizer]] = {}
     for name, config in outputs.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"quantize_outputs: the model has no module {name!r}") from None
+        if is_site(name):
+            scope, node = split_site(name)
+            sites.setdefault(scope, {})[node] = _new_quantizer(config, name, _scope(model, scope))
+            continue
+        module = _scope(model, name)
         if isinstance(module, _CONTAINERS) or hasattr(module, "output_quantizer"):
             raise ValueError(f"quantize_outputs: module {name!r} cannot take an output quantizer")
-        device = next((t.device for t in [*module.parameters(), *module.buffers()]), None)
-        quantizer = LSQQuantizer(
-            config.bits, signed=config.signed, compiled=config.compiled, name=f"{name}.output_quantizer"
-        )
-        module.output_quantizer = quantizer.to(device) if device is not None else quantizer
+        module.output_quantizer = _new_quantizer(config, name, module)
         if not forward_hook_count(module, _quantize_output):  # a copy of a quantized module keeps its hook
             module.register_forward_hook(_quantize_output)
+    for scope, quantizers in sites.items():
+        rewrite_forward(model.get_submodule(scope), scope, quantizers)
     return model
 
 
 def output_quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
-    """``(module name, quantizer)`` for every output quantizer of ``model``."""
-    return [
-        (n, m.output_quantizer)
-        for n, m in model.named_modules()
-        if isinstance(getattr(m, "output_quantizer", None), LSQQuantizer)
-    ]
+    """``(module name or tensor site, quantizer)`` for every output quantizer of ``model``."""
+    found = []
+    for n, m in model.named_modules():
+        if isinstance(getattr(m, "output_quantizer", None), LSQQuantizer):
+            found.append((n, m.output_quantizer))
+        if isinstance(getattr(m, "tensor_quantizers", None), nn.ModuleDict):
+            found += [(site_name(n, node), q) for node, q in m.tensor_quantizers.items()]
+    return found
+
+
+def set_output_quantizer(model: nn.Module, name: str, quantizer: nn.Module) -> None:
+    """Put ``quantizer`` in the place of the output quantizer ``name`` (the export's stand-ins)."""
+    if is_site(name):
+        scope, node = split_site(name)
+        model.get_submodule(scope).tensor_quantizers[node] = quantizer
+    else:
+        model.get_submodule(name).output_quantizer = quantizer
 
 
 def remove_output_quantizers(model: nn.Module) -> nn.Module:
-    """Undo :func:`quantize_outputs` in place: the quantizers and their forward hooks go."""
+    """Undo :func:`quantize_outputs` in place: the quantizers and their forward hooks go, and every
+    rewritten forward is the class's again."""
     for name, _ in output_quantizers(model):
+        if is_site(name):
+            restore_forward(model.get_submodule(split_site(name)[0]))
+            continue
         module = model.get_submodule(name)
         del module.output_quantizer
         remove_forward_hook(module, _quantize_output)

@@ -25,6 +25,7 @@ from .lsq import STEP_FLOOR, LSQQuantizer, quant_range
 from .model import quant_modules, quantize_layers, quantizers_initialized
 from .modules import LayerQuantConfig, quant_class_for
 from .output_quant import OutputQuantConfig, output_quantizers, quantize_outputs
+from .tensor_sites import SEPARATOR, is_site
 
 __all__ = [
     "QUANT_METHOD",
@@ -48,8 +49,13 @@ QUANT_METHOD = "acs_hf_lsq"  # named after the library: loaders that lack it pri
 FORMAT_VERSION = 2
 #: Checkpoints with output quantizers (``QuantConfig.integer_graph``): the layer table plus an ``outputs`` table.
 OUTPUTS_FORMAT_VERSION = 3
+#: ... whose ``outputs`` table names tensor sites (``"<scope>::<node>"``) too: older versions cannot place them.
+TENSOR_SITES_FORMAT_VERSION = 4
 #: quant_method -> the format versions this version reads.
-READABLE_FORMATS = {QUANT_METHOD: (FORMAT_VERSION, OUTPUTS_FORMAT_VERSION), "lsq": (1,)}
+READABLE_FORMATS = {
+    QUANT_METHOD: (FORMAT_VERSION, OUTPUTS_FORMAT_VERSION, TENSOR_SITES_FORMAT_VERSION),
+    "lsq": (1,),
+}
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 LEGACY_CODES_SUFFIX = ".weight_codes"  # format 1
@@ -141,7 +147,7 @@ def packed_state(
     quantization_config = {
         "quant_method": QUANT_METHOD,
         "acs_hf_loading": LOADING_NOTE,
-        "format_version": OUTPUTS_FORMAT_VERSION if outputs else FORMAT_VERSION,
+        "format_version": _format_version(outputs),
         "library": "acs_hf",
         "library_version": _library_version(),
         "checkpoint_id": None,
@@ -151,6 +157,12 @@ def packed_state(
     }
     quantization_config["checkpoint_id"] = _checkpoint_id(state, quantization_config)
     return state, quantization_config
+
+
+def _format_version(outputs: dict[str, Any]) -> int:
+    if any(is_site(name) for name in outputs):
+        return TENSOR_SITES_FORMAT_VERSION
+    return OUTPUTS_FORMAT_VERSION if outputs else FORMAT_VERSION
 
 
 def _checkpoint_id(state: dict[str, torch.Tensor], quantization_config: dict[str, Any]) -> str:
@@ -251,15 +263,16 @@ def layer_configs_from_table(model: nn.Module, layers: dict[str, Any], where: st
 
 
 def output_configs_from_table(model: nn.Module, outputs: Any, where: str) -> dict[str, OutputQuantConfig]:
-    """The output quantizers of a checkpoint's ``outputs`` table (module name -> ``bits``, ``signed``),
-    each module checked to exist in ``model``."""
+    """The output quantizers of a checkpoint's ``outputs`` table (module name or tensor site -> ``bits``,
+    ``signed``), each module (a site's scope) checked to exist in ``model``."""
     if outputs is None:
         return {}
     if not isinstance(outputs, dict):
         raise ValueError(f"{where}: quantization_config.outputs must be an object, got {outputs!r}")
     modules, configs = dict(model.named_modules()), {}
     for name, info in outputs.items():
-        if name not in modules:
+        module = name.rpartition(SEPARATOR)[0] if is_site(name) else name
+        if module not in modules:
             raise ValueError(f"{where}: output quantizer {name!r} of the checkpoint has no module in the architecture")
         if not isinstance(info, dict) or not isinstance(info.get("signed"), bool):
             raise ValueError(f"{where}: output quantizer {name!r}: entry must be {{bits, signed}}, got {info!r}")
