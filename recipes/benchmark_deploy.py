@@ -23,6 +23,12 @@ with ``session.x64quantprecision`` forced on (what the exactness option for CPUs
 Runtime runs (:func:`acs_hf.integer_kernel_counts`; ``integer_conv_fraction``). The sessions are timed
 in round-robin order, so load on a shared machine slows every row alike.
 
+``--families`` adds, each against its own FP32 export timed in turn with it, the integer graph at
+W8A8 on other families (``<family>_w8a8_int``): torchvision's ResNet-18 (a ReLU module called three
+times a block), SE-ResNet-18 and MobileNetV3 (squeeze-excitation products), CIFAR ResNet-20 (option-A
+shortcuts, 32x32) and ViT-S/16 (additions, Linear layers and attention matmuls), with a ``targets``
+entry per family.
+
 The model is randomly initialised (timm init, then BatchNorm gains, biases and running statistics
 randomised so that no block is an identity, as timm's zero-initialised last BN gains would make
 it) and calibrated on scikit-learn's digits through the model's eval preprocessing; the
@@ -78,10 +84,26 @@ VARIANTS = {
 }
 
 
+#: family row -> (model name, image size, minimum speed over FP32 at both batch sizes: the issue's targets)
+FAMILIES = {
+    "torchvision_resnet18": ("torchvision.resnet18", 224, 2.0),
+    "seresnet18": ("seresnet18", 224, 2.0),
+    "mobilenetv3_large_100": ("mobilenetv3_large_100", 224, 1.5),
+    "cifar_resnet20": ("cifar_resnet20", 32, 2.0),
+    "vit_small_patch16_224": ("vit_small_patch16_224", 224, 1.5),
+}
+
+
 def build_model(name: str, seed: int) -> torch.nn.Module:
-    """A randomly initialised timm model whose BatchNorms are not identities (module docstring)."""
+    """A randomly initialised timm (or ``torchvision.<name>``) model whose BatchNorms are not identities
+    (module docstring)."""
     torch.manual_seed(seed)
-    model = timm.create_model(name, num_classes=1000).eval()
+    if name.startswith("torchvision."):
+        import torchvision
+
+        model = getattr(torchvision.models, name.split(".", 1)[1])(num_classes=1000).eval()
+    else:
+        model = timm.create_model(name, num_classes=10 if name.startswith("cifar_") else 1000).eval()
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -200,12 +222,61 @@ def targets(results: dict) -> dict:
     return out
 
 
+def family_results(args) -> tuple[dict, dict]:
+    """``<family>_w8a8_int`` rows, each timed in turn with its own FP32 export, and their targets."""
+    config = QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8, integer_graph=True)
+    results, met = {}, {}
+    for family in args.families:
+        name, size, minimum = FAMILIES[family]
+        fp = build_model(name, args.seed)
+        calib, evals = digits_batches(build_model("resnet18", args.seed), size, args.calib_images, args.eval_images)
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = {"fp32": _export(copy.deepcopy(fp), None, calib, evals, Path(tmp) / "fp32.onnx", args)}
+            rows["int"] = _export(copy.deepcopy(fp), config, calib, evals, Path(tmp) / "int.onnx", args)
+            sessions = {k: onnx_session(r["path"], args.threads) for k, r in rows.items()}
+            g = np.random.default_rng(0)
+            inputs = {b: g.standard_normal((b, 3, size, size), dtype=np.float32) for b in args.batch_sizes}
+            latency = time_sessions(sessions, inputs, args.warmup, args.family_iterations)
+            s = sessions["int"]
+            logits = s.run(None, {s.get_inputs()[0].name: evals.numpy()})[0]
+            r = {
+                "model": name,
+                "image_size": size,
+                "integer_kernels": integer_kernel_counts(rows["int"]["path"]),
+                "speedup_over_fp32": {str(b): latency[("fp32", b)] / latency[("int", b)] for b in args.batch_sizes},
+                "latency_ms": {str(b): latency[("int", b)] for b in args.batch_sizes},
+                "size_over_fp32": rows["int"]["file_bytes"] / rows["fp32"]["file_bytes"],
+                "agreement": agreement(logits, rows["int"]["torch_logits"]),
+            }
+        results[f"{family}_w8a8_int"] = r
+        met[f"{family}_w8a8_int_at_least_{minimum}x_fp32"] = {
+            b: x >= minimum for b, x in r["speedup_over_fp32"].items()
+        }
+        met[f"{family}_w8a8_int_top1_agreement_at_least_99"] = r["agreement"]["top1_agreement"] >= 0.99
+        print(f"{family}: {r}", flush=True)
+    return results, met
+
+
+def _export(model, config, calib: torch.Tensor, evals: torch.Tensor, path: Path, args) -> dict:
+    if config is not None:
+        quantize_model(model, config)
+        calibrate_quantizers(model, calib.split(args.calib_batch))
+    path = export_onnx(model.eval(), path, calib[:2])
+    with torch.no_grad():
+        logits = model(evals).numpy()
+    return {"path": path, "file_bytes": path.stat().st_size, "torch_logits": logits}
+
+
 def print_table(report: dict) -> None:
-    batches = list(next(iter(report["results"].values()))["latency_ms"])
+    rows = {n: r for n, r in report["results"].items() if "file_bytes" in r}  # family rows printed as they run
+    if not rows:
+        print("targets:", report["targets"])
+        return
+    batches = list(next(iter(rows.values()))["latency_ms"])
     head = ["variant", "MB", "x FP32"] + [f"ms b={b}" for b in batches] + [f"img/s b={b}" for b in batches]
     head += [f"speed b={b}" for b in batches] + ["int convs", "int adds", "top-1 agree", "max|diff|"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for name, r in report["results"].items():
+    for name, r in rows.items():
         ratio = f"{r['size_over_fp32']:.3f}" if r["size_over_fp32"] is not None else "-"
         cells = [name, f"{r['file_bytes'] / 1e6:.2f}", ratio]
         cells += [f"{r['latency_ms'][b]:.2f}" for b in batches] + [f"{r['images_per_s'][b]:.1f}" for b in batches]
@@ -222,7 +293,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="resnet18", help="timm model name")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--iterations", type=int, default=30, help="timed runs per session and batch size")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (the issue's setting: 2)")
@@ -232,11 +303,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="JSON file to write")
     p.add_argument("--keep_models", type=Path, default=None, help="directory to keep the .onnx files in")
+    p.add_argument("--families", nargs="*", default=[], choices=list(FAMILIES), help="other families' W8A8 rows")
+    p.add_argument("--family_iterations", type=int, default=10, help="timed runs per family session and batch")
     p.add_argument("--quick", action="store_true", help="tiny model and runs, for testing the script")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.image_size, args.batch_sizes = "test_resnet", 32, [1, 4]
         args.iterations, args.warmup, args.calib_images, args.calib_batch, args.eval_images = 3, 1, 8, 8, 16
+        args.family_iterations = 2
     return args
 
 
@@ -244,10 +318,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     fp = build_model(args.model, args.seed)
     calib, evals = digits_batches(fp, args.image_size, args.calib_images, args.eval_images)
-    with tempfile.TemporaryDirectory() as tmp:
-        out_dir = args.keep_models or Path(tmp)
-        rows = export_variants(args, fp, calib, evals, out_dir)
-        results = measure(args, rows, evals)
+    results, family_targets = {}, {}
+    if args.variants:
+        with tempfile.TemporaryDirectory() as tmp:
+            out_dir = args.keep_models or Path(tmp)
+            rows = export_variants(args, fp, calib, evals, out_dir)
+            results = measure(args, rows, evals)
+    if args.families:
+        family_rows, family_targets = family_results(args)
+        results.update(family_rows)
     report = {
         "model": args.model,
         "image_size": args.image_size,
@@ -266,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
             "exactness_option_by_default": needs_exact_int8_option(),
         },
         "results": results,
-        "targets": targets(results),
+        "targets": {**targets(results), **family_targets},
     }
     print_table(report)
     if args.output is not None:

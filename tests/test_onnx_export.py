@@ -299,6 +299,24 @@ def test_benchmark_deploy_quick(tmp_path):
     assert (tmp_path / "deploy.json").exists()
 
 
+@pytest.mark.slow
+def test_benchmark_deploy_family_rows(tmp_path):
+    spec = importlib.util.spec_from_file_location("benchmark_deploy", RECIPES / "benchmark_deploy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--quick", "--variants", "--families", "cifar_resnet20", "--output", str(tmp_path / "d.json")])
+    row = report["results"]["cifar_resnet20_w8a8_int"]
+    # CIFAR ResNet-20 by hand: 19 convolutions (stem + 9 blocks x 2; option-A shortcuts have none), 9 additions
+    assert row["integer_kernels"]["conv"] == {"integer": 19, "float": 0}
+    assert row["integer_kernels"]["add"] == {"integer": 9, "float": 0}
+    # int8 codes are a quarter of float32; scales and graph make a tiny model's file a larger share
+    assert set(row["speedup_over_fp32"]) == {"1", "4"} and 0.25 < row["size_over_fp32"] < 0.5
+    assert set(report["targets"]) == {
+        "cifar_resnet20_w8a8_int_at_least_2.0x_fp32",
+        "cifar_resnet20_w8a8_int_top1_agreement_at_least_99",
+    }
+
+
 # -- the integer-graph placement: every convolution and residual addition in integer kernels ----------
 @functools.cache
 def integer_student(bits: int) -> nn.Module:
@@ -311,11 +329,13 @@ def test_integer_graph_runs_every_conv_and_addition_in_integer_kernels(bits, tmp
     model, evals = integer_student(bits), trained("timm")[3]
     path = export_onnx(model, tmp_path / "int.onnx", trained("timm")[1][:2])
     # test_resnet: 15 convolutions (a 3-conv stem, 4 blocks, 3 shortcut convs), 4 residual additions, fc
-    assert integer_kernel_counts(path) == {
+    counts = integer_kernel_counts(path)
+    assert {job: counts[job] for job in ("conv", "add", "matmul")} == {
         "conv": {"integer": 15, "float": 0},
         "add": {"integer": 4, "float": 0},
         "matmul": {"integer": 1, "float": 0},
     }
+    assert counts["mul"] == counts["concat"] == {"integer": 0, "float": 0}  # it has neither
     inits = initializers(path)
     for name, m in quant_modules(model):  # the file keeps 4-bit codes; ONNX Runtime casts them when it starts
         container = "int4" if m.weight_quantizer.bits <= 4 else "int8"

@@ -494,7 +494,7 @@ def test_integer_graph_run_exports_integer_kernels_and_logs_the_speed(recipe, tm
     counts = integer_kernel_counts(out / "model.onnx")  # test_resnet: 15 convolutions, 4 residual additions
     assert counts["conv"] == {"integer": 15, "float": 0} and counts["add"] == {"integer": 4, "float": 0}
     assert re.search(
-        r"model\.onnx runs at \d+\.\d\dx the speed of the FP32 model .*15 of 15 convolutions, 4 of 4 residual",
+        r"model\.onnx runs at \d+\.\d\dx the speed of the FP32 model .*15 of 15 convolutions, 4 of 4 additions",
         caplog.text,
     )
 

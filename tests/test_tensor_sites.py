@@ -113,10 +113,14 @@ def test_a_residual_written_as_code_with_a_reused_relu_runs_in_integer_kernels(t
 def test_a_squeeze_excitation_product_and_its_sum_run_in_integer_kernels(tmp_path):
     model, x = _calibrated(Net(SEBlock(8)))
     sites = dict(output_quantizers(model))
-    assert {"block.bn", "block::sigmoid", "block::mul", "block::relu_1"} <= set(sites)
+    # the product's inputs (bn, the gate) and output; the sum's; the gate's input, so that ``expand`` and
+    # the sigmoid run on codes too
+    assert set(sites) == {"::relu", "block.bn", "block::sigmoid", "block::mul", "block::relu_1", "block.expand"}
     assert sites["block::sigmoid"].signed is False and sites["block::mul"].signed is True
     kernels = _export_and_check(model, x, tmp_path)
     assert kernels["mul"] == {"integer": 1, "float": 0} and kernels["add"] == {"integer": 1, "float": 0}
+    # stem, conv, and the gate's two (the reducing conv keeps its bias for ONNX Runtime to round to int32)
+    assert kernels["conv"] == {"integer": 4, "float": 0}
 
 
 def test_a_concatenation_runs_in_an_integer_kernel(tmp_path):

@@ -192,6 +192,11 @@ class GraphSites:
             return isinstance(self.module(node.target), _NON_NEGATIVE_MODULES)
         return node.op in ("call_function", "call_method") and node.target in _NON_NEGATIVE_FUNCTIONS
 
+    def is_sigmoid(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return type(self.module(node.target)) is nn.Sigmoid
+        return node.op in ("call_function", "call_method") and node.target in (torch.sigmoid, F.sigmoid, "sigmoid")
+
     def tensor_site(self, node: fx.Node) -> str | None:
         """The tensor site of ``node`` in its owner's forward; ``None`` when the owner is called several
         times or its own trace does not match."""

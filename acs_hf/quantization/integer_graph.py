@@ -94,6 +94,7 @@ def plan_integer_graph(
         return plan
     config = OutputQuantConfig(bits=bits, compiled=compiled)
     _place_integer_ops(sites, plan, config)
+    _quantize_gate_inputs(sites, plan, config)
     _quantize_shared_inputs_once(sites, plan, config)
     _drop_inputs_quantized_upstream(sites, plan)
     _log_plan(plan, model)
@@ -150,6 +151,19 @@ def _why_float(sites: GraphSites, which: str, tensor: fx.Node | None) -> str:
     if owner is not None:
         return f"its {which} is made in {owner!r}, a module called several times (give each call a module of its own)"
     return f"its {which} is made in a forward that cannot be traced alone"
+
+
+def _quantize_gate_inputs(sites: GraphSites, plan: IntegerGraphPlan, config: OutputQuantConfig) -> None:
+    """A quantized sigmoid (a squeeze-excitation gate) whose input a quantized layer makes gets that input
+    quantized too: ONNX Runtime then runs the layer as an integer kernel and the sigmoid on codes."""
+    for node in sites.graph.nodes:
+        if not sites.is_sigmoid(node) or sites.site(node) not in plan.outputs or not node.args:
+            continue
+        layer = sites.pass_through_root(node.args[0])
+        if isinstance(layer, fx.Node) and layer.op == "call_module" and layer.target in plan.layers:
+            site = sites.site(layer)
+            if site is not None:
+                plan.outputs.setdefault(site, replace(config, signed=True))
 
 
 def _quantize_shared_inputs_once(sites: GraphSites, plan: IntegerGraphPlan, config: OutputQuantConfig) -> None:

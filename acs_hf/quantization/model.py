@@ -47,10 +47,12 @@ class QuantConfig:
             the data instead of several, which makes a W4A4 ResNet-18 CPU train step about 1.2x
             cheaper (see ``recipes/benchmark_speed.py``). Needs a working ``torch.compile`` (a C++
             compiler on CPU, triton on GPU); the first step pays the compile (tens of seconds).
-        integer_graph: also quantize every tensor an integer runtime needs in integer form (both
-            inputs and the output of each residual addition, the stem's output; each tensor once), so
-            that ONNX Runtime runs every convolution and residual addition as an integer kernel
-            (:mod:`acs_hf.quantization.integer_graph`). Needs ``act_bits``. Off: the paper's placement.
+        integer_graph: also quantize every tensor an integer runtime needs in integer form (the inputs
+            and output of each addition, product and concatenation of computed tensors, the operands of
+            attention matmuls, the stem's output; each tensor once, where it is made), so that ONNX
+            Runtime runs convolutions, residual additions, squeeze-excitation products, concatenations
+            and a ViT's matmuls as integer kernels (:mod:`acs_hf.quantization.integer_graph`). Needs
+            ``act_bits``. Off: the paper's placement.
     """
 
     weight_bits: int = field(default=4, metadata={"help": "Weight bits, 2..8."})
@@ -65,8 +67,9 @@ class QuantConfig:
     integer_graph: bool = field(
         default=False,
         metadata={
-            "help": "Also quantize residual additions and the stem output (each tensor once), so that ONNX "
-            "Runtime runs every conv and residual add as an integer kernel; needs act_bits."
+            "help": "Also quantize the tensors of additions, products, concatenations and attention matmuls "
+            "(each once, where it is made), so that ONNX Runtime runs them and the convs and linears as integer "
+            "kernels; needs act_bits."
         },
     )
 

@@ -236,7 +236,7 @@ def _graph_passes(onnx_model: Any, fold_batchnorm: bool, integer_kernels: bool) 
     if integer_kernels:
         int8_weight_kernels(onnx_model)
         clamp_on_codes(onnx_model)
-    keep_float_biases(onnx_model)
+    keep_float_biases(onnx_model, integer_kernels)
 
 
 def _check_destination(path: Path) -> Path:

@@ -54,16 +54,20 @@ def clean_up(model: Any) -> None:
             value.name = value.name[6:]
 
 
-def keep_float_biases(model: Any) -> None:
+def keep_float_biases(model: Any, integer_kernels: bool = False) -> None:
     """Move the float bias of each Conv / Gemm whose weight is dequantized into an Add after it.
 
     onnxruntime's "WeightBiasQuantization" rounds such a bias to int32 codes at input scale x weight
     scale, which at 2-4 bits moves outputs by a good share of an activation step; LSQ adds the bias
-    in float, and so does the exported graph."""
+    in float, and so does the exported graph. With ``integer_kernels``, a layer whose output is quantized
+    (directly or through a ReLU) keeps its bias, which ONNX Runtime rounds so as to run it as an
+    integer kernel (a squeeze-excitation's reducing conv), as BatchNorm folding does."""
     import onnx_ir as ir
 
     graph = model.graph
     for node in [n for n in graph if n.op_type in ("Conv", "Gemm") and len(n.inputs) == 3]:
+        if integer_kernels and _output_quantized(node):
+            continue
         weight, bias = node.inputs[1].producer(), node.inputs[2]
         if weight is None or weight.op_type != "DequantizeLinear" or bias is None or bias.const_value is None:
             continue
@@ -76,6 +80,14 @@ def keep_float_biases(model: Any) -> None:
         unbiased = ir.node(node.op_type, list(node.inputs[:2]), node.attributes)
         add = ir.node("Add", [unbiased.outputs[0], bias])
         ir.convenience.replace_nodes_and_values(graph, node, [node], [unbiased, add], node.outputs, add.outputs)
+
+
+def _output_quantized(node: Any) -> bool:
+    """Whether every use of ``node``'s output is a QuantizeLinear, directly or after one Relu."""
+    uses = list(node.outputs[0].uses())
+    if len(uses) == 1 and uses[0][0].op_type == "Relu":
+        uses = list(uses[0][0].outputs[0].uses())
+    return bool(uses) and all(user.op_type == "QuantizeLinear" for user, _ in uses)
 
 
 def save_atomically(model: Any, path: Path) -> None:

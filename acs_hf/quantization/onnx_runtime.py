@@ -187,12 +187,17 @@ def compare_with_float(path: str | os.PathLike, float_model: Any, input_size: An
         speedups = [onnx_speedup(path, reference, iterations=10) for _ in range(repeats)]
     speedup, low, high = statistics.median(speedups), min(speedups), max(speedups)
     kernels = integer_kernel_counts(path)
-    conv, add = kernels["conv"], kernels["add"]
+    names = {"conv": "convolutions", "add": "additions", "mul": "products", "concat": "concatenations"}
+    names.update(pool="average pools", matmul="matrix products")
+    counted = [
+        f"{k['integer']} of {k['integer'] + k['float']} {names[job]}"
+        for job, k in kernels.items()
+        if k["integer"] + k["float"] or job in ("conv", "add")
+    ]
     measured = f"median of {repeats} measurements, {low:.2f}x to {high:.2f}x" if repeats > 1 else "one measurement"
     summary = (
         f"{path} runs at {speedup:.2f}x the speed of the FP32 model in ONNX Runtime on this machine (batch 1; "
         f"{measured}); "
-        f"integer kernels: {conv['integer']} of {conv['integer'] + conv['float']} convolutions, "
-        f"{add['integer']} of {add['integer'] + add['float']} residual additions"
+        f"integer kernels: {', '.join(counted)}"
     )
     return {"speedup_over_fp32": speedup, "speedup_range": (low, high), "kernels": kernels, "summary": summary}
