@@ -3,15 +3,20 @@ computed here from one session run of all images."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from acs_hf import QuantConfig, calibrate_quantizers, export_onnx, onnx_accuracy, onnx_session, quantize_model
 
 pytest.importorskip("onnxruntime")
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 #: Batch sizes of the hand-made batches (a last, short batch as a DataLoader gives).
 SIZES = (7, 7, 2)
 
@@ -44,6 +49,8 @@ def test_accuracy_is_the_share_of_labels_the_session_predicts(exported):
     _, path, images, _, labels = exported
     for tensors in (True, False):  # torch tensors or numpy arrays
         assert onnx_accuracy(path, batches_of(images, labels, tensors)) == {"accuracy": 10 / 16, "count": 16}
+    session = onnx_session(path, threads=1)  # a session of the caller's, with its own options
+    assert onnx_accuracy(session, batches_of(images, labels)) == {"accuracy": 10 / 16, "count": 16}
 
 
 def test_agreement_with_a_callable_reference_and_with_given_predictions(exported):
@@ -77,3 +84,63 @@ def test_bad_input_is_named(exported, tmp_path):
         onnx_accuracy(path, batches_of(images, labels), np.append(predicted, 0))
     with pytest.raises(ValueError, match="reference gave 15 predictions for the 16 images of batch 0"):
         onnx_accuracy(path, [(images, labels)], predicted[:15])
+
+
+def write_folder(root: Path, per_class: int, classes: int = 3) -> None:
+    """Noise images whose mean colour depends on the class, in ``root/class_<c>/``."""
+    g = np.random.default_rng(len(str(root)))
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(g.normal(60 + 70 * c, 40, (12, 12, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_benchmark_deploy_reports_accuracy_on_a_data_set(tmp_path):
+    """recipes/benchmark_deploy.py on an image folder: a model with the folder's classes, and each row's
+    accuracy equal to the kept .onnx file's on the validation images, computed here."""
+    import onnxruntime as ort
+    import timm
+
+    from acs_hf.data import load_image_datasets, prepare_datasets
+
+    write_folder(tmp_path / "train", 4)
+    write_folder(tmp_path / "val", 5)  # 15 images: all of them under --quick's 16
+    spec = importlib.util.spec_from_file_location("benchmark_deploy", RECIPES / "benchmark_deploy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folders = ["--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val")]
+    report = bench.main(["--quick", "--iterations", "1", "--variants", "fp32", "w8a8_int", *folders,
+                         "--keep_models", str(tmp_path)])  # fmt: skip
+    raw = load_image_datasets(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"))
+    ds = prepare_datasets(raw, timm.create_model("test_resnet", num_classes=2), image_size=32)
+    x = np.stack([ds.eval_dataset[i]["pixel_values"].numpy() for i in range(len(ds.eval_dataset))])
+    labels = np.array([ds.eval_dataset[i]["labels"] for i in range(len(ds.eval_dataset))])
+    assert report["agreement_images"].startswith("15 ")
+    for name, row in report["results"].items():
+        logits = ort.InferenceSession(str(tmp_path / f"{name}.onnx")).run(None, {"pixel_values": x})[0]
+        assert logits.shape == (15, 3)  # the folder's classes
+        assert row["accuracy"] == np.mean(logits.argmax(1) == labels), name
+        assert 0 <= row["torch_accuracy"] <= 1 and row["agreement"]["top1_agreement"] >= 0.75, name
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--eval_images", "0"], "--eval_images must be a positive integer, got 0"),
+        (
+            ["--train_dir", "a"],
+            "--train_dir and --validation_dir go together: got --train_dir 'a' and --validation_dir None",
+        ),
+        (["--dataset_name", "x", "--train_dir", "a", "--validation_dir", "b"], "give --dataset_name or --train_dir"),
+        (["--pretrained_weights", "missing.safetensors"], "--pretrained_weights 'missing.safetensors' is not a file"),
+    ],
+)
+def test_benchmark_deploy_names_bad_arguments(argv, message, capsys):
+    spec = importlib.util.spec_from_file_location("benchmark_deploy", RECIPES / "benchmark_deploy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err

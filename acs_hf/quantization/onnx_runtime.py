@@ -233,22 +233,23 @@ def onnx_accuracy(
     """Top-1 accuracy of the exported model at ``path``, run in :func:`onnx_session`, on labelled ``batches``.
 
     Args:
-        path: the ``.onnx`` file (its first input takes the images).
+        path: the ``.onnx`` file (its first input takes the images), or a session already open on one
+            (an ``onnxruntime.InferenceSession`` with other options or providers).
         batches: ``(pixel_values, labels)`` pairs, numpy arrays or torch tensors, preprocessed as the
             model expects (e.g. a run's eval transform).
         reference: the model the export came from, to measure agreement: a callable mapping a batch's
             ``pixel_values`` (as given) to logits ``[B, classes]`` or predictions ``[B]``, or the logits or
             predictions of all images at once, in batch order.
-        threads: intra-op threads of the session (:func:`onnx_session`).
+        threads: intra-op threads of the session :func:`onnx_session` opens on ``path``.
 
     Returns ``accuracy`` (share of images whose ONNX top-1 class is the label) and ``count``; with
     ``reference``, also ``agreement`` (share whose ONNX and reference top-1 classes are equal) and
     ``reference_accuracy``.
     """
-    if not Path(path).is_file():
+    if not hasattr(path, "run") and not Path(path).is_file():
         raise FileNotFoundError(f"onnx_accuracy: path {str(path)!r} is not a file (an .onnx file from export_onnx)")
     given = None if reference is None or callable(reference) else _top1(reference, "reference")
-    session = onnx_session(path, threads)
+    session = path if hasattr(path, "run") else onnx_session(path, threads)  # a path, or an open session
     name = session.get_inputs()[0].name
     count = correct = agree = ref_correct = 0
     for i, batch in enumerate(batches):
