@@ -10,6 +10,8 @@ versions with :func:`acs_hf.export_onnx`, then measures for each ONNX file:
     agreement                       ONNX Runtime logits against the PyTorch model they come from
                                     (max |diff|, share of images within 1e-4 of the logit scale,
                                     top-1 agreement) on real images
+    accuracy / torch_accuracy       top-1 accuracy of the ONNX file (:func:`acs_hf.onnx_accuracy`) and of
+                                    the PyTorch model on the same validation images
 
 Rows: ``fp32``; ``w8a8`` and ``w4a4`` (the paper's placement, faithful QDQ export; W4A4 stores INT4
 weights, first and last layer at 8 bits); ``w8a8_bnfold`` (``fold_batchnorm=True``: BatchNorm folded
@@ -32,10 +34,18 @@ entry per family.
 The model is randomly initialised (timm init, then BatchNorm gains, biases and running statistics
 randomised so that no block is an identity, as timm's zero-initialised last BN gains would make
 it) and calibrated on scikit-learn's digits through the model's eval preprocessing; the
-agreement is measured on other digits images. Latency does not depend on the weights' values.
+agreement is measured on other digits images. Latency does not depend on the weights' values;
+the accuracy of a random model is chance. For accuracy on real images, name a data set as
+``recipes/benchmark_accuracy.py`` does (``--dataset_name``, or ``--train_dir`` and ``--validation_dir``)
+and the float weights of a model trained on it (``--pretrained_weights``, read by
+:func:`acs_hf.load_weights`): the model then has the data set's classes, is calibrated on its
+training split and evaluated on ``--eval_images`` images of its validation split (the default
+digits keep timm's 1000 classes, as ImageNet's head).
 
     python recipes/benchmark_deploy.py --output deploy.json
     python recipes/benchmark_deploy.py --quick --output /tmp/deploy.json   # tiny model, seconds
+    python recipes/benchmark_deploy.py --model cifar_resnet20 --image_size 32 --dataset_name path/to/cifar10 \
+        --pretrained_weights resnet20.safetensors --eval_images 10000 --variants fp32 w4a4_int
 """
 
 from __future__ import annotations
@@ -61,11 +71,16 @@ from acs_hf import (
     calibrate_quantizers,
     export_onnx,
     integer_kernel_counts,
+    load_weights,
+    onnx_accuracy,
     onnx_session,
     quantize_model,
 )
-from acs_hf.data import digits_dataset, prepare_datasets
+from acs_hf.data import load_image_datasets, prepare_datasets
 from acs_hf.quantization import cpu_has_vnni, needs_exact_int8_option
+
+#: Images per ONNX Runtime and PyTorch call in the accuracy and agreement measurements.
+EVAL_BATCH = 64
 
 #: name -> (QuantConfig or None for FP32, export_onnx keywords, onnx_session keywords)
 VARIANTS = {
@@ -94,16 +109,16 @@ FAMILIES = {
 }
 
 
-def build_model(name: str, seed: int) -> torch.nn.Module:
+def build_model(name: str, seed: int, num_classes: int = 1000) -> torch.nn.Module:
     """A randomly initialised timm (or ``torchvision.<name>``) model whose BatchNorms are not identities
     (module docstring)."""
     torch.manual_seed(seed)
     if name.startswith("torchvision."):
         import torchvision
 
-        model = getattr(torchvision.models, name.split(".", 1)[1])(num_classes=1000).eval()
+        model = getattr(torchvision.models, name.split(".", 1)[1])(num_classes=num_classes).eval()
     else:
-        model = timm.create_model(name, num_classes=10 if name.startswith("cifar_") else 1000).eval()
+        model = timm.create_model(name, num_classes=num_classes).eval()
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -116,14 +131,30 @@ def build_model(name: str, seed: int) -> torch.nn.Module:
     return model
 
 
-def digits_batches(model: torch.nn.Module, image_size: int, n_calib: int, n_eval: int) -> tuple:
-    """(calibration images, evaluation images) from the digits set through the model's eval transform."""
-    ds = prepare_datasets(
-        digits_dataset(), model, image_size=image_size, max_train_samples=n_calib, max_eval_samples=n_eval
-    )
-    calib = torch.stack([ds.score_dataset[i]["pixel_values"] for i in range(n_calib)])
-    evals = torch.stack([ds.eval_dataset[i]["pixel_values"] for i in range(n_eval)])
-    return calib, evals
+def load_data(args: argparse.Namespace):
+    """The data set's splits through ``args.model``'s eval preprocessing (digits by default), cut to
+    ``--calib_images`` training and ``--eval_images`` validation images."""
+    raw = load_image_datasets(args.dataset_name, args.dataset_config_name, args.train_dir, args.validation_dir)
+    probe = timm.create_model(args.model, num_classes=2)  # for its preprocessing alone
+    return prepare_datasets(raw, probe, image_size=args.image_size, max_train_samples=args.calib_images,
+                            max_eval_samples=args.eval_images, seed=args.seed)  # fmt: skip
+
+
+def stacked(view, key: str) -> torch.Tensor:
+    """One key of every row of a data view, as one tensor."""
+    return torch.stack([torch.as_tensor(view[i][key]) for i in range(len(view))])
+
+
+def torch_logits_of(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The PyTorch model's logits of ``x``, in batches of :data:`EVAL_BATCH`."""
+    with torch.no_grad():
+        return np.concatenate([model(b).numpy() for b in x.split(EVAL_BATCH)])
+
+
+def ort_logits_of(session, x: torch.Tensor) -> np.ndarray:
+    """An ONNX Runtime session's logits of ``x``, in batches of :data:`EVAL_BATCH`."""
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: b.numpy()})[0] for b in x.split(EVAL_BATCH)])
 
 
 def agreement(ort_logits: np.ndarray, torch_logits: np.ndarray) -> dict:
@@ -149,8 +180,7 @@ def export_variants(args, fp: torch.nn.Module, calib: torch.Tensor, evals: torch
             calibrate_quantizers(model, calib.split(args.calib_batch))
         start = time.perf_counter()
         path = export_onnx(model.eval(), out_dir / f"{name}.onnx", calib[:2], **kwargs)
-        with torch.no_grad():
-            logits = model(evals).numpy()
+        logits = torch_logits_of(model, evals)
         rows[name] = {
             "path": path,
             "file_bytes": path.stat().st_size,
@@ -175,8 +205,8 @@ def time_sessions(sessions: dict, inputs: dict[int, np.ndarray], warmup: int, it
     return {key: 1e3 * statistics.median(ts) for key, ts in times.items()}
 
 
-def measure(args, rows: dict, evals: torch.Tensor) -> dict:
-    """Agreement, file sizes and timings of every exported row (JSON-ready)."""
+def measure(args, rows: dict, evals: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Agreement, accuracy, file sizes and timings of every exported row (JSON-ready)."""
     sessions = {name: onnx_session(r["path"], args.threads, **VARIANTS[name][2]) for name, r in rows.items()}
     g = np.random.default_rng(0)
     inputs = {b: g.standard_normal((b, *evals.shape[1:]), dtype=np.float32) for b in args.batch_sizes}
@@ -185,7 +215,8 @@ def measure(args, rows: dict, evals: torch.Tensor) -> dict:
     results = {}
     for name, r in rows.items():
         s = sessions[name]
-        logits = s.run(None, {s.get_inputs()[0].name: evals.numpy()})[0]
+        logits = ort_logits_of(s, evals)
+        accuracy = onnx_accuracy(s, zip(evals.split(EVAL_BATCH), labels.split(EVAL_BATCH)), r["torch_logits"])
         kernels = integer_kernel_counts(r["path"])
         convs = kernels["conv"]["integer"] + kernels["conv"]["float"]
         results[name] = {
@@ -200,6 +231,8 @@ def measure(args, rows: dict, evals: torch.Tensor) -> dict:
             "kernels": kernels,
             "integer_conv_fraction": kernels["conv"]["integer"] / convs if convs else None,
             "agreement": agreement(logits, r["torch_logits"]),
+            "accuracy": accuracy["accuracy"],
+            "torch_accuracy": accuracy["reference_accuracy"],
         }
     return results
 
@@ -222,14 +255,16 @@ def targets(results: dict) -> dict:
     return out
 
 
-def family_results(args) -> tuple[dict, dict]:
-    """``<family>_w8a8_int`` rows, each timed in turn with its own FP32 export, and their targets."""
+def family_results(args, num_classes: int) -> tuple[dict, dict]:
+    """``<family>_w8a8_int`` rows (random weights), each timed in turn with its own FP32 export, and their
+    targets; images through ResNet-18's eval preprocessing at the family's size."""
     config = QuantConfig(weight_bits=8, act_bits=8, first_last_bits=8, integer_graph=True)
     results, met = {}, {}
     for family in args.families:
         name, size, minimum = FAMILIES[family]
-        fp = build_model(name, args.seed)
-        calib, evals = digits_batches(build_model("resnet18", args.seed), size, args.calib_images, args.eval_images)
+        fp = build_model(name, args.seed, num_classes)
+        ds = load_data(argparse.Namespace(**{**vars(args), "model": "resnet18", "image_size": size}))
+        calib, evals = stacked(ds.score_dataset, "pixel_values"), stacked(ds.eval_dataset, "pixel_values")
         with tempfile.TemporaryDirectory() as tmp:
             rows = {"fp32": _export(copy.deepcopy(fp), None, calib, evals, Path(tmp) / "fp32.onnx", args)}
             rows["int"] = _export(copy.deepcopy(fp), config, calib, evals, Path(tmp) / "int.onnx", args)
@@ -274,7 +309,7 @@ def print_table(report: dict) -> None:
         return
     batches = list(next(iter(rows.values()))["latency_ms"])
     head = ["variant", "MB", "x FP32"] + [f"ms b={b}" for b in batches] + [f"img/s b={b}" for b in batches]
-    head += [f"speed b={b}" for b in batches] + ["int convs", "int adds", "top-1 agree", "max|diff|"]
+    head += [f"speed b={b}" for b in batches] + ["int convs", "int adds", "top-1 agree", "max|diff|", "top-1"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, r in rows.items():
         ratio = f"{r['size_over_fp32']:.3f}" if r["size_over_fp32"] is not None else "-"
@@ -284,6 +319,7 @@ def print_table(report: dict) -> None:
         k = r["kernels"]
         cells += [f"{k[j]['integer']}/{k[j]['integer'] + k[j]['float']}" for j in ("conv", "add")]
         cells += [f"{100 * r['agreement']['top1_agreement']:.1f}%", f"{r['agreement']['max_abs_diff']:.3g}"]
+        cells += [f"{100 * r['accuracy']:.2f}%"]
         print("| " + " | ".join(cells) + " |")
     print("targets:", report["targets"])
 
@@ -301,12 +337,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib_batch", type=int, default=16)
     p.add_argument("--eval_images", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset_name", default=None, help="digits (the default, offline), a Hub id or a local folder")
+    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--train_dir", default=None, help="local image folder of the training split (calibration)")
+    p.add_argument("--validation_dir", default=None, help="local image folder of the validation split (accuracy)")
+    p.add_argument("--pretrained_weights", type=Path, default=None,
+                   help="float weights of --model trained on the data set (default: random weights)")  # fmt: skip
     p.add_argument("--output", type=Path, default=None, help="JSON file to write")
     p.add_argument("--keep_models", type=Path, default=None, help="directory to keep the .onnx files in")
     p.add_argument("--families", nargs="*", default=[], choices=list(FAMILIES), help="other families' W8A8 rows")
     p.add_argument("--family_iterations", type=int, default=10, help="timed runs per family session and batch")
     p.add_argument("--quick", action="store_true", help="tiny model and runs, for testing the script")
     args = p.parse_args(argv)
+    check_args(p, args)
     if args.quick:
         args.model, args.image_size, args.batch_sizes = "test_resnet", 32, [1, 4]
         args.iterations, args.warmup, args.calib_images, args.calib_batch, args.eval_images = 3, 1, 8, 8, 16
@@ -314,25 +357,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what cannot run, naming the argument, its value and what it accepts."""
+    for name in ("calib_images", "eval_images", "calib_batch", "threads", "iterations"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.train_dir and args.dataset_name:
+        p.error(f"give --dataset_name or --train_dir, not both (got --dataset_name {args.dataset_name!r})")
+    if bool(args.train_dir) != bool(args.validation_dir):
+        p.error(f"--train_dir and --validation_dir go together: got --train_dir {args.train_dir!r} and "
+                f"--validation_dir {args.validation_dir!r}")  # fmt: skip
+    if args.pretrained_weights is not None and not args.pretrained_weights.is_file():
+        p.error(f"--pretrained_weights {str(args.pretrained_weights)!r} is not a file (safetensors or torch weights)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    fp = build_model(args.model, args.seed)
-    calib, evals = digits_batches(fp, args.image_size, args.calib_images, args.eval_images)
+    ds = load_data(args)
+    data = args.dataset_name or args.train_dir or "digits"
+    num_classes = len(ds.id2label) if args.dataset_name or args.train_dir else 1000  # digits: ImageNet's head
     results, family_targets = {}, {}
     if args.variants:
+        fp = build_model(args.model, args.seed, num_classes)
+        if args.pretrained_weights is not None:
+            load_weights(fp, args.pretrained_weights)
+        calib, evals = stacked(ds.score_dataset, "pixel_values"), stacked(ds.eval_dataset, "pixel_values")
+        labels = stacked(ds.eval_dataset, "labels")
         with tempfile.TemporaryDirectory() as tmp:
             out_dir = args.keep_models or Path(tmp)
             rows = export_variants(args, fp, calib, evals, out_dir)
-            results = measure(args, rows, evals)
+            results = measure(args, rows, evals, labels)
     if args.families:
-        family_rows, family_targets = family_results(args)
+        family_rows, family_targets = family_results(args, num_classes)
         results.update(family_rows)
     report = {
         "model": args.model,
         "image_size": args.image_size,
-        "init": "random (timm init; BatchNorm gains, biases and running statistics randomised)",
-        "calibration": f"{args.calib_images} digits training images, eval preprocessing",
-        "agreement_images": f"{args.eval_images} digits validation images",
+        "init": str(args.pretrained_weights or "random (timm init; BatchNorm gains, biases, statistics randomised)"),
+        "data": data,
+        "calibration": f"{len(calib)} {data} training images, eval preprocessing",
+        "agreement_images": f"{len(evals)} {data} {ds.eval_split} images",
         "threads": args.threads,
         "iterations": args.iterations,
         "environment": {

@@ -23,5 +23,6 @@ def test_the_onnx_helpers_are_exported_together():
     ONNX helpers; they lived only in acs_hf.quantization."""
     from acs_hf import quantization
 
-    for name in ("export_onnx", "onnx_session", "integer_kernel_counts", "onnx_speedup", "compare_with_float"):
+    for name in ("export_onnx", "onnx_session", "integer_kernel_counts", "onnx_speedup", "compare_with_float",
+                 "onnx_accuracy"):  # fmt: skip
         assert name in acs_hf.__all__ and getattr(acs_hf, name) is getattr(quantization, name), name

@@ -457,22 +457,40 @@ def test_held_lock_is_touched_and_released_only_while_ours(tmp_path, quick_lock)
 @pytest.mark.slow
 def test_export_onnx_flag_writes_a_model_onnxruntime_runs(recipe, tmp_path):
     """--export_onnx leaves model.onnx beside the checkpoint; ONNX Runtime gives the reloaded
-    checkpoint's predictions on the run's validation images."""
+    checkpoint's predictions on the run's validation images. The run records model.onnx's accuracy on
+    those images and its agreement with PyTorch (eval_results.json, the model card)."""
     import onnxruntime as ort
 
     from acs_hf.data import digits_dataset, prepare_datasets
 
     out = tmp_path / "out"
-    summary = recipe.main([DEMO, "--output_dir", str(out), *TINY_RUN, "--export_onnx", "true"])
+    learns = ["--max_train_samples", "128", "--fp_warmup_epochs", "4", "--fp_warmup_learning_rate", "0.01",
+              "--per_device_train_batch_size", "16"]  # fmt: skip
+    summary = recipe.main([DEMO, "--output_dir", str(out), *TINY_RUN, *learns, "--export_onnx", "true"])
     assert summary["onnx"] == str(out / "model.onnx") and (out / "model.onnx").is_file()
     model = load_quantized(out).eval()
     ds = prepare_datasets(digits_dataset(), model, image_size=32, max_eval_samples=32, seed=0)
     x = torch.stack([ds.eval_dataset[i]["pixel_values"] for i in range(len(ds.eval_dataset))])
+    labels = torch.tensor([ds.eval_dataset[i]["labels"] for i in range(len(ds.eval_dataset))])
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     onnx_logits = torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
     with torch.no_grad():
         torch_logits = model(x)
     assert torch.equal(onnx_logits.argmax(1), torch_logits.argmax(1))
+    # `learns`: a model that predicts many classes (TINY_RUN's gives one class to every image), so that
+    # accuracy and agreement say something (44% and 100% when this was written, PyTorch's top-1 44%)
+    assert len(torch_logits.argmax(1).unique()) >= 3
+    # the run's own evaluation of model.onnx: every validation image, the same accuracy as computed here
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["onnx_eval_accuracy"] == (onnx_logits.argmax(1) == labels).double().mean().item()
+    # An activation at a rounding tie may take the neighbouring code in ONNX Runtime (it sums convolutions in
+    # another order), which can change the class of an image whose two best logits are that close: rare, so
+    # nearly every image, not every one, must get PyTorch's class (all 32 did when this was written).
+    assert results["onnx_agreement"] >= 0.9
+    assert summary["metrics"]["onnx_eval_accuracy"] == results["onnx_eval_accuracy"]
+    card = (out / "README.md").read_text()
+    assert f"| top-1 (model.onnx in ONNX Runtime) | {results['onnx_eval_accuracy']:.4f} |" in card
+    assert f"| top-1 agreement of model.onnx with PyTorch | {results['onnx_agreement']:.4f} |" in card
     # ONNX Runtime sums convolutions in another order: an activation at a rounding tie may take the
     # neighbouring code in an 8-bit layer (stem, classifier). Most images must agree to float rounding.
     close = ((onnx_logits - torch_logits).abs().amax(1) <= 1e-4).float().mean()
@@ -487,7 +505,7 @@ def test_integer_graph_run_exports_integer_kernels_and_logs_the_speed(recipe, tm
     from acs_hf import integer_kernel_counts
 
     out = tmp_path / "out"
-    with caplog.at_level(logging.INFO, logger="acs_hf.run.recipe"):
+    with caplog.at_level(logging.INFO, logger="acs_hf.run"):
         recipe.main([DEMO, "--output_dir", str(out), *TINY_RUN, "--integer_graph", "true", "--export_onnx", "true"])
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["config"]["integer_graph"] is True and qcfg["format_version"] == 3 and qcfg["outputs"]

@@ -23,6 +23,7 @@ from .onnx_runtime import (
     cpu_has_vnni,
     integer_kernel_counts,
     needs_exact_int8_option,
+    onnx_accuracy,
     onnx_session,
     onnx_speedup,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "load_quantized",
     "lsq_fake_quant",
     "needs_exact_int8_option",
+    "onnx_accuracy",
     "onnx_session",
     "onnx_speedup",
     "output_quantizers",

@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "compare_with_float",
     "cpu_has_vnni",
     "integer_kernel_counts",
+    "onnx_accuracy",
     "onnx_session",
     "needs_exact_int8_option",
     "onnx_speedup",
@@ -201,3 +203,81 @@ def compare_with_float(path: str | os.PathLike, float_model: Any, input_size: An
         f"integer kernels: {', '.join(counted)}"
     )
     return {"speedup_over_fp32": speedup, "speedup_range": (low, high), "kernels": kernels, "summary": summary}
+
+
+def _numpy(values: Any, dtype: Any = None) -> Any:
+    """A numpy array of a tensor (any device; bfloat16 read as float32) or an array-like."""
+    import numpy as np
+
+    if hasattr(values, "detach"):  # a torch tensor
+        values = values.detach().cpu()
+        values = values.float() if values.is_floating_point() else values
+    return np.asarray(values, dtype=dtype)
+
+
+def _top1(values: Any, what: str) -> Any:
+    """The predicted classes of logits ``[N, classes]`` (their argmax) or of predictions ``[N]``."""
+    values = _numpy(values)
+    if values.ndim == 2:
+        return values.argmax(1)
+    if values.ndim == 1 and values.dtype.kind in "iu":
+        return values.astype("int64")
+    raise ValueError(
+        f"onnx_accuracy: {what} must be logits [images, classes] or integer predictions [images], "
+        f"got an array of shape {values.shape} and dtype {values.dtype}"
+    )
+
+
+def onnx_accuracy(
+    path: str | os.PathLike,
+    batches: Iterable[tuple[Any, Any]],
+    reference: Callable[[Any], Any] | Any | None = None,
+    *,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Top-1 accuracy of the exported model at ``path``, run in :func:`onnx_session`, on labelled ``batches``.
+
+    Args:
+        path: the ``.onnx`` file (its first input takes the images), or a session already open on one
+            (an ``onnxruntime.InferenceSession`` with other options or providers).
+        batches: ``(pixel_values, labels)`` pairs, numpy arrays or torch tensors, preprocessed as the
+            model expects (e.g. a run's eval transform).
+        reference: the model the export came from, to measure agreement: a callable mapping a batch's
+            ``pixel_values`` (as given) to logits ``[B, classes]`` or predictions ``[B]``, or the logits or
+            predictions of all images at once, in batch order.
+        threads: intra-op threads of the session :func:`onnx_session` opens on ``path``.
+
+    Returns ``accuracy`` (share of images whose ONNX top-1 class is the label) and ``count``; with
+    ``reference``, also ``agreement`` (share whose ONNX and reference top-1 classes are equal) and
+    ``reference_accuracy``.
+    """
+    if not hasattr(path, "run") and not Path(path).is_file():
+        raise FileNotFoundError(f"onnx_accuracy: path {str(path)!r} is not a file (an .onnx file from export_onnx)")
+    given = None if reference is None or callable(reference) else _top1(reference, "reference")
+    session = path if hasattr(path, "run") else onnx_session(path, threads)  # a path, or an open session
+    name = session.get_inputs()[0].name
+    count = correct = agree = ref_correct = 0
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"onnx_accuracy: batches must be (pixel_values, labels) pairs; batch {i} is {batch!r:.80}")
+        pixels, labels = _numpy(batch[0], "float32"), _numpy(batch[1]).reshape(-1)
+        if len(labels) != len(pixels):
+            raise ValueError(f"onnx_accuracy: batch {i} has {len(pixels)} images but {len(labels)} labels")
+        predicted = session.run(None, {name: pixels})[0].argmax(1)
+        correct += int((predicted == labels).sum())
+        if reference is not None:
+            ref = given[count : count + len(labels)] if given is not None else _top1(reference(batch[0]), "reference")
+            if len(ref) != len(labels):
+                raise ValueError(f"onnx_accuracy: reference gave {len(ref)} predictions for the {len(labels)} images "
+                                 f"of batch {i}")  # fmt: skip
+            agree += int((predicted == ref).sum())
+            ref_correct += int((ref == labels).sum())
+        count += len(labels)
+    if count == 0:
+        raise ValueError("onnx_accuracy: batches held no images")
+    if given is not None and len(given) != count:
+        raise ValueError(f"onnx_accuracy: reference has {len(given)} predictions but batches held {count} images")
+    result: dict[str, Any] = {"accuracy": correct / count, "count": count}
+    if reference is not None:
+        result.update(agreement=agree / count, reference_accuracy=ref_correct / count)
+    return result

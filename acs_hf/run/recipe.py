@@ -21,13 +21,7 @@ from ..integrations.models import check_model_name, create_model, image_processo
 from ..integrations.weights import describe_weights, load_weights
 from ..layout import RunLayout
 from ..metrics import make_compute_metrics, preprocess_logits_for_metrics
-from ..quantization import (
-    QuantConfig,
-    compare_with_float,
-    export_onnx,
-    quantize_model,
-    save_quantized,
-)
+from ..quantization import QuantConfig, quantize_model, save_quantized
 from ..selection import check_coreset
 from ..training.arguments import ACSArguments
 from ..training.checkpoint_state import quantization_settings
@@ -38,6 +32,7 @@ from ..training.trainer import ACSTrainer
 from ..utils.io import atomic_write, atomic_write_json
 from .arguments import DataArguments, ModelArguments, RunArguments
 from .checks import output_dir_lock, preflight, set_aside_previous_run
+from .deploy import ONNX_CARD_ROWS, export_and_evaluate
 from .resume_checks import check_resume_quantization, check_resume_start
 
 __all__ = ["run_acs", "prepare_run_data", "default_output_dir", "save_student"]
@@ -242,16 +237,13 @@ def _run(
     trainer.checkpointer.start = model_args.start_settings()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_metrics("train", train_result.metrics)
-    out = Path(training_args.output_dir)
+    out, onnx_metrics = Path(training_args.output_dir), {}
     if trainer.is_world_process_zero():  # the trained model is safe before evaluation, card or push can fail
         student = trainer.accelerator.unwrap_model(trainer.model)
         save_student(student, out, model_args, qconfig, ds)
-        if onnx:
-            onnx_path = RunLayout(out).onnx
-            export_onnx(student, onnx_path, input_size=ds.data_config["input_size"])
-            speed = compare_with_float(onnx_path, fp_model, ds.data_config["input_size"])
-            logger.info("%s%s", speed["summary"], "" if qconfig.integer_graph else " (--integer_graph true: all)")
-    metrics = _evaluate(trainer, teacher, ds, training_args, compute_metrics)
+        if onnx:  # export and ONNX evaluation on process 0 alone; the others wait in _evaluate's broadcast
+            onnx_metrics = export_and_evaluate(student, fp_model, ds, trainer, qconfig.integer_graph)
+    metrics = _evaluate(trainer, teacher, ds, training_args, compute_metrics, onnx_metrics)
 
     summary: dict[str, Any] = {"output_dir": str(out), "metrics": metrics}
     if trainer.is_world_process_zero():  # one writer for the shared output folder
@@ -283,15 +275,15 @@ def _teacher(model_args: ModelArguments, names: list[str]) -> torch.nn.Module | 
     return load_weights(teacher, weights, "teacher_pretrained_weights") if weights else teacher
 
 
-def _evaluate(trainer: ACSTrainer, teacher, ds, training_args: TrainingArguments, compute_metrics) -> dict[str, Any]:
-    """The quantized model's evaluation, with the FP teacher's accuracy beside it."""
+def _evaluate(trainer: ACSTrainer, teacher, ds, training_args, compute_metrics, onnx_metrics) -> dict[str, Any]:
+    """The quantized model's evaluation, with the FP teacher's accuracy (and model.onnx's) beside it."""
     # Every process evaluates the model process 0 saved: training leaves each its own BatchNorm statistics.
     broadcast_module_state(trainer.accelerator.unwrap_model(trainer.model))
     metrics = trainer.evaluate()
     fp_metrics = _fp_trainer(teacher, ds, training_args, compute_metrics, report_to=[]).evaluate(
         metric_key_prefix="fp_eval"
     )
-    metrics.update({k: v for k, v in fp_metrics.items() if k in ("fp_eval_accuracy", "fp_eval_top5")})
+    metrics.update({k: v for k, v in fp_metrics.items() if k in ("fp_eval_accuracy", "fp_eval_top5")}, **onnx_metrics)
     _remove_if_empty(RunLayout(training_args.output_dir).fp_warmup)  # the FP evaluation's Trainer made it
     trainer.save_metrics("eval", metrics)
     return metrics
@@ -307,6 +299,7 @@ def _publish(out: Path, trainer: ACSTrainer, ds, fp_model, metrics, run, push: b
         "top-1 (quantized)": metrics.get("eval_accuracy"),
         "top-5 (quantized)": metrics.get("eval_top5"),
         "top-1 (FP teacher)": metrics.get("fp_eval_accuracy"),
+        **{row: metrics[key] for key, row in ONNX_CARD_ROWS.items() if key in metrics},  # --export_onnx
         "training images per epoch": trainer.num_selected,
         "training set size": len(ds.train_dataset),
     }
