@@ -377,11 +377,11 @@ def main(argv: list[str] | None = None) -> dict:
     data = args.dataset_name or args.train_dir or "digits"
     num_classes = len(ds.id2label) if args.dataset_name or args.train_dir else 1000  # digits: ImageNet's head
     results, family_targets = {}, {}
+    calib, evals = stacked(ds.score_dataset, "pixel_values"), stacked(ds.eval_dataset, "pixel_values")
     if args.variants:
         fp = build_model(args.model, args.seed, num_classes)
         if args.pretrained_weights is not None:
             load_weights(fp, args.pretrained_weights)
-        calib, evals = stacked(ds.score_dataset, "pixel_values"), stacked(ds.eval_dataset, "pixel_values")
         labels = stacked(ds.eval_dataset, "labels")
         with tempfile.TemporaryDirectory() as tmp:
             out_dir = args.keep_models or Path(tmp)
