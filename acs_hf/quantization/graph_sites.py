@@ -207,9 +207,8 @@ class GraphSites:
         key = self._signature(node, scope)
         same = [n for n in self.graph.nodes if _owner_keys(n) == keys and self._signature(n, scope) == key]
         local = self._local_names(scope).get(key, [])
-        if len(local) != len(same):
-            return None
-        return site_name(scope, local[same.index(node)])
+        name = local[same.index(node)] if len(local) == len(same) else None
+        return site_name(scope, name) if name is not None else None
 
     @staticmethod
     def _signature(node: fx.Node, scope: str) -> tuple:
@@ -219,11 +218,15 @@ class GraphSites:
         return node.op, target
 
     def _local_names(self, scope: str) -> dict[tuple, list[str]]:
+        """The owner's own trace: node names by (op, target), in order; ``None`` in place of a name the
+        training-mode trace does not have alike (the generated forward needs it in both)."""
         if scope not in self._local:
-            names: dict[tuple, list[str]] = {}
+            names: dict[tuple, list[str | None]] = {}
             try:
-                for n in trace(self.module(scope), children_as_leaves=True).nodes:
-                    names.setdefault((n.op, n.target), []).append(n.name)
+                module = self.module(scope)
+                train = {(n.name, n.op, n.target) for n in trace(module, children_as_leaves=True, training=True).nodes}
+                for n in trace(module, children_as_leaves=True).nodes:
+                    names.setdefault((n.op, n.target), []).append(n.name if (n.name, n.op, n.target) in train else None)
             except Exception:  # noqa: BLE001 - an owner that cannot be traced alone takes no tensor site
                 pass
             self._local[scope] = names
