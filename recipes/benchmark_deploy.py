@@ -101,6 +101,7 @@ VARIANTS = {
 
 #: family row -> (model name, image size, minimum speed over FP32 at both batch sizes: the issue's targets)
 FAMILIES = {
+    "resnet18": ("resnet18", 224, 2.0),  # timm's: the module-output placement's model, the same-run baseline
     "torchvision_resnet18": ("torchvision.resnet18", 224, 2.0),
     "seresnet18": ("seresnet18", 224, 2.0),
     "mobilenetv3_large_100": ("mobilenetv3_large_100", 224, 1.5),
@@ -268,17 +269,23 @@ def family_results(args, num_classes: int) -> tuple[dict, dict]:
         with tempfile.TemporaryDirectory() as tmp:
             rows = {"fp32": _export(copy.deepcopy(fp), None, calib, evals, Path(tmp) / "fp32.onnx", args)}
             rows["int"] = _export(copy.deepcopy(fp), config, calib, evals, Path(tmp) / "int.onnx", args)
-            sessions = {k: onnx_session(r["path"], args.threads) for k, r in rows.items()}
             g = np.random.default_rng(0)
             inputs = {b: g.standard_normal((b, 3, size, size), dtype=np.float32) for b in args.batch_sizes}
-            latency = time_sessions(sessions, inputs, args.warmup, args.family_iterations)
+            speedups = {str(b): [] for b in args.batch_sizes}
+            for _ in range(args.repeats):  # fresh sessions each time: one measurement can be off on a loaded machine
+                sessions = {k: onnx_session(r["path"], args.threads) for k, r in rows.items()}
+                latency = time_sessions(sessions, inputs, args.warmup, args.family_iterations)
+                for b in args.batch_sizes:
+                    speedups[str(b)].append(latency[("fp32", b)] / latency[("int", b)])
             s = sessions["int"]
             logits = s.run(None, {s.get_inputs()[0].name: evals.numpy()})[0]
             r = {
                 "model": name,
                 "image_size": size,
                 "integer_kernels": integer_kernel_counts(rows["int"]["path"]),
-                "speedup_over_fp32": {str(b): latency[("fp32", b)] / latency[("int", b)] for b in args.batch_sizes},
+                "speedup_over_fp32": {b: statistics.median(x) for b, x in speedups.items()},
+                "speedup_range": {b: [min(x), max(x)] for b, x in speedups.items()},
+                "repeats": args.repeats,
                 "latency_ms": {str(b): latency[("int", b)] for b in args.batch_sizes},
                 "size_over_fp32": rows["int"]["file_bytes"] / rows["fp32"]["file_bytes"],
                 "agreement": agreement(logits, rows["int"]["torch_logits"]),
@@ -347,19 +354,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep_models", type=Path, default=None, help="directory to keep the .onnx files in")
     p.add_argument("--families", nargs="*", default=[], choices=list(FAMILIES), help="other families' W8A8 rows")
     p.add_argument("--family_iterations", type=int, default=10, help="timed runs per family session and batch")
+    p.add_argument("--repeats", type=int, default=3, help="family timings repeated (fresh sessions): median, range")
     p.add_argument("--quick", action="store_true", help="tiny model and runs, for testing the script")
     args = p.parse_args(argv)
     check_args(p, args)
     if args.quick:
         args.model, args.image_size, args.batch_sizes = "test_resnet", 32, [1, 4]
         args.iterations, args.warmup, args.calib_images, args.calib_batch, args.eval_images = 3, 1, 8, 8, 16
-        args.family_iterations = 2
+        args.family_iterations, args.repeats = 2, 2
     return args
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse what cannot run, naming the argument, its value and what it accepts."""
-    for name in ("calib_images", "eval_images", "calib_batch", "threads", "iterations"):
+    for name in ("calib_images", "eval_images", "calib_batch", "threads", "iterations", "family_iterations", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.train_dir and args.dataset_name:
