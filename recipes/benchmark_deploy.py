@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import platform
 import statistics
@@ -279,6 +280,7 @@ def family_results(args, num_classes: int) -> tuple[dict, dict]:
                     speedups[str(b)].append(latency[("fp32", b)] / latency[("int", b)])
             s = sessions["int"]
             logits = s.run(None, {s.get_inputs()[0].name: evals.numpy()})[0]
+            openvino = openvino_row(args, rows, inputs, evals) if family in args.openvino else None
             r = {
                 "model": name,
                 "image_size": size,
@@ -289,6 +291,7 @@ def family_results(args, num_classes: int) -> tuple[dict, dict]:
                 "latency_ms": {str(b): latency[("int", b)] for b in args.batch_sizes},
                 "size_over_fp32": rows["int"]["file_bytes"] / rows["fp32"]["file_bytes"],
                 "agreement": agreement(logits, rows["int"]["torch_logits"]),
+                **({"openvino": openvino} if openvino else {}),
             }
         results[f"{family}_w8a8_int"] = r
         met[f"{family}_w8a8_int_at_least_{minimum}x_fp32"] = {
@@ -297,6 +300,38 @@ def family_results(args, num_classes: int) -> tuple[dict, dict]:
         met[f"{family}_w8a8_int_top1_agreement_at_least_99"] = r["agreement"]["top1_agreement"] >= 0.99
         print(f"{family}: {r}", flush=True)
     return results, met
+
+
+def openvino_row(args, rows: dict, inputs: dict[int, np.ndarray], evals: torch.Tensor) -> dict:
+    """The same FP32 and W8A8 ONNX files compiled by OpenVINO (CPU, ``--threads`` threads, latency hint; it
+    reads QDQ models and runs them in int8): speed over its own FP32 run, median and range of ``--repeats``
+    timings in turn, and top-1 agreement with the PyTorch model."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": "LATENCY"}
+    compiled = {k: core.compile_model(str(r["path"]), "CPU", config) for k, r in rows.items()}
+    requests = {k: c.create_infer_request() for k, c in compiled.items()}
+    speedups: dict[str, list[float]] = {str(b): [] for b in inputs}
+    for _ in range(args.repeats):
+        times = {(k, b): [] for k in requests for b in inputs}
+        for b, x in inputs.items():
+            for i in range(args.warmup + args.family_iterations):
+                for k, request in requests.items():
+                    start = time.perf_counter()
+                    request.infer({0: x})
+                    if i >= args.warmup:
+                        times[(k, b)].append(time.perf_counter() - start)
+        for b in inputs:
+            fp32, quantized = (statistics.median(times[(k, b)]) for k in ("fp32", "int"))
+            speedups[str(b)].append(fp32 / quantized)
+    logits = requests["int"].infer({0: evals.numpy()})[0]
+    return {
+        "version": ov.__version__,
+        "speedup_over_fp32": {b: statistics.median(x) for b, x in speedups.items()},
+        "speedup_range": {b: [min(x), max(x)] for b, x in speedups.items()},
+        "agreement": agreement(np.asarray(logits), rows["int"]["torch_logits"]),
+    }
 
 
 def _export(model, config, calib: torch.Tensor, evals: torch.Tensor, path: Path, args) -> dict:
@@ -354,6 +389,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep_models", type=Path, default=None, help="directory to keep the .onnx files in")
     p.add_argument("--families", nargs="*", default=[], choices=list(FAMILIES), help="other families' W8A8 rows")
     p.add_argument("--family_iterations", type=int, default=10, help="timed runs per family session and batch")
+    p.add_argument("--openvino", nargs="*", default=[], choices=list(FAMILIES),
+                   help="of --families, those also run in OpenVINO (pip install openvino)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="family timings repeated (fresh sessions): median, range")
     p.add_argument("--quick", action="store_true", help="tiny model and runs, for testing the script")
     args = p.parse_args(argv)
@@ -375,6 +412,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if bool(args.train_dir) != bool(args.validation_dir):
         p.error(f"--train_dir and --validation_dir go together: got --train_dir {args.train_dir!r} and "
                 f"--validation_dir {args.validation_dir!r}")  # fmt: skip
+    if set(args.openvino) - set(args.families):
+        p.error(f"--openvino {args.openvino} must be among --families {args.families}")
+    if args.openvino and importlib.util.find_spec("openvino") is None:
+        p.error(f"--openvino {args.openvino} needs OpenVINO: pip install openvino")
     if args.pretrained_weights is not None and not args.pretrained_weights.is_file():
         p.error(f"--pretrained_weights {str(args.pretrained_weights)!r} is not a file (safetensors or torch weights)")
 

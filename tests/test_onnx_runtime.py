@@ -135,6 +135,11 @@ def test_benchmark_deploy_reports_accuracy_on_a_data_set(tmp_path):
         ),
         (["--dataset_name", "x", "--train_dir", "a", "--validation_dir", "b"], "give --dataset_name or --train_dir"),
         (["--pretrained_weights", "missing.safetensors"], "--pretrained_weights 'missing.safetensors' is not a file"),
+        (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
+        (
+            ["--families", "resnet18", "--openvino", "seresnet18"],
+            "--openvino ['seresnet18'] must be among --families ['resnet18']",
+        ),
     ],
 )
 def test_benchmark_deploy_names_bad_arguments(argv, message, capsys):
