@@ -192,3 +192,67 @@ def test_a_site_the_forward_does_not_have_is_refused():
 
     with pytest.raises(ValueError, match="'block::nope'.*has no such node"):
         quantize_outputs(Net(SEBlock(8)), {"block::nope": OutputQuantConfig(bits=8, signed=True)})
+
+
+class DefaultShortcut(nn.Module):
+    """A forward whose shortcut defaults to None: its own trace must take None as its caller passes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x, shortcut=None):
+        shortcut = x if shortcut is None else shortcut
+        return torch.relu(self.bn(self.conv(x)) + shortcut)
+
+
+def test_a_default_argument_is_traced_as_the_caller_passes_it():
+    model, x = _calibrated(Net(DefaultShortcut()))
+    assert {"block.bn", "block::relu"} <= set(dict(output_quantizers(model)))
+    with torch.no_grad():
+        model(x)  # the generated forward takes shortcut=None as the class's forward does
+
+
+def test_tensor_sites_survive_pickling(tmp_path):
+    """torch.save of the whole model: the generated forward is made again on the first call."""
+    model, x = _calibrated(Net(SEBlock(8)))
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert {n for n, _ in output_quantizers(loaded)} == {n for n, _ in output_quantizers(model)}
+
+
+def test_a_failed_placement_leaves_the_model_as_it_was():
+    from acs_hf.quantization import OutputQuantConfig, quantize_outputs
+
+    model = Net(SEBlock(8))
+    config = OutputQuantConfig(bits=8, signed=True)
+    with pytest.raises(ValueError, match="has no such node"):
+        quantize_outputs(model, {"block.bn": config, "::relu": config, "block::nope": config})
+    assert output_quantizers(model) == [] and "forward" not in vars(model) and not model.block.bn._forward_hooks
+
+
+def test_an_in_place_operation_whose_result_is_dropped_stays_float(caplog):
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            out = self.conv(x)
+            out.add_(x)
+            return torch.relu(out)
+
+    with caplog.at_level("WARNING", logger="acs_hf.quantization.integer_graph"):
+        model = quantize_model(Net(InPlace()), W8A8)
+    assert "its result is not read (in place)" in caplog.text
+    assert not any(n.startswith("block") for n, _ in output_quantizers(model))
+
+
+def test_dequantize_gives_a_vit_its_fused_attention_back():
+    model = quantize_model(_tiny_vit(), W8A8)
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert attention and not any(m.fused_attn for m in attention)
+    dequantize_model(model)
+    assert all(m.fused_attn for m in attention) == timm.layers.use_fused_attn()

@@ -103,7 +103,7 @@ class GraphSites:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.graph = trace(model)
+        self.graph, self.call_args = trace(model)
         self.calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
         self.data: set[fx.Node] = set()  # nodes whose value is computed from the input (not shapes, not weights)
         self.scope_outputs: dict[str, set[fx.Node]] = {}
@@ -117,7 +117,7 @@ class GraphSites:
                     self.scope_outputs.setdefault(path, set()).add(node)
         paths = {path for node in self.graph.nodes for path in node.meta.get("nn_module_stack", {})}
         self.scope_calls = Counter(path.split("@")[0] for path in paths)  # a module's calls, traced through or not
-        self._local: dict[str, dict[tuple, list[str]]] = {}
+        self._local: dict[str, dict[tuple, list[str | None]]] = {}
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
@@ -217,19 +217,24 @@ class GraphSites:
             target = target[len(scope) + 1 :]
         return node.op, target
 
-    def _local_names(self, scope: str) -> dict[tuple, list[str]]:
-        """The owner's own trace: node names by (op, target), in order; ``None`` in place of a name the
-        training-mode trace does not have alike (the generated forward needs it in both)."""
+    def _local_names(self, scope: str) -> dict[tuple, list[str | None]]:
+        """The owner's own trace (its caller's constant arguments as constants): node names by (op, target),
+        in order; ``None`` for every node of a kind whose names differ in the training-mode trace (the
+        generated forward needs the same nodes in both)."""
         if scope not in self._local:
-            names: dict[tuple, list[str | None]] = {}
+            names: dict[str, dict[tuple, list[str]]] = {}
             try:
-                module = self.module(scope)
-                train = {(n.name, n.op, n.target) for n in trace(module, children_as_leaves=True, training=True).nodes}
-                for n in trace(module, children_as_leaves=True).nodes:
-                    names.setdefault((n.op, n.target), []).append(n.name if (n.name, n.op, n.target) in train else None)
+                module, concrete = self.module(scope), self.call_args.get(scope, {})
+                for mode in (True, False):
+                    graph, _ = trace(module, children_as_leaves=True, training=mode, concrete_args=concrete)
+                    for n in graph.nodes:
+                        names.setdefault(str(mode), {}).setdefault((n.op, n.target), []).append(n.name)
             except Exception:  # noqa: BLE001 - an owner that cannot be traced alone takes no tensor site
-                pass
-            self._local[scope] = names
+                names = {}
+            train, evaluation = names.get("True", {}), names.get("False", {})
+            self._local[scope] = {
+                key: listed if train.get(key) == listed else [None] * len(listed) for key, listed in evaluation.items()
+            }
         return self._local[scope]
 
     # -- what is quantized upstream ----------------------------------------------------------------

@@ -115,6 +115,9 @@ def _place_integer_ops(sites: GraphSites, plan: IntegerGraphPlan, config: Output
         tensors = operands(node) if kind is not None else []
         if len(tensors) < 2 or not all(sites.is_data(t) for t in tensors):
             continue
+        if not node.users:  # ``out.add_(identity)`` as a statement: the code never reads the result node
+            plan.float_ops.append(f"{_describe(node)}: its result is not read (in place); write x = x + y")
+            continue
         needed = [(f"input {i}", t, sites.site(t)) for i, t in enumerate(tensors)]
         if kind != "matmul":
             needed.append(("result", node, _result_site(sites, node)))
@@ -150,7 +153,10 @@ def _why_float(sites: GraphSites, which: str, tensor: fx.Node | None) -> str:
     owner = sites.called_several_times(root)
     if owner is not None:
         return f"its {which} is made in {owner!r}, a module called several times (give each call a module of its own)"
-    return f"its {which} is made in a forward that cannot be traced alone"
+    return (
+        f"its {which} is made in a forward whose own trace (children as calls) cannot be traced or does not "
+        "match the whole model's, or differs in training mode"
+    )
 
 
 def _quantize_gate_inputs(sites: GraphSites, plan: IntegerGraphPlan, config: OutputQuantConfig) -> None:

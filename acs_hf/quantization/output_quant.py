@@ -17,7 +17,18 @@ from torch import nn
 
 from ..utils.upstream import forward_hook_count, remove_forward_hook
 from .lsq import LSQQuantizer, check_bits
-from .tensor_sites import is_site, restore_forward, rewrite_forward, site_name, split_site
+from .modules import QuantModule
+from .tensor_sites import (
+    SiteForward,
+    is_site,
+    node_of_key,
+    quantizer_key,
+    restore_forward,
+    rewrite_forward,
+    site_name,
+    split_site,
+    trace,
+)
 
 __all__ = [
     "OutputQuantConfig",
@@ -74,22 +85,46 @@ def _scope(model: nn.Module, name: str) -> nn.Module:
 def quantize_outputs(model: nn.Module, outputs: Mapping[str, OutputQuantConfig]) -> nn.Module:
     """Give each named module an ``output_quantizer`` (an :class:`LSQQuantizer`) applied to its output
     by a forward hook, and each tensor site ``"<scope>::<node>"`` a quantizer in its scope's forward,
-    in place; uninitialised until :func:`~acs_hf.calibrate_quantizers`."""
-    sites: dict[str, dict[str, LSQQuantizer]] = {}
-    for name, config in outputs.items():
+    in place; uninitialised until :func:`~acs_hf.calibrate_quantizers`. Everything is checked (and each
+    scope's forward generated) before the model is changed."""
+    sites: dict[str, list[str]] = {}
+    hooked = []
+    for name in outputs:
         if is_site(name):
             scope, node = split_site(name)
-            sites.setdefault(scope, {})[node] = _new_quantizer(config, name, _scope(model, scope))
+            _scope(model, scope)
+            sites.setdefault(scope, []).append(node)
             continue
         module = _scope(model, name)
         if isinstance(module, _CONTAINERS) or hasattr(module, "output_quantizer"):
             raise ValueError(f"quantize_outputs: module {name!r} cannot take an output quantizer")
-        module.output_quantizer = _new_quantizer(config, name, module)
+        hooked.append(name)
+    forwards = {}
+    if sites:
+        _, calls = trace(model, leaves=(QuantModule, LSQQuantizer))  # the arguments each scope is called with
+        for scope, nodes in sites.items():
+            forwards[scope] = SiteForward(model.get_submodule(scope), scope, tuple(nodes), calls.get(scope, {})).build()
+    for name in hooked:
+        module = model.get_submodule(name)
+        module.output_quantizer = _new_quantizer(outputs[name], name, module)
         if not forward_hook_count(module, _quantize_output):  # a copy of a quantized module keeps its hook
             module.register_forward_hook(_quantize_output)
-    for scope, quantizers in sites.items():
-        rewrite_forward(model.get_submodule(scope), scope, quantizers)
+        _unfuse_attention_above(model, name)  # fused attention would skip the hooks inside it
+    for scope, forward in forwards.items():
+        module = model.get_submodule(scope)
+        quantizers = {
+            n: _new_quantizer(outputs[site_name(scope, n)], site_name(scope, n), module) for n in forward.nodes
+        }
+        rewrite_forward(module, forward, quantizers)
     return model
+
+
+def _unfuse_attention_above(model: nn.Module, name: str) -> None:
+    parts = name.split(".")
+    for i in range(len(parts)):
+        module = model.get_submodule(".".join(parts[:i]))
+        if getattr(module, "fused_attn", None) is True:
+            module.fused_attn, module.acs_hf_fused_attn = False, True
 
 
 def output_quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
@@ -99,7 +134,7 @@ def output_quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
         if isinstance(getattr(m, "output_quantizer", None), LSQQuantizer):
             found.append((n, m.output_quantizer))
         if isinstance(getattr(m, "tensor_quantizers", None), nn.ModuleDict):
-            found += [(site_name(n, node), q) for node, q in m.tensor_quantizers.items()]
+            found += [(site_name(n, node_of_key(key)), q) for key, q in m.tensor_quantizers.items()]
     return found
 
 
@@ -107,7 +142,7 @@ def set_output_quantizer(model: nn.Module, name: str, quantizer: nn.Module) -> N
     """Put ``quantizer`` in the place of the output quantizer ``name`` (the export's stand-ins)."""
     if is_site(name):
         scope, node = split_site(name)
-        model.get_submodule(scope).tensor_quantizers[node] = quantizer
+        model.get_submodule(scope).tensor_quantizers[quantizer_key(node)] = quantizer
     else:
         model.get_submodule(name).output_quantizer = quantizer
 
@@ -122,4 +157,7 @@ def remove_output_quantizers(model: nn.Module) -> nn.Module:
         module = model.get_submodule(name)
         del module.output_quantizer
         remove_forward_hook(module, _quantize_output)
+    for module in model.modules():  # attention that quantize_outputs unfused for hooks inside it
+        if vars(module).pop("acs_hf_fused_attn", False):
+            module.fused_attn = True
     return model

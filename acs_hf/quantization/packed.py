@@ -273,7 +273,8 @@ def output_configs_from_table(model: nn.Module, outputs: Any, where: str) -> dic
     for name, info in outputs.items():
         module = name.rpartition(SEPARATOR)[0] if is_site(name) else name
         if module not in modules:
-            raise ValueError(f"{where}: output quantizer {name!r} of the checkpoint has no module in the architecture")
+            what = f"its scope {module!r}" if is_site(name) else "its module"
+            raise ValueError(f"{where}: output quantizer {name!r} of the checkpoint: {what} is not in the architecture")
         if not isinstance(info, dict) or not isinstance(info.get("signed"), bool):
             raise ValueError(f"{where}: output quantizer {name!r}: entry must be {{bits, signed}}, got {info!r}")
         try:

@@ -19,12 +19,25 @@ that its two matmuls exist as nodes.
 from __future__ import annotations
 
 import contextlib
-import types
+import inspect
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
+import torch
 from torch import fx, nn
 
-__all__ = ["SEPARATOR", "is_site", "restore_forward", "rewrite_forward", "site_name", "split_site", "trace"]
+__all__ = [
+    "SEPARATOR",
+    "SiteForward",
+    "is_site",
+    "node_of_key",
+    "quantizer_key",
+    "restore_forward",
+    "rewrite_forward",
+    "site_name",
+    "split_site",
+    "trace",
+]
 
 SEPARATOR = "::"
 
@@ -43,7 +56,10 @@ def split_site(name: str) -> tuple[str, str]:
     """``"<scope>::<node>"`` -> ``(scope, node)``."""
     scope, _, node = name.rpartition(SEPARATOR)
     if not node.isidentifier():
-        raise ValueError(f"tensor site {name!r} must be '<module name>{SEPARATOR}<fx node name>'")
+        raise ValueError(
+            f"tensor site {name!r}: {node!r} after {SEPARATOR!r} is not an fx node name; "
+            f"a site is '<module name>{SEPARATOR}<fx node name>'"
+        )
     return scope, node
 
 
@@ -60,27 +76,85 @@ def unfused_attention(model: nn.Module) -> Iterator[None]:
             m.fused_attn = True
 
 
-def trace(module: nn.Module, *, children_as_leaves: bool = False, training: bool = False) -> fx.Graph:
-    """The ``torch.fx`` graph of ``module`` in eval (or train) mode, attention unfused, timm's
-    untraceable modules and functions kept opaque; with ``children_as_leaves`` only its own forward."""
-    from timm.layers import get_notrace_functions, get_notrace_modules
+class _Tracer(fx.Tracer):
+    """fx's tracer with timm's untraceable modules (and ``leaves``) kept opaque, ``children_as_leaves`` for a
+    module's own forward, and the arguments each module was called with recorded (``calls``)."""
 
-    leaves = tuple(get_notrace_modules())
+    def __init__(self, leaves: tuple[type, ...], children_as_leaves: bool) -> None:
+        from timm.layers import get_notrace_functions, get_notrace_modules
 
-    class _Tracer(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return children_as_leaves or isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        self.leaves, self.children_as_leaves = (*get_notrace_modules(), *leaves), children_as_leaves
+        self.calls: dict[str, dict[str, Any]] = {}
 
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return self.children_as_leaves or isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        path = self.path_of_module(m)
+        if path not in self.calls:
+            self.calls[path] = _concrete_arguments(m, args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _concrete_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a call that are not traced values (``None``, flags, defaults left out): a module's own
+    trace takes them as constants, as its caller's trace did."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {}
+    bound.apply_defaults()
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {
+        name: value
+        for name, value in bound.arguments.items()
+        if not _traced(value) and bound.signature.parameters[name].kind not in variadic
+    }
+
+
+def _traced(value: Any) -> bool:
+    """A traced value, a tensor, or a container holding one: not a constant of the module's own trace."""
+    if isinstance(value, (fx.Proxy, torch.Tensor)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_traced(v) for v in value)
+    return isinstance(value, dict) and any(_traced(v) for v in value.values())
+
+
+def trace(
+    module: nn.Module,
+    *,
+    children_as_leaves: bool = False,
+    training: bool = False,
+    concrete_args: dict[str, Any] | None = None,
+    leaves: tuple[type, ...] = (),
+) -> tuple[fx.Graph, dict[str, dict[str, Any]]]:
+    """The ``torch.fx`` graph of ``module`` in eval (or train) mode, attention unfused, timm's untraceable
+    modules and functions (and ``leaves``) kept opaque; with ``children_as_leaves`` only its own forward, with
+    ``concrete_args`` as constants. Also the concrete arguments each module was called with."""
+    tracer = _Tracer(leaves, children_as_leaves)
     modes = {m: m.training for m in module.modules()}
     try:
         with unfused_attention(module):
-            return _Tracer(autowrap_functions=tuple(get_notrace_functions())).trace(module.train(training))
+            graph = tracer.trace(module.train(training), concrete_args=concrete_args or None)
+        return graph, tracer.calls
     finally:
         for m, was_training in modes.items():
             m.training = was_training
 
 
-def _forward_with_quantizers(graph: fx.Graph, nodes: list[str], scope: str) -> tuple[str, Callable]:
+def quantizer_key(node: str) -> str:
+    """The ``tensor_quantizers`` key of the site at ``node`` (a name ``nn.ModuleDict`` already uses gets a ``_``)."""
+    return f"{node}_" if hasattr(nn.ModuleDict, node) else node
+
+
+def node_of_key(key: str) -> str:
+    """Inverse of :func:`quantizer_key`."""
+    return key[:-1] if key.endswith("_") and hasattr(nn.ModuleDict, key[:-1]) else key
+
+
+def _forward_with_quantizers(graph: fx.Graph, nodes: tuple[str, ...], scope: str) -> tuple[str, Callable]:
     """The graph's forward (source, function) with ``self.tensor_quantizers[<node>]`` after each named node."""
     by_name = {n.name: n for n in graph.nodes}
     for name in nodes:
@@ -89,7 +163,7 @@ def _forward_with_quantizers(graph: fx.Graph, nodes: list[str], scope: str) -> t
             where = scope or "the model"
             raise ValueError(f"tensor site {site_name(scope, name)!r}: the forward of {where!r} has no such node")
         with graph.inserting_after(node):
-            quantized = graph.call_module(f"tensor_quantizers.{name}", (node,))
+            quantized = graph.call_module(f"tensor_quantizers.{quantizer_key(name)}", (node,))
         node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
@@ -97,37 +171,54 @@ def _forward_with_quantizers(graph: fx.Graph, nodes: list[str], scope: str) -> t
     return code.src, namespace["forward"]
 
 
-def _dispatch(train_forward: Callable, eval_forward: Callable) -> Callable:
-    def forward(self: nn.Module, *args, **kwargs):
-        return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
+class SiteForward:
+    """A module's forward with its tensor sites' quantizers: generated from the module's own trace (children
+    as calls, ``concrete`` arguments as its caller passed them) in training and in eval mode, dispatched on
+    ``module.training``. Copies and unpickled models generate it again on their first call."""
 
-    return forward
+    def __init__(self, module: nn.Module, scope: str, nodes: tuple[str, ...], concrete: dict[str, Any]) -> None:
+        self.module, self.scope, self.nodes, self.concrete = module, scope, tuple(nodes), dict(concrete)
+        self.__signature__ = inspect.signature(type(module).forward.__get__(module))
+        self._forwards: tuple[Callable, Callable] | None = None
+
+    def build(self) -> SiteForward:
+        """Trace and generate now (raises if a node is missing)."""
+        made = []
+        for training in (True, False):
+            graph, _ = trace(self.module, children_as_leaves=True, training=training, concrete_args=self.concrete)
+            made.append(_forward_with_quantizers(graph, self.nodes, self.scope))
+        (train_src, train_forward), (eval_src, eval_forward) = made
+        self._forwards = (eval_forward if train_src == eval_src else train_forward, eval_forward)
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._forwards is None:
+            self.build()
+        return self._forwards[0 if self.module.training else 1](self.module, *args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        # the generated functions do not pickle; the module (restored by then) makes them again when first called
+        return SiteForward, (self.module, self.scope, self.nodes, self.concrete)
 
 
-def rewrite_forward(module: nn.Module, scope: str, quantizers: Mapping[str, nn.Module]) -> None:
-    """Give ``module`` (named ``scope``) the quantizers ``{node name: quantizer}`` in a generated
-    forward, in place (module docstring)."""
+def rewrite_forward(module: nn.Module, forward: SiteForward, quantizers: Mapping[str, nn.Module]) -> None:
+    """Give ``module`` its built ``forward`` and the quantizers ``{node name: quantizer}``, in place."""
     if "forward" in vars(module) or hasattr(module, "tensor_quantizers"):
-        raise ValueError(f"tensor sites: module {scope or 'the model'!r} already has tensor quantizers")
-    module.tensor_quantizers = nn.ModuleDict(dict(quantizers))
-    try:
-        forwards = [
-            _forward_with_quantizers(trace(module, children_as_leaves=True, training=t), list(quantizers), scope)
-            for t in (True, False)
-        ]
-    except Exception:
-        del module.tensor_quantizers
-        raise
-    (train_src, train_forward), (eval_src, eval_forward) = forwards
-    forward = eval_forward if train_src == eval_src else _dispatch(train_forward, eval_forward)
-    module.forward = types.MethodType(forward, module)
+        owned = isinstance(vars(module).get("forward"), SiteForward)
+        what = "already has tensor quantizers" if owned else "has a forward set on the instance (a wrapper)"
+        raise ValueError(f"tensor sites: module {forward.scope or 'the model'!r} {what}")
+    module.tensor_quantizers = nn.ModuleDict({quantizer_key(n): q for n, q in quantizers.items()})
+    module.forward = forward
     if getattr(module, "fused_attn", None) is True:
         module.fused_attn = False  # what the generated forward does; it no longer reads the flag
+        module.acs_hf_fused_attn = True
 
 
 def restore_forward(module: nn.Module) -> None:
-    """Undo :func:`rewrite_forward`: the quantizers go, the class's forward is back."""
-    if "forward" in vars(module):
+    """Undo :func:`rewrite_forward`: the quantizers go, the class's forward (and fused attention) is back."""
+    if isinstance(vars(module).get("forward"), SiteForward):
         del module.forward
     if hasattr(module, "tensor_quantizers"):
         del module.tensor_quantizers
+    if vars(module).pop("acs_hf_fused_attn", False):
+        module.fused_attn = True
