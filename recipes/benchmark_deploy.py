@@ -172,24 +172,31 @@ def agreement(ort_logits: np.ndarray, torch_logits: np.ndarray) -> dict:
 
 
 def export_variants(args, fp: torch.nn.Module, calib: torch.Tensor, evals: torch.Tensor, out_dir: Path) -> dict:
-    """Export every variant; returns name -> {path, file_bytes, torch_logits}."""
+    """Export every variant; returns name -> {path, file_bytes, torch_logits, export_seconds}."""
     rows = {}
     for name in args.variants:
         config, kwargs, _ = VARIANTS[name]
-        model = copy.deepcopy(fp)
-        if config is not None:
-            quantize_model(model, config)
-            calibrate_quantizers(model, calib.split(args.calib_batch))
-        start = time.perf_counter()
-        path = export_onnx(model.eval(), out_dir / f"{name}.onnx", calib[:2], **kwargs)
-        logits = torch_logits_of(model, evals)
-        rows[name] = {
-            "path": path,
-            "file_bytes": path.stat().st_size,
-            "torch_logits": logits,
-            "export_seconds": time.perf_counter() - start,
-        }
+        rows[name] = export_row(args, fp, config, calib, evals, out_dir / f"{name}.onnx", **kwargs)
     return rows
+
+
+def export_row(
+    args, fp: torch.nn.Module, config, calib: torch.Tensor, evals: torch.Tensor, path: Path, **kwargs
+) -> dict:
+    """A copy of ``fp`` quantized with ``config`` (``None``: FP32) and calibrated, exported to ``path``."""
+    model = copy.deepcopy(fp)
+    if config is not None:
+        quantize_model(model, config)
+        calibrate_quantizers(model, calib.split(args.calib_batch))
+    start = time.perf_counter()
+    path = export_onnx(model.eval(), path, calib[:2], **kwargs)
+    logits = torch_logits_of(model, evals)
+    return {
+        "path": path,
+        "file_bytes": path.stat().st_size,
+        "torch_logits": logits,
+        "export_seconds": time.perf_counter() - start,
+    }
 
 
 def time_sessions(sessions: dict, inputs: dict[int, np.ndarray], warmup: int, iterations: int) -> dict:
@@ -268,8 +275,8 @@ def family_results(args, num_classes: int) -> tuple[dict, dict]:
         ds = load_data(argparse.Namespace(**{**vars(args), "model": "resnet18", "image_size": size}))
         calib, evals = stacked(ds.score_dataset, "pixel_values"), stacked(ds.eval_dataset, "pixel_values")
         with tempfile.TemporaryDirectory() as tmp:
-            rows = {"fp32": _export(copy.deepcopy(fp), None, calib, evals, Path(tmp) / "fp32.onnx", args)}
-            rows["int"] = _export(copy.deepcopy(fp), config, calib, evals, Path(tmp) / "int.onnx", args)
+            rows = {"fp32": export_row(args, fp, None, calib, evals, Path(tmp) / "fp32.onnx")}
+            rows["int"] = export_row(args, fp, config, calib, evals, Path(tmp) / "int.onnx")
             g = np.random.default_rng(0)
             inputs = {b: g.standard_normal((b, 3, size, size), dtype=np.float32) for b in args.batch_sizes}
             speedups = {str(b): [] for b in args.batch_sizes}
@@ -278,8 +285,7 @@ def family_results(args, num_classes: int) -> tuple[dict, dict]:
                 latency = time_sessions(sessions, inputs, args.warmup, args.family_iterations)
                 for b in args.batch_sizes:
                     speedups[str(b)].append(latency[("fp32", b)] / latency[("int", b)])
-            s = sessions["int"]
-            logits = s.run(None, {s.get_inputs()[0].name: evals.numpy()})[0]
+            logits = ort_logits_of(sessions["int"], evals)
             openvino = openvino_row(args, rows, inputs, evals) if family in args.openvino else None
             r = {
                 "model": name,
@@ -332,16 +338,6 @@ def openvino_row(args, rows: dict, inputs: dict[int, np.ndarray], evals: torch.T
         "speedup_range": {b: [min(x), max(x)] for b, x in speedups.items()},
         "agreement": agreement(np.asarray(logits), rows["int"]["torch_logits"]),
     }
-
-
-def _export(model, config, calib: torch.Tensor, evals: torch.Tensor, path: Path, args) -> dict:
-    if config is not None:
-        quantize_model(model, config)
-        calibrate_quantizers(model, calib.split(args.calib_batch))
-    path = export_onnx(model.eval(), path, calib[:2])
-    with torch.no_grad():
-        logits = model(evals).numpy()
-    return {"path": path, "file_bytes": path.stat().st_size, "torch_logits": logits}
 
 
 def print_table(report: dict) -> None:

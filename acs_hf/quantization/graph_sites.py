@@ -159,7 +159,7 @@ class GraphSites:
             if node.op == "call_module" and self.hookable(node.target):
                 site = node.target
             elif integer_op(node) in ("add", "mul", "cat"):
-                site = self.op_output_site(node)
+                site = self.op_output(node)[0]
             else:
                 site = self.tensor_site(node)
         if site is None and start is not node and start.op == "call_module" and self.hookable(start.target):
@@ -167,20 +167,21 @@ class GraphSites:
             return start.target if type(self.module(start.target)) is nn.Identity else None
         return site
 
-    def op_output_site(self, node: fx.Node) -> str | None:
-        """Where the result of an addition, product or concatenation is quantized: the ReLU that alone
-        reads it (unsigned codes after a ReLU equal quantizing the sum; ONNX Runtime drops the ReLU),
-        else the innermost module whose forward returns it (and nothing else), else in place."""
+    def op_output(self, node: fx.Node) -> tuple[str | None, fx.Node]:
+        """Where the result of an addition, product or concatenation is quantized, and the node whose
+        value that quantizer sees: the ReLU that alone reads it (unsigned codes after a ReLU equal
+        quantizing the sum; ONNX Runtime drops the ReLU), else the innermost module whose forward returns
+        it (and nothing else), else in place."""
         users = list(node.users)
         if len(users) == 1 and _is_relu(users[0], self):
             relu = users[0]
             site = relu.target if relu.op == "call_module" and self.hookable(relu.target) else self.tensor_site(relu)
             if site is not None:
-                return site
+                return site, relu
         for path in reversed(list(node.meta.get("nn_module_stack", {}))):
             if self.scope_outputs.get(path) == {node} and "@" not in path and self.hookable(path):
-                return path
-        return self.tensor_site(node)
+                return path, node
+        return self.tensor_site(node), node
 
     def non_negative(self, node: Any, follow: bool = True) -> bool:
         """Whether the tensor is a ReLU's, a sigmoid's or a softmax's (through pass-through ops)."""

@@ -118,29 +118,18 @@ def _place_integer_ops(sites: GraphSites, plan: IntegerGraphPlan, config: Output
         if not node.users:  # ``out.add_(identity)`` as a statement: the code never reads the result node
             plan.float_ops.append(f"{_describe(node)}: its result is not read (in place); write x = x + y")
             continue
-        needed = [(f"input {i}", t, sites.site(t)) for i, t in enumerate(tensors)]
+        # (which, the tensor, its site, the node whose value the quantizer sees: a sum's ReLU)
+        needed = [(f"input {i}", t, sites.site(t), t) for i, t in enumerate(tensors)]
         if kind != "matmul":
-            needed.append(("result", node, _result_site(sites, node)))
-        missing = [(which, t) for which, t, site in needed if site is None]
-        if missing or len({site for _, _, site in needed}) < len(needed):
+            needed.append(("result", node, *sites.op_output(node)))
+        missing = [(which, t) for which, t, site, _ in needed if site is None]
+        if missing or len({site for _, _, site, _ in needed}) < len(needed):
             which, tensor = missing[0] if missing else ("inputs", None)
             plan.float_ops.append(f"{_describe(node)}: {_why_float(sites, which, tensor)}")
             continue
-        for _, tensor, site in needed:
-            plan.outputs.setdefault(site, _site_config(sites, _quantized_value(sites, tensor, site), config))
+        for _, _, site, value in needed:
+            plan.outputs.setdefault(site, _site_config(sites, value, config))
         plan.integer_ops.append(_describe(node))
-
-
-def _result_site(sites: GraphSites, node: fx.Node) -> str | None:
-    return sites.op_output_site(node) if sites.is_data(node) else None
-
-
-def _quantized_value(sites: GraphSites, tensor: fx.Node, site: str) -> fx.Node:
-    """The node whose value the quantizer at ``site`` sees (the ReLU after a sum, where it goes there)."""
-    users = list(tensor.users)
-    if integer_op(tensor) is not None and len(users) == 1 and site in (users[0].target, sites.tensor_site(users[0])):
-        return users[0]
-    return tensor
 
 
 def _why_float(sites: GraphSites, which: str, tensor: fx.Node | None) -> str:

@@ -24,10 +24,12 @@ from .tensor_sites import (
     node_of_key,
     quantizer_key,
     restore_forward,
+    restore_fused_attention,
     rewrite_forward,
     site_name,
     split_site,
     trace,
+    unfuse_attention,
 )
 
 __all__ = [
@@ -122,9 +124,7 @@ def quantize_outputs(model: nn.Module, outputs: Mapping[str, OutputQuantConfig])
 def _unfuse_attention_above(model: nn.Module, name: str) -> None:
     parts = name.split(".")
     for i in range(len(parts)):
-        module = model.get_submodule(".".join(parts[:i]))
-        if getattr(module, "fused_attn", None) is True:
-            module.fused_attn, module.acs_hf_fused_attn = False, True
+        unfuse_attention(model.get_submodule(".".join(parts[:i])))
 
 
 def output_quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
@@ -158,6 +158,5 @@ def remove_output_quantizers(model: nn.Module) -> nn.Module:
         del module.output_quantizer
         remove_forward_hook(module, _quantize_output)
     for module in model.modules():  # attention that quantize_outputs unfused for hooks inside it
-        if vars(module).pop("acs_hf_fused_attn", False):
-            module.fused_attn = True
+        restore_fused_attention(module)
     return model

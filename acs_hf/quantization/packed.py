@@ -25,7 +25,7 @@ from .lsq import STEP_FLOOR, LSQQuantizer, quant_range
 from .model import quant_modules, quantize_layers, quantizers_initialized
 from .modules import LayerQuantConfig, quant_class_for
 from .output_quant import OutputQuantConfig, output_quantizers, quantize_outputs
-from .tensor_sites import SEPARATOR, is_site
+from .tensor_sites import is_site, split_site
 
 __all__ = [
     "QUANT_METHOD",
@@ -271,7 +271,7 @@ def output_configs_from_table(model: nn.Module, outputs: Any, where: str) -> dic
         raise ValueError(f"{where}: quantization_config.outputs must be an object, got {outputs!r}")
     modules, configs = dict(model.named_modules()), {}
     for name, info in outputs.items():
-        module = name.rpartition(SEPARATOR)[0] if is_site(name) else name
+        module = split_site(name)[0] if is_site(name) else name
         if module not in modules:
             what = f"its scope {module!r}" if is_site(name) else "its module"
             raise ValueError(f"{where}: output quantizer {name!r} of the checkpoint: {what} is not in the architecture")

@@ -32,11 +32,13 @@ __all__ = [
     "is_site",
     "node_of_key",
     "quantizer_key",
+    "restore_fused_attention",
     "restore_forward",
     "rewrite_forward",
     "site_name",
     "split_site",
     "trace",
+    "unfuse_attention",
 ]
 
 SEPARATOR = "::"
@@ -209,9 +211,19 @@ def rewrite_forward(module: nn.Module, forward: SiteForward, quantizers: Mapping
         raise ValueError(f"tensor sites: module {forward.scope or 'the model'!r} {what}")
     module.tensor_quantizers = nn.ModuleDict({quantizer_key(n): q for n, q in quantizers.items()})
     module.forward = forward
+    unfuse_attention(module)  # what the generated forward does; it no longer reads the flag
+
+
+def unfuse_attention(module: nn.Module) -> None:
+    """Turn timm's fused attention off on ``module`` for good, marked for :func:`restore_fused_attention`."""
     if getattr(module, "fused_attn", None) is True:
-        module.fused_attn = False  # what the generated forward does; it no longer reads the flag
-        module.acs_hf_fused_attn = True
+        module.fused_attn, module.acs_hf_fused_attn = False, True
+
+
+def restore_fused_attention(module: nn.Module) -> None:
+    """Undo :func:`unfuse_attention`."""
+    if vars(module).pop("acs_hf_fused_attn", False):
+        module.fused_attn = True
 
 
 def restore_forward(module: nn.Module) -> None:
@@ -220,5 +232,4 @@ def restore_forward(module: nn.Module) -> None:
         del module.forward
     if hasattr(module, "tensor_quantizers"):
         del module.tensor_quantizers
-    if vars(module).pop("acs_hf_fused_attn", False):
-        module.fused_attn = True
+    restore_fused_attention(module)
